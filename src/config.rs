@@ -1,0 +1,828 @@
+//! `gateway.toml`: parsed once into typed, validated values (DESIGN §5).
+//!
+//! The file is deserialized with `deny_unknown_fields` so a typo is an error
+//! naming the key and its line, never a silently ignored setting. Relative
+//! paths are resolved against the config file's folder, and the
+//! `OTAKO_*` environment variables override the file. A `Config` is an
+//! immutable value: a reload builds a new one and swaps it in whole.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Environment variable that overrides `auth.token_secret`.
+pub const ENV_TOKEN_SECRET: &str = "OTAKO_TOKEN_SECRET";
+/// Environment variable that overrides `auth.dispatch_secret`.
+pub const ENV_DISPATCH_SECRET: &str = "OTAKO_DISPATCH_SECRET";
+/// Environment variable that overrides `database.url`.
+pub const ENV_DATABASE_URL: &str = "OTAKO_DATABASE_URL";
+
+/// Why a config could not be loaded. The message is one line naming the
+/// file, line and key where there is one.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {message}")]
+    Invalid {
+        path: String,
+        line: usize,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Semantic { path: String, message: String },
+}
+
+/// A secret string: compared in constant time by its users and never
+/// printed by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// Which database backs the gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseUrl {
+    /// An SQLite file, created on first run.
+    Sqlite(PathBuf),
+    /// A PostgreSQL connection string, passed to sqlx as given.
+    Postgres(String),
+}
+
+impl fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DatabaseUrl::Sqlite(path) => write!(f, "sqlite://{}", path.display()),
+            // The password, if any, stays out of logs.
+            DatabaseUrl::Postgres(url) => match url.split_once('@') {
+                Some((_, host)) => write!(f, "postgres://…@{host}"),
+                None => f.write_str(url),
+            },
+        }
+    }
+}
+
+impl DatabaseUrl {
+    /// Parses `sqlite://path`, `sqlite:path` or `postgres://…`, resolving a
+    /// relative SQLite path against `base`.
+    pub fn parse(url: &str, base: &Path) -> Result<Self, String> {
+        if let Some(rest) = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+        {
+            let path = rest.split('?').next().unwrap_or(rest);
+            if path.is_empty() {
+                return Err(format!("database url '{url}' has no file path"));
+            }
+            return Ok(DatabaseUrl::Sqlite(resolve(base, Path::new(path))));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(DatabaseUrl::Postgres(url.to_owned()));
+        }
+        Err(format!(
+            "database url '{url}' must start with sqlite:// or postgres://"
+        ))
+    }
+}
+
+/// What to do with a connection over `sessions.max_per_user`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnLimit {
+    /// Close the new session with 4010.
+    Reject,
+    /// Close the user's oldest session with 4011 and keep the new one.
+    EvictOldest,
+}
+
+/// Where failed events go, once per event id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkConfig {
+    /// Append JSON lines to a file.
+    File(PathBuf),
+    /// POST each record as JSON with an `Idempotency-Key` header.
+    Http(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub client_listen: SocketAddr,
+    pub dispatch_listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub token_secret: Option<Secret>,
+    pub dispatch_secret: Option<Secret>,
+    /// Tokens older than this are refused; `None` means tokens don't expire.
+    pub token_ttl_s: Option<NonZeroU64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    pub url: DatabaseUrl,
+    pub max_connections: NonZeroU32,
+}
+
+#[derive(Debug, Clone)]
+pub struct SessionsConfig {
+    pub max_per_user: NonZeroU32,
+    pub on_limit: OnLimit,
+    pub heartbeat_interval_ms: NonZeroU64,
+    pub outbound_queue: NonZeroUsize,
+}
+
+#[derive(Debug, Clone)]
+pub struct DispatchConfig {
+    pub ping_timeout_ms: NonZeroU64,
+    pub max_inflight: NonZeroUsize,
+    /// Largest dispatch frame accepted, in bytes.
+    pub max_frame_bytes: NonZeroUsize,
+    /// How long a successful event id is remembered for idempotency.
+    pub outcome_retention_s: NonZeroU64,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoggingConfig {
+    pub sink: SinkConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct PluginsConfig {
+    pub hot_reload: bool,
+    /// Where compiled plugin code is cached between runs.
+    pub cache_dir: PathBuf,
+    /// Per-lookup time limit for a plugin's database query.
+    pub query_timeout_ms: NonZeroU64,
+    /// Per-lookup row limit for a plugin's database query.
+    pub query_max_rows: NonZeroU32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteConfig {
+    pub event: String,
+    pub plugin: PathBuf,
+    pub timeout_ms: NonZeroU64,
+    pub memory_mb: NonZeroU32,
+    pub config: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+    pub dispatch_url: String,
+    pub dispatch_attempts: NonZeroU32,
+    pub attempt_timeout_ms: NonZeroU64,
+    /// Largest request body accepted, in bytes (413 beyond).
+    pub max_body_bytes: NonZeroUsize,
+    /// Longest message content accepted, in characters (422 beyond).
+    pub max_content_len: NonZeroUsize,
+}
+
+/// A validated `gateway.toml`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from (for messages and the watcher).
+    pub path: PathBuf,
+    pub server: ServerConfig,
+    pub auth: AuthConfig,
+    pub database: DatabaseConfig,
+    pub sessions: SessionsConfig,
+    pub dispatch: DispatchConfig,
+    pub logging: LoggingConfig,
+    pub plugins: PluginsConfig,
+    pub routes: Vec<RouteConfig>,
+    pub api: ApiConfig,
+}
+
+impl Config {
+    /// Reads, parses and validates a config file, then applies the
+    /// environment overrides.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut config = Self::parse(&text, path)?;
+        config.apply_env(|key| std::env::var(key).ok())?;
+        Ok(config)
+    }
+
+    /// Parses config text as if read from `path` (no environment applied).
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let shown = path.display().to_string();
+        let raw: raw::File = toml::from_str(text).map_err(|e| invalid(&shown, text, &e))?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let base = std::path::absolute(&base).unwrap_or(base);
+        raw.compile(path, &base, text)
+    }
+
+    /// Applies `OTAKO_*` overrides; `lookup` is the environment (a parameter
+    /// so tests need not mutate the process's).
+    pub fn apply_env(
+        &mut self,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        if let Some(secret) = lookup(ENV_TOKEN_SECRET).filter(|s| !s.is_empty()) {
+            self.auth.token_secret = Some(Secret(secret));
+        }
+        if let Some(secret) = lookup(ENV_DISPATCH_SECRET).filter(|s| !s.is_empty()) {
+            self.auth.dispatch_secret = Some(Secret(secret));
+        }
+        if let Some(url) = lookup(ENV_DATABASE_URL).filter(|s| !s.is_empty()) {
+            let base = self.base_dir();
+            self.database.url =
+                DatabaseUrl::parse(&url, &base).map_err(|message| ConfigError::Semantic {
+                    path: ENV_DATABASE_URL.to_owned(),
+                    message,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// The folder relative paths are resolved against.
+    pub fn base_dir(&self) -> PathBuf {
+        self.path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."))
+    }
+
+    /// The secrets every serving verb needs; outside `dev` a missing one is
+    /// an error rather than a guessable default.
+    pub fn require_secrets(&self) -> Result<(Secret, Secret), ConfigError> {
+        let missing = |key: &str, env: &str| ConfigError::Semantic {
+            path: self.path.display().to_string(),
+            message: format!("auth.{key} is not set (set it in [auth] or in {env})"),
+        };
+        let token = self
+            .auth
+            .token_secret
+            .clone()
+            .ok_or_else(|| missing("token_secret", ENV_TOKEN_SECRET))?;
+        let dispatch = self
+            .auth
+            .dispatch_secret
+            .clone()
+            .ok_or_else(|| missing("dispatch_secret", ENV_DISPATCH_SECRET))?;
+        Ok((token, dispatch))
+    }
+
+    /// The route for a dispatch event type, if any.
+    pub fn route(&self, event: &str) -> Option<&RouteConfig> {
+        self.routes.iter().find(|r| r.event == event)
+    }
+}
+
+/// Resolves `p` against `base` unless it is already absolute.
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+/// 1-based line of a byte offset.
+fn line_of(text: &str, offset: usize) -> usize {
+    text.get(..offset)
+        .map(|head| head.matches('\n').count() + 1)
+        .unwrap_or(1)
+}
+
+/// The `[table]` header in force at a byte offset, for messages.
+fn table_at(text: &str, offset: usize) -> Option<String> {
+    let head = text.get(..offset)?;
+    head.lines().rev().find_map(|line| {
+        let line = line.trim();
+        line.starts_with('[').then(|| {
+            line.split('#')
+                .next()
+                .unwrap_or(line)
+                .trim()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned()
+        })
+    })
+}
+
+/// Turns a toml/serde error into `path:line: message`, rewriting serde's
+/// "unknown field" wording into the key-and-table form users look for.
+fn invalid(path: &str, text: &str, err: &toml::de::Error) -> ConfigError {
+    let offset = err.span().map(|s| s.start).unwrap_or(0);
+    let line = line_of(text, offset);
+    let raw = err.message().trim();
+    let message = match raw.strip_prefix("unknown field `") {
+        Some(rest) => {
+            let key = rest.split('`').next().unwrap_or(rest);
+            let expected = rest
+                .split_once(", expected ")
+                .map(|(_, e)| format!(" (expected {})", e.replace('`', "'")))
+                .unwrap_or_default();
+            match table_at(text, offset) {
+                Some(table) => format!("unknown key '{key}' in [{table}]{expected}"),
+                None => format!("unknown key '{key}'{expected}"),
+            }
+        }
+        None => match table_at(text, offset) {
+            Some(table) => format!("in [{table}]: {raw}"),
+            None => raw.to_owned(),
+        },
+    };
+    ConfigError::Invalid {
+        path: path.to_owned(),
+        line,
+        message,
+    }
+}
+
+/// The file as written: every field optional with a default, unknown keys
+/// rejected. `compile` turns it into a [`Config`].
+mod raw {
+    use super::*;
+    use toml::Spanned;
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct File {
+        server: Server,
+        auth: Auth,
+        database: Database,
+        sessions: Sessions,
+        dispatch: Dispatch,
+        logging: Logging,
+        plugins: Plugins,
+        routes: Vec<Route>,
+        api: Api,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    struct Server {
+        client_listen: SocketAddr,
+        dispatch_listen: SocketAddr,
+        admin_listen: SocketAddr,
+    }
+
+    impl Default for Server {
+        fn default() -> Self {
+            Server {
+                client_listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+                dispatch_listen: SocketAddr::from(([127, 0, 0, 1], 7071)),
+                admin_listen: SocketAddr::from(([127, 0, 0, 1], 7072)),
+            }
+        }
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields, default)]
+    struct Auth {
+        token_secret: Option<String>,
+        dispatch_secret: Option<String>,
+        token_ttl_s: Option<NonZeroU64>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    struct Database {
+        url: Spanned<String>,
+        max_connections: NonZeroU32,
+    }
+
+    impl Default for Database {
+        fn default() -> Self {
+            Database {
+                url: Spanned::new(0..0, "sqlite://data/otako.db".to_owned()),
+                max_connections: NonZeroU32::new(8).unwrap_or(NonZeroU32::MIN),
+            }
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    struct Sessions {
+        max_per_user: NonZeroU32,
+        on_limit: OnLimit,
+        heartbeat_interval_ms: NonZeroU64,
+        outbound_queue: NonZeroUsize,
+    }
+
+    impl Default for Sessions {
+        fn default() -> Self {
+            Sessions {
+                max_per_user: nz32(5),
+                on_limit: OnLimit::Reject,
+                heartbeat_interval_ms: nz64(30_000),
+                outbound_queue: nzu(1024),
+            }
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    struct Dispatch {
+        ping_timeout_ms: NonZeroU64,
+        max_inflight: NonZeroUsize,
+        max_frame_bytes: NonZeroUsize,
+        outcome_retention_s: NonZeroU64,
+    }
+
+    impl Default for Dispatch {
+        fn default() -> Self {
+            Dispatch {
+                ping_timeout_ms: nz64(15_000),
+                max_inflight: nzu(1024),
+                max_frame_bytes: nzu(64 * 1024),
+                outcome_retention_s: nz64(7 * 24 * 3600),
+            }
+        }
+    }
+
+    #[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+    #[serde(rename_all = "snake_case")]
+    enum SinkKind {
+        File,
+        Http,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    struct Logging {
+        sink: Spanned<SinkKind>,
+        path: Option<PathBuf>,
+        url: Option<Spanned<String>>,
+    }
+
+    impl Default for Logging {
+        fn default() -> Self {
+            Logging {
+                sink: Spanned::new(0..0, SinkKind::File),
+                path: None,
+                url: None,
+            }
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    struct Plugins {
+        hot_reload: bool,
+        cache_dir: PathBuf,
+        query_timeout_ms: NonZeroU64,
+        query_max_rows: NonZeroU32,
+    }
+
+    impl Default for Plugins {
+        fn default() -> Self {
+            Plugins {
+                hot_reload: true,
+                cache_dir: PathBuf::from("data/plugin-cache"),
+                query_timeout_ms: nz64(1_000),
+                query_max_rows: nz32(10_000),
+            }
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Route {
+        event: Spanned<String>,
+        plugin: PathBuf,
+        #[serde(default = "default_route_timeout")]
+        timeout_ms: NonZeroU64,
+        #[serde(default = "default_route_memory")]
+        memory_mb: Spanned<NonZeroU32>,
+        #[serde(default)]
+        config: BTreeMap<String, String>,
+    }
+
+    fn default_route_timeout() -> NonZeroU64 {
+        nz64(50)
+    }
+
+    fn default_route_memory() -> Spanned<NonZeroU32> {
+        Spanned::new(0..0, nz32(16))
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    struct Api {
+        listen: SocketAddr,
+        dispatch_url: Spanned<String>,
+        dispatch_attempts: NonZeroU32,
+        attempt_timeout_ms: NonZeroU64,
+        max_body_bytes: NonZeroUsize,
+        max_content_len: NonZeroUsize,
+    }
+
+    impl Default for Api {
+        fn default() -> Self {
+            Api {
+                listen: SocketAddr::from(([127, 0, 0, 1], 7060)),
+                dispatch_url: Spanned::new(0..0, "ws://127.0.0.1:7071/dispatch".to_owned()),
+                dispatch_attempts: nz32(5),
+                attempt_timeout_ms: nz64(2_000),
+                max_body_bytes: nzu(64 * 1024),
+                max_content_len: nzu(4_000),
+            }
+        }
+    }
+
+    fn nz32(v: u32) -> NonZeroU32 {
+        NonZeroU32::new(v).unwrap_or(NonZeroU32::MIN)
+    }
+    fn nz64(v: u64) -> NonZeroU64 {
+        NonZeroU64::new(v).unwrap_or(NonZeroU64::MIN)
+    }
+    fn nzu(v: usize) -> NonZeroUsize {
+        NonZeroUsize::new(v).unwrap_or(NonZeroUsize::MIN)
+    }
+
+    /// Largest memory limit a route may ask for: a wasm32 guest can't
+    /// address more than 4 GiB anyway.
+    const MAX_MEMORY_MB: u32 = 4096;
+
+    impl File {
+        /// Validates cross-field rules, collecting every error (one per
+        /// line) before failing, and resolves relative paths.
+        pub fn compile(self, path: &Path, base: &Path, text: &str) -> Result<Config, ConfigError> {
+            let shown = path.display().to_string();
+            let mut errors: Vec<(usize, String)> = Vec::new();
+            let at = |span: std::ops::Range<usize>| line_of(text, span.start);
+
+            let url = match DatabaseUrl::parse(self.database.url.get_ref(), base) {
+                Ok(url) => Some(url),
+                Err(message) => {
+                    errors.push((
+                        at(self.database.url.span()),
+                        format!("in [database]: {message}"),
+                    ));
+                    None
+                }
+            };
+
+            let sink = match *self.logging.sink.get_ref() {
+                SinkKind::File => Some(SinkConfig::File(resolve(
+                    base,
+                    self.logging
+                        .path
+                        .as_deref()
+                        .unwrap_or(Path::new("data/event-errors.jsonl")),
+                ))),
+                SinkKind::Http => match &self.logging.url {
+                    Some(url)
+                        if url.get_ref().starts_with("http://")
+                            || url.get_ref().starts_with("https://") =>
+                    {
+                        Some(SinkConfig::Http(url.get_ref().clone()))
+                    }
+                    Some(url) => {
+                        errors.push((
+                            at(url.span()),
+                            format!(
+                                "in [logging]: url '{}' must start with http:// or https://",
+                                url.get_ref()
+                            ),
+                        ));
+                        None
+                    }
+                    None => {
+                        errors.push((
+                            at(self.logging.sink.span()),
+                            "in [logging]: sink = \"http\" needs a url".to_owned(),
+                        ));
+                        None
+                    }
+                },
+            };
+
+            let mut routes: Vec<RouteConfig> = Vec::with_capacity(self.routes.len());
+            for route in self.routes {
+                let line = at(route.event.span());
+                let event = route.event.into_inner();
+                if event.is_empty() {
+                    errors.push((line, "in [[routes]]: event must not be empty".to_owned()));
+                } else if routes.iter().any(|r| r.event == event) {
+                    errors.push((
+                        line,
+                        format!("in [[routes]]: event '{event}' is routed twice"),
+                    ));
+                }
+                if route.memory_mb.get_ref().get() > MAX_MEMORY_MB {
+                    errors.push((
+                        at(route.memory_mb.span()),
+                        format!("in [[routes]]: memory_mb must be at most {MAX_MEMORY_MB}"),
+                    ));
+                }
+                routes.push(RouteConfig {
+                    event,
+                    plugin: resolve(base, &route.plugin),
+                    timeout_ms: route.timeout_ms,
+                    memory_mb: route.memory_mb.into_inner(),
+                    config: route.config,
+                });
+            }
+
+            let dispatch_url = self.api.dispatch_url.get_ref();
+            if !(dispatch_url.starts_with("ws://") || dispatch_url.starts_with("wss://")) {
+                errors.push((
+                    at(self.api.dispatch_url.span()),
+                    format!(
+                        "in [api]: dispatch_url '{dispatch_url}' must start with ws:// or wss://"
+                    ),
+                ));
+            }
+
+            if let Some((line, message)) = errors.first() {
+                let rest: Vec<String> = errors
+                    .iter()
+                    .skip(1)
+                    .map(|(l, m)| format!("; {shown}:{l}: {m}"))
+                    .collect();
+                return Err(ConfigError::Invalid {
+                    path: shown,
+                    line: *line,
+                    message: format!("{message}{}", rest.concat()),
+                });
+            }
+            let (Some(url), Some(sink)) = (url, sink) else {
+                return Err(ConfigError::Semantic {
+                    path: shown,
+                    message: "invalid configuration".to_owned(),
+                });
+            };
+
+            Ok(Config {
+                path: path.to_path_buf(),
+                server: ServerConfig {
+                    client_listen: self.server.client_listen,
+                    dispatch_listen: self.server.dispatch_listen,
+                    admin_listen: self.server.admin_listen,
+                },
+                auth: AuthConfig {
+                    token_secret: self.auth.token_secret.filter(|s| !s.is_empty()).map(Secret),
+                    dispatch_secret: self
+                        .auth
+                        .dispatch_secret
+                        .filter(|s| !s.is_empty())
+                        .map(Secret),
+                    token_ttl_s: self.auth.token_ttl_s,
+                },
+                database: DatabaseConfig {
+                    url,
+                    max_connections: self.database.max_connections,
+                },
+                sessions: SessionsConfig {
+                    max_per_user: self.sessions.max_per_user,
+                    on_limit: self.sessions.on_limit,
+                    heartbeat_interval_ms: self.sessions.heartbeat_interval_ms,
+                    outbound_queue: self.sessions.outbound_queue,
+                },
+                dispatch: DispatchConfig {
+                    ping_timeout_ms: self.dispatch.ping_timeout_ms,
+                    max_inflight: self.dispatch.max_inflight,
+                    max_frame_bytes: self.dispatch.max_frame_bytes,
+                    outcome_retention_s: self.dispatch.outcome_retention_s,
+                },
+                logging: LoggingConfig { sink },
+                plugins: PluginsConfig {
+                    hot_reload: self.plugins.hot_reload,
+                    cache_dir: resolve(base, &self.plugins.cache_dir),
+                    query_timeout_ms: self.plugins.query_timeout_ms,
+                    query_max_rows: self.plugins.query_max_rows,
+                },
+                routes,
+                api: ApiConfig {
+                    listen: self.api.listen,
+                    dispatch_url: self.api.dispatch_url.into_inner(),
+                    dispatch_attempts: self.api.dispatch_attempts,
+                    attempt_timeout_ms: self.api.attempt_timeout_ms,
+                    max_body_bytes: self.api.max_body_bytes,
+                    max_content_len: self.api.max_content_len,
+                },
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/otako/gateway.toml"))
+    }
+
+    #[test]
+    fn defaults_fill_an_empty_file() {
+        let config = parse("").unwrap();
+        assert_eq!(config.sessions.max_per_user.get(), 5);
+        assert_eq!(config.sessions.on_limit, OnLimit::Reject);
+        assert_eq!(config.dispatch.max_inflight.get(), 1024);
+        assert_eq!(
+            config.database.url,
+            DatabaseUrl::Sqlite(PathBuf::from("/etc/otako/data/otako.db"))
+        );
+        assert!(config.auth.token_secret.is_none());
+        assert!(config.require_secrets().is_err());
+    }
+
+    #[test]
+    fn unknown_key_names_key_table_and_line() {
+        let text = "[server]\nclient_listen = \"127.0.0.1:1\"\n\n[sessions]\nmax_per_usr = 3\n";
+        let err = parse(text).unwrap_err().to_string();
+        assert!(
+            err.starts_with("/etc/otako/gateway.toml:5: unknown key 'max_per_usr' in [sessions]"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_value_names_line() {
+        let err = parse("[sessions]\non_limit = \"drop\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("/etc/otako/gateway.toml:2: "), "{err}");
+        assert!(err.contains("drop"), "{err}");
+        let err = parse("[dispatch]\n\nmax_inflight = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("/etc/otako/gateway.toml:3: "), "{err}");
+    }
+
+    #[test]
+    fn semantic_errors_are_all_reported() {
+        let text = "[database]\nurl = \"mysql://x\"\n[logging]\nsink = \"http\"\n";
+        let err = parse(text).unwrap_err().to_string();
+        assert!(err.contains(":2: in [database]"), "{err}");
+        assert!(
+            err.contains(":4: in [logging]: sink = \"http\" needs a url"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn routes_resolve_relative_to_the_config_folder() {
+        let text = "[[routes]]\nevent = \"EVENT_MESSAGE_CREATE\"\nplugin = \"plugins/m.wasm\"\n[routes.config]\nk = \"v\"\n";
+        let config = parse(text).unwrap();
+        let route = config.route("EVENT_MESSAGE_CREATE").unwrap();
+        assert_eq!(route.plugin, PathBuf::from("/etc/otako/plugins/m.wasm"));
+        assert_eq!(route.timeout_ms.get(), 50);
+        assert_eq!(route.config.get("k").map(String::as_str), Some("v"));
+    }
+
+    #[test]
+    fn duplicate_route_is_an_error() {
+        let text = "[[routes]]\nevent = \"A\"\nplugin = \"a.wasm\"\n[[routes]]\nevent = \"A\"\nplugin = \"b.wasm\"\n";
+        let err = parse(text).unwrap_err().to_string();
+        assert!(
+            err.contains(":5: in [[routes]]: event 'A' is routed twice"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let mut config = parse("[auth]\ntoken_secret = \"file\"\n").unwrap();
+        config
+            .apply_env(|key| match key {
+                ENV_TOKEN_SECRET => Some("env-token".into()),
+                ENV_DISPATCH_SECRET => Some("env-dispatch".into()),
+                ENV_DATABASE_URL => Some("postgres://u:pw@db/x".into()),
+                _ => None,
+            })
+            .unwrap();
+        let (token, dispatch) = config.require_secrets().unwrap();
+        assert_eq!(token.expose(), "env-token");
+        assert_eq!(dispatch.expose(), "env-dispatch");
+        assert_eq!(config.database.url.to_string(), "postgres://…@db/x");
+    }
+}

@@ -1,0 +1,223 @@
+//! The database: an SQLite file (embedded default, WAL) or PostgreSQL, with
+//! the same schema and the same `$n`-parameter SQL on both (DESIGN §8).
+//!
+//! Callers write one query and run it on whichever pool is configured with
+//! [`with_pool!`](crate::with_pool); each arm is type-checked against its
+//! own driver, so there is no `Any`-driver conversion on the hot path.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{PgPool, SqlitePool};
+
+use crate::config::DatabaseUrl;
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
+/// A database failure, with the operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("cannot open database {url}: {source}")]
+    Open { url: String, source: sqlx::Error },
+    #[error("cannot create database folder {path}: {source}")]
+    Folder {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("{0}")]
+    Query(#[from] sqlx::Error),
+}
+
+/// A connection pool for the configured backend.
+#[derive(Debug, Clone)]
+pub enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Runs `$body` with `$p` bound to the concrete pool.
+#[macro_export]
+macro_rules! with_pool {
+    ($db:expr, $p:ident => $body:expr) => {
+        match $db.pool() {
+            $crate::db::Pool::Sqlite($p) => $body,
+            $crate::db::Pool::Postgres($p) => $body,
+        }
+    };
+}
+
+/// A handle to the database: cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Db {
+    pool: Pool,
+}
+
+/// Whether a pool may write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    ReadWrite,
+    /// Enforced by the database itself (SQLite `query_only`, PostgreSQL
+    /// read-only transactions), not by inspecting SQL: this is the pool
+    /// plugins query through.
+    ReadOnly,
+}
+
+impl Db {
+    /// Opens a pool, creating an SQLite file (and its folder) on first run.
+    pub async fn open(
+        url: &DatabaseUrl,
+        max_connections: u32,
+        access: Access,
+    ) -> Result<Db, DbError> {
+        let pool = match url {
+            DatabaseUrl::Sqlite(path) => {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(|source| DbError::Folder {
+                        path: dir.display().to_string(),
+                        source,
+                    })?;
+                }
+                let options = sqlite_options(path, access);
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(max_connections)
+                    .acquire_timeout(Duration::from_secs(10))
+                    .connect_with(options)
+                    .await
+                    .map_err(|source| DbError::Open {
+                        url: url.to_string(),
+                        source,
+                    })?;
+                Pool::Sqlite(pool)
+            }
+            DatabaseUrl::Postgres(raw) => {
+                let open_err = |source| DbError::Open {
+                    url: url.to_string(),
+                    source,
+                };
+                let mut options = PgConnectOptions::from_str(raw).map_err(open_err)?;
+                if access == Access::ReadOnly {
+                    options = options.options([("default_transaction_read_only", "on")]);
+                }
+                let pool = PgPoolOptions::new()
+                    .max_connections(max_connections)
+                    .acquire_timeout(Duration::from_secs(10))
+                    .connect_with(options)
+                    .await
+                    .map_err(open_err)?;
+                Pool::Postgres(pool)
+            }
+        };
+        Ok(Db { pool })
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// `"sqlite"` or `"postgres"`, for logs and metrics.
+    pub fn backend(&self) -> &'static str {
+        match self.pool {
+            Pool::Sqlite(_) => "sqlite",
+            Pool::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Applies pending migrations; returns how many were applied.
+    pub async fn migrate(&self) -> Result<usize, DbError> {
+        // A new database has no migrations table yet: count that as none.
+        let before: i64 = with_pool!(self, p => sqlx::query_scalar(
+            "SELECT COUNT(*) FROM _sqlx_migrations WHERE success"
+        )
+        .fetch_one(p)
+        .await
+        .unwrap_or(0));
+        let migrator = match &self.pool {
+            Pool::Sqlite(p) => {
+                SQLITE_MIGRATIONS.run(p).await?;
+                &SQLITE_MIGRATIONS
+            }
+            Pool::Postgres(p) => {
+                POSTGRES_MIGRATIONS.run(p).await?;
+                &POSTGRES_MIGRATIONS
+            }
+        };
+        Ok(migrator
+            .iter()
+            .count()
+            .saturating_sub(usize::try_from(before).unwrap_or(0)))
+    }
+
+    /// A trivial round trip, for `/readyz`.
+    pub async fn ping(&self) -> Result<(), DbError> {
+        with_pool!(self, p => sqlx::query("SELECT 1").execute(p).await.map(|_| ()))?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        with_pool!(self, p => p.close().await)
+    }
+}
+
+fn sqlite_options(path: &Path, access: Access) -> SqliteConnectOptions {
+    let options = SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(Duration::from_secs(5))
+        .foreign_keys(true);
+    match access {
+        Access::ReadWrite => options,
+        Access::ReadOnly => options.pragma("query_only", "ON"),
+    }
+}
+
+/// Milliseconds since the unix epoch, as stored in `*_at` integer columns.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// An RFC 3339 UTC timestamp with milliseconds, as clients see message times.
+pub fn rfc3339(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let millis = ms.rem_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Howard Hinnant's civil-from-days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_known_instants() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(rfc3339(1_795_826_096_007), "2026-11-28T00:34:56.007Z");
+    }
+}

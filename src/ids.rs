@@ -1,0 +1,178 @@
+//! Snowflake-style ids (DESIGN §8): positive integers that fit an SQL
+//! `BIGINT`, carried as decimal strings in JSON.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Why text is not an id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("'{0}' is not an id (a positive decimal integer below 2^63)")]
+pub struct BadId(pub String);
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub struct $name(u64);
+
+        impl $name {
+            /// `None` unless `1 <= v <= i64::MAX` (ids live in `BIGINT`s).
+            pub fn new(v: u64) -> Option<Self> {
+                (v > 0 && v <= i64::MAX as u64).then_some($name(v))
+            }
+
+            pub fn get(self) -> u64 {
+                self.0
+            }
+
+            /// The id as the database stores it.
+            pub fn as_i64(self) -> i64 {
+                // `new` guarantees the value fits.
+                self.0 as i64
+            }
+
+            /// An id read back from the database.
+            pub fn from_i64(v: i64) -> Option<Self> {
+                u64::try_from(v).ok().and_then(Self::new)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Display::fmt(&self.0, f)
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = BadId;
+            fn from_str(s: &str) -> Result<Self, BadId> {
+                if s.is_empty() || s.len() > 19 || !s.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(BadId(s.to_owned()));
+                }
+                s.parse::<u64>()
+                    .ok()
+                    .and_then(Self::new)
+                    .ok_or_else(|| BadId(s.to_owned()))
+            }
+        }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $name {
+            /// Accepts a decimal string or a JSON integer.
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                #[derive(serde::Deserialize)]
+                #[serde(untagged)]
+                enum Repr<'a> {
+                    Int(u64),
+                    #[serde(borrow)]
+                    Str(std::borrow::Cow<'a, str>),
+                }
+                match Repr::deserialize(d)? {
+                    Repr::Int(v) => {
+                        Self::new(v).ok_or_else(|| serde::de::Error::custom(BadId(v.to_string())))
+                    }
+                    Repr::Str(s) => s.parse().map_err(serde::de::Error::custom),
+                }
+            }
+        }
+    };
+}
+
+id_type!(
+    /// A user's id.
+    UserId
+);
+id_type!(
+    /// A channel's id.
+    ChannelId
+);
+id_type!(
+    /// A message's id.
+    MessageId
+);
+id_type!(
+    /// Any other snowflake (sessions, outbox rows).
+    Snowflake
+);
+
+/// 2026-01-01T00:00:00Z in unix milliseconds: ids stay small for decades.
+const EPOCH_MS: u64 = 1_767_225_600_000;
+
+/// Mints unique, time-ordered ids: 41 bits of milliseconds, 10 bits of
+/// node, 12 bits of sequence. Lock-free; monotonic within one process even
+/// if the clock steps back.
+#[derive(Debug)]
+pub struct IdGen {
+    node: u64,
+    last: AtomicU64,
+}
+
+impl IdGen {
+    pub fn new(node: u16) -> Self {
+        IdGen {
+            node: u64::from(node & 0x3ff),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    pub fn next(&self) -> Snowflake {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(EPOCH_MS)
+            .saturating_sub(EPOCH_MS);
+        let fresh = (now << 22) | (self.node << 12);
+        let mut prev = self.last.load(Ordering::Relaxed);
+        loop {
+            // Same millisecond (or a clock step back): count up from the last id.
+            let candidate = if fresh > prev { fresh } else { prev + 1 };
+            match self.last.compare_exchange_weak(
+                prev,
+                candidate,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Snowflake(candidate.max(1)),
+                Err(actual) => prev = actual,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_strings_and_integers() {
+        assert_eq!("42".parse::<UserId>().unwrap().get(), 42);
+        assert!("0".parse::<UserId>().is_err());
+        assert!("-1".parse::<UserId>().is_err());
+        assert!("+1".parse::<UserId>().is_err());
+        assert!("9223372036854775808".parse::<UserId>().is_err());
+        assert!("abc".parse::<UserId>().is_err());
+        let id: ChannelId = serde_json::from_str("7").unwrap();
+        assert_eq!(id.get(), 7);
+        let id: ChannelId = serde_json::from_str("\"7\"").unwrap();
+        assert_eq!(serde_json::to_string(&id).unwrap(), "\"7\"");
+        assert!(serde_json::from_str::<ChannelId>("true").is_err());
+    }
+
+    #[test]
+    fn ids_are_unique_and_increasing() {
+        let generator = IdGen::new(1);
+        let mut last = 0;
+        for _ in 0..10_000 {
+            let id = generator.next().get();
+            assert!(id > last);
+            last = id;
+        }
+    }
+}

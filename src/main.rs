@@ -1,0 +1,151 @@
+//! The `otako-gateway` binary: clap verbs over the library (DESIGN §6).
+//! Every failure ends as one line on stderr and a non-zero exit.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use otako_gateway::config::Config;
+use otako_gateway::ids::UserId;
+use otako_gateway::token::{self, TokenKey};
+use otako_gateway::{gateway, logsink, shutdown, telemetry};
+
+#[derive(Parser)]
+#[command(
+    name = "otako-gateway",
+    version,
+    about = "Realtime event gateway with WebAssembly plugins"
+)]
+struct Cli {
+    /// Path to gateway.toml.
+    #[arg(long, global = true, default_value = "gateway.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    verb: Verb,
+}
+
+#[derive(Subcommand)]
+enum Verb {
+    /// Run the gateway.
+    Serve,
+    /// Run the reference HTTP backend.
+    Api,
+    /// Gateway, reference backend and file log sink in one process.
+    Dev,
+    /// Validate the config and load every routed plugin, serving nothing.
+    Check,
+    /// Apply pending database migrations.
+    Migrate,
+    /// Client tokens.
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+    /// A reference logging server: appends each POSTed JSON document to a file.
+    LogSink {
+        /// Address to listen on.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// File to append JSON lines to.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenAction {
+    /// Print a token for a user.
+    Issue {
+        /// The user id (a positive decimal integer).
+        #[arg(long)]
+        user: UserId,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("otako-gateway: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("otako-gateway: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.verb {
+        Verb::Serve => {
+            let config = Config::load(&cli.config)?;
+            gateway::serve(config, shutdown::signal(), announce).await?;
+        }
+        Verb::Check => {
+            let config = Config::load(&cli.config)?;
+            config.require_secrets()?;
+            println!(
+                "{}: ok ({} route(s), database {})",
+                cli.config.display(),
+                config.routes.len(),
+                config.database.url
+            );
+        }
+        Verb::Migrate => {
+            let config = Config::load(&cli.config)?;
+            let db = gateway::open_database(&config).await?;
+            println!(
+                "migrations applied to {} ({})",
+                config.database.url,
+                db.backend()
+            );
+            db.close().await;
+        }
+        Verb::Token {
+            action: TokenAction::Issue { user },
+        } => {
+            let config = Config::load(&cli.config)?;
+            let (secret, _) = config.require_secrets()?;
+            let key = TokenKey::new(
+                secret.expose().as_bytes(),
+                config.auth.token_ttl_s.map(|t| t.get()),
+            );
+            println!("{}", key.issue(user, token::now_s()));
+        }
+        Verb::LogSink { listen, out } => {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            let bound = listener.local_addr().unwrap_or(listen);
+            println!(
+                "otako-gateway log-sink listening http://{bound} -> {}",
+                out.display()
+            );
+            let stop = shutdown::Shutdown::new();
+            let server = tokio::spawn(logsink::serve(listener, out, stop.clone()));
+            shutdown::signal().await;
+            stop.drain().await;
+            let _ = server.await;
+        }
+        Verb::Api | Verb::Dev => {
+            anyhow::bail!("this verb is not built yet")
+        }
+    }
+    Ok(())
+}
+
+/// Prints the bound addresses on stdout: one line scripts and tests read.
+fn announce(bound: gateway::Bound) {
+    println!("otako-gateway listening {bound}");
+}

@@ -1,0 +1,216 @@
+//! Logging and metrics: `tracing` to stderr, and one Prometheus registry
+//! whose handles every module updates directly (cheap atomics, no locks).
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tracing_subscriber::EnvFilter;
+
+/// Installs the global tracing subscriber. `RUST_LOG` overrides the level;
+/// `OTAKO_LOG_FORMAT=json` switches to JSON lines for log shippers.
+pub fn init_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = if std::env::var("OTAKO_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+    // A second init (tests, `dev` reusing `serve`) keeps the first subscriber.
+    drop(result);
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    pub event: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabels {
+    pub plugin: String,
+    pub result: String,
+}
+
+/// Every metric the gateway exports. Labels are low-cardinality: event
+/// types and plugin names come from `gateway.toml`, never from clients.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub sessions_open: Gauge,
+    pub sessions_opened: Counter,
+    pub sessions_closed: Family<CodeLabel, Counter>,
+    pub frames_delivered: Counter,
+    pub queue_overflows: Counter,
+    pub client_data_rejected: Counter,
+    pub auth_failures: Counter,
+    pub dispatch_connections: Gauge,
+    pub events: Family<EventLabels, Counter>,
+    pub ack_latency: Histogram,
+    pub events_inflight: Gauge,
+    pub duplicates: Counter,
+    pub invalid_frames: Counter,
+    pub errlog_backlog: Gauge,
+    pub errlog_delivered: Counter,
+    pub errlog_sink_failures: Counter,
+    pub plugin_reloads: Family<PluginLabels, Counter>,
+    pub config_reload_failures: Counter,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("otako");
+        let m = Metrics {
+            sessions_open: Gauge::default(),
+            sessions_opened: Counter::default(),
+            sessions_closed: Family::default(),
+            frames_delivered: Counter::default(),
+            queue_overflows: Counter::default(),
+            client_data_rejected: Counter::default(),
+            auth_failures: Counter::default(),
+            dispatch_connections: Gauge::default(),
+            events: Family::default(),
+            // 50 µs .. ~1.6 s
+            ack_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            events_inflight: Gauge::default(),
+            duplicates: Counter::default(),
+            invalid_frames: Counter::default(),
+            errlog_backlog: Gauge::default(),
+            errlog_delivered: Counter::default(),
+            errlog_sink_failures: Counter::default(),
+            plugin_reloads: Family::default(),
+            config_reload_failures: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "sessions_open",
+            "Client sessions open now",
+            m.sessions_open.clone(),
+        );
+        registry.register(
+            "sessions_opened",
+            "Client sessions opened",
+            m.sessions_opened.clone(),
+        );
+        registry.register(
+            "sessions_closed",
+            "Client sessions closed, by close code",
+            m.sessions_closed.clone(),
+        );
+        registry.register(
+            "frames_delivered",
+            "Event frames written to client sessions",
+            m.frames_delivered.clone(),
+        );
+        registry.register(
+            "queue_overflows",
+            "Sessions closed with 4009 because their outbound queue overflowed",
+            m.queue_overflows.clone(),
+        );
+        registry.register(
+            "client_data_rejected",
+            "Sessions closed with 4003 because the client sent a data frame",
+            m.client_data_rejected.clone(),
+        );
+        registry.register(
+            "auth_failures",
+            "Handshakes refused with 401 (client or dispatch)",
+            m.auth_failures.clone(),
+        );
+        registry.register(
+            "dispatch_connections",
+            "Dispatch connections open now",
+            m.dispatch_connections.clone(),
+        );
+        registry.register(
+            "events",
+            "Dispatch events by type and outcome",
+            m.events.clone(),
+        );
+        registry.register(
+            "ack_latency_seconds",
+            "Time from reading a dispatch event to writing its EVENT_ROUNDTRIP",
+            m.ack_latency.clone(),
+        );
+        registry.register(
+            "events_inflight",
+            "Dispatch events in flight",
+            m.events_inflight.clone(),
+        );
+        registry.register(
+            "duplicates",
+            "Dispatch events acked as duplicates of an earlier success",
+            m.duplicates.clone(),
+        );
+        registry.register(
+            "invalid_frames",
+            "Dispatch frames refused as not JSON or not an event",
+            m.invalid_frames.clone(),
+        );
+        registry.register(
+            "errlog_backlog",
+            "Failed-event records not yet delivered to the logging sink",
+            m.errlog_backlog.clone(),
+        );
+        registry.register(
+            "errlog_delivered",
+            "Failed-event records delivered to the logging sink",
+            m.errlog_delivered.clone(),
+        );
+        registry.register(
+            "errlog_sink_failures",
+            "Attempts to deliver to the logging sink that failed",
+            m.errlog_sink_failures.clone(),
+        );
+        registry.register(
+            "plugin_reloads",
+            "Plugin loads and reloads by plugin and result",
+            m.plugin_reloads.clone(),
+        );
+        registry.register(
+            "config_reload_failures",
+            "gateway.toml reloads refused because the new file was invalid",
+            m.config_reload_failures.clone(),
+        );
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    /// Counts one closed session under its close code.
+    pub fn session_closed(&self, code: u16) {
+        self.sessions_closed
+            .get_or_create(&CodeLabel { code })
+            .inc();
+    }
+
+    /// Counts one finished dispatch event.
+    pub fn event_outcome(&self, event: &str, outcome: &str) {
+        self.events
+            .get_or_create(&EventLabels {
+                event: event.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+}

@@ -1,0 +1,447 @@
+//! The shared integration-test harness: a temp folder with a generated
+//! `gateway.toml`, a real database (an SQLite file, or a fresh schema in the
+//! machine's PostgreSQL), and the real `otako-gateway` binary started on
+//! free ports and stopped with SIGTERM.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use otako_gateway::ids::UserId;
+use otako_gateway::token::TokenKey;
+
+pub const TOKEN_SECRET: &str = "test-token-secret";
+pub const DISPATCH_SECRET: &str = "test-dispatch-secret";
+pub const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// The repository root (plugins and migrations live under it).
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A built plugin from `plugins/`, e.g. `plugin("message_create")`.
+pub fn plugin(name: &str) -> PathBuf {
+    repo().join("plugins").join(format!("{name}.wasm"))
+}
+
+/// A built test plugin from `plugins/testing/wasm/`.
+pub fn test_plugin(name: &str) -> PathBuf {
+    repo()
+        .join("plugins/testing/wasm")
+        .join(format!("{name}.wasm"))
+}
+
+/// A client token for `user`, signed with the harness secret.
+pub fn token(user: u64) -> String {
+    TokenKey::new(TOKEN_SECRET.as_bytes(), None).issue(UserId::new(user).unwrap(), 1_800_000_000)
+}
+
+/// Which database a test runs against.
+pub enum TestDb {
+    Sqlite(PathBuf),
+    /// A schema of its own in the shared `test` database, dropped afterwards.
+    Postgres {
+        schema: String,
+    },
+}
+
+impl TestDb {
+    pub fn sqlite(dir: &Path) -> Self {
+        TestDb::Sqlite(dir.join("data/otako.db"))
+    }
+
+    /// A fresh, empty schema so tests can run in parallel.
+    pub async fn postgres() -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let schema = format!(
+            "t_{}_{}_{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed),
+            rand::random::<u32>()
+        );
+        let pool = sqlx::PgPool::connect(PG_ADMIN_URL).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        TestDb::Postgres { schema }
+    }
+
+    pub fn url(&self) -> String {
+        match self {
+            TestDb::Sqlite(path) => format!("sqlite://{}", path.display()),
+            TestDb::Postgres { schema } => {
+                format!("{PG_ADMIN_URL}?options=-c%20search_path%3D{schema}")
+            }
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let TestDb::Postgres { schema } = self {
+            let sql = format!("DROP SCHEMA IF EXISTS {schema} CASCADE");
+            // Drop runs outside any runtime; psql is simplest and best-effort.
+            let _ = Command::new("psql")
+                .args([
+                    "-q",
+                    "-h",
+                    "127.0.0.1",
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "test",
+                    "-c",
+                    &sql,
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// Builds a `gateway.toml` in a temp folder: listeners on port 0, the
+/// harness secrets, the test database and a file log sink, plus whatever a
+/// test sets.
+pub struct Setup {
+    pub dir: tempfile::TempDir,
+    pub db: TestDb,
+    sections: BTreeMap<String, BTreeMap<String, String>>,
+    routes: Vec<String>,
+}
+
+impl Setup {
+    /// A setup on a fresh SQLite file.
+    pub fn sqlite() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let db = TestDb::sqlite(dir.path());
+        Self::with_db(dir, db)
+    }
+
+    /// A setup on a fresh PostgreSQL schema.
+    pub async fn postgres() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let db = TestDb::postgres().await;
+        Self::with_db(dir, db)
+    }
+
+    fn with_db(dir: tempfile::TempDir, db: TestDb) -> Self {
+        let mut setup = Setup {
+            dir,
+            db,
+            sections: BTreeMap::new(),
+            routes: Vec::new(),
+        };
+        for (key, value) in [
+            ("client_listen", "\"127.0.0.1:0\""),
+            ("dispatch_listen", "\"127.0.0.1:0\""),
+            ("admin_listen", "\"127.0.0.1:0\""),
+        ] {
+            setup.set("server", key, value);
+        }
+        setup.set("auth", "token_secret", &format!("\"{TOKEN_SECRET}\""));
+        setup.set("auth", "dispatch_secret", &format!("\"{DISPATCH_SECRET}\""));
+        let url = setup.db.url();
+        setup.set("database", "url", &format!("\"{url}\""));
+        setup.set("logging", "sink", "\"file\"");
+        setup.set("logging", "path", "\"data/event-errors.jsonl\"");
+        setup
+    }
+
+    /// Sets `[section] key = value`; `value` is TOML (quote strings).
+    pub fn set(&mut self, section: &str, key: &str, value: &str) -> &mut Self {
+        self.sections
+            .entry(section.to_owned())
+            .or_default()
+            .insert(key.to_owned(), value.to_owned());
+        self
+    }
+
+    /// Adds a `[[routes]]` entry; `extra` is more TOML lines for it
+    /// (e.g. `timeout_ms = 20` or a `[routes.config]` table).
+    pub fn route(&mut self, event: &str, plugin: &Path, extra: &str) -> &mut Self {
+        self.routes.push(format!(
+            "[[routes]]\nevent = \"{event}\"\nplugin = \"{}\"\n{extra}\n",
+            plugin.display()
+        ));
+        self
+    }
+
+    /// The three real message handlers, as the shipped config routes them.
+    pub fn message_routes(&mut self) -> &mut Self {
+        self.route("EVENT_MESSAGE_CREATE", &plugin("message_create"), "")
+            .route("EVENT_MESSAGE_UPDATE", &plugin("message_update"), "")
+            .route("EVENT_MESSAGE_DELETE", &plugin("message_delete"), "")
+    }
+
+    pub fn config_text(&self) -> String {
+        let mut out = String::new();
+        for (section, keys) in &self.sections {
+            out.push_str(&format!("[{section}]\n"));
+            for (key, value) in keys {
+                out.push_str(&format!("{key} = {value}\n"));
+            }
+            out.push('\n');
+        }
+        for route in &self.routes {
+            out.push_str(route);
+            out.push('\n');
+        }
+        out
+    }
+
+    /// Writes `gateway.toml` and returns its path.
+    pub fn write_config(&self) -> PathBuf {
+        let path = self.dir.path().join("gateway.toml");
+        std::fs::write(&path, self.config_text()).unwrap();
+        path
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("gateway.toml")
+    }
+
+    /// The JSON lines the file log sink has written so far.
+    pub fn error_log(&self) -> Vec<serde_json::Value> {
+        let path = self.dir.path().join("data/event-errors.jsonl");
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// Runs the binary with `args` (after `--config`) to completion.
+    pub fn run(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin())
+            .arg("--config")
+            .arg(self.config_path())
+            .args(args)
+            .env_remove("OTAKO_TOKEN_SECRET")
+            .env_remove("OTAKO_DISPATCH_SECRET")
+            .env_remove("OTAKO_DATABASE_URL")
+            .output()
+            .unwrap()
+    }
+
+    /// Writes the config and starts `otako-gateway serve`.
+    pub fn start(&self) -> Gateway {
+        self.write_config();
+        Gateway::spawn(&self.config_path(), self.dir.path(), "serve")
+    }
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_otako-gateway")
+}
+
+/// A running gateway process.
+pub struct Gateway {
+    child: Child,
+    pub client: SocketAddr,
+    pub dispatch: SocketAddr,
+    pub admin: SocketAddr,
+    stderr_path: PathBuf,
+}
+
+impl Gateway {
+    /// Starts `verb` (normally `serve`) and waits for its "listening" line.
+    pub fn spawn(config: &Path, dir: &Path, verb: &str) -> Gateway {
+        static RUN: AtomicU32 = AtomicU32::new(0);
+        let stderr_path = dir.join(format!(
+            "gateway-{}.log",
+            RUN.fetch_add(1, Ordering::Relaxed)
+        ));
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let mut child = Command::new(bin())
+            .arg("--config")
+            .arg(config)
+            .arg(verb)
+            .env_remove("OTAKO_TOKEN_SECRET")
+            .env_remove("OTAKO_DISPATCH_SECRET")
+            .env_remove("OTAKO_DATABASE_URL")
+            .env("RUST_LOG", "info,otako_gateway=debug")
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Some(Ok(line)) = lines.next() {
+                if let Some(rest) = line.strip_prefix("otako-gateway listening ") {
+                    let _ = tx.send(rest.to_owned());
+                }
+            }
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "gateway did not start; its log:\n{}",
+                    std::fs::read_to_string(&stderr_path).unwrap_or_default()
+                );
+            }
+        };
+        let addr = |key: &str| -> SocketAddr {
+            let field = line
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix(&format!("{key}=http://")))
+                .unwrap();
+            field.split('/').next().unwrap().parse().unwrap()
+        };
+        Gateway {
+            client: addr("client"),
+            dispatch: addr("dispatch"),
+            admin: addr("admin"),
+            child,
+            stderr_path,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The process's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// SIGTERM, then wait (up to 30 s) for a clean exit.
+    pub fn stop(mut self) -> ExitStatus {
+        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
+        // SAFETY-free: kill(2) through libc has no memory effects.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("gateway did not stop within 30 s; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Resident memory of the process, from /proc.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap()
+            * 1024
+    }
+
+    /// GETs an admin path, returning (status, body).
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        http_get(self.admin, path).await
+    }
+
+    /// One metric's value from `/metrics` (sum over label sets that contain
+    /// `labels`, e.g. `code="4003"`).
+    pub async fn metric(&self, name: &str, labels: &str) -> f64 {
+        let (_, body) = self.admin_get("/metrics").await;
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| {
+                let metric = l.split(['{', ' ']).next().unwrap_or("");
+                metric == name && l.contains(labels)
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET over a fresh connection.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_request(addr, "GET", path, &[], None).await
+}
+
+/// A minimal HTTP/1.1 request; returns (status, body).
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(body) = body {
+        request.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    request.push_str("\r\n");
+    if let Some(body) = body {
+        request.push_str(body);
+    }
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut raw))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    (status, body)
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}

@@ -1,0 +1,180 @@
+//! The binary's verbs, config errors, migrations on both databases, the
+//! admin endpoints and graceful shutdown.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{Setup, TOKEN_SECRET, bin, repo};
+use otako_gateway::token::TokenKey;
+use std::process::Command;
+
+#[test]
+fn check_accepts_the_shipped_config() {
+    let out = Command::new(bin())
+        .arg("--config")
+        .arg(repo().join("gateway.toml"))
+        .arg("check")
+        .env_remove("OTAKO_DATABASE_URL")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("ok"), "{stdout}");
+}
+
+#[test]
+fn check_rejects_an_unknown_key_naming_it_and_its_line() {
+    let mut setup = Setup::sqlite();
+    setup.set("sessions", "max_per_usr", "3");
+    let path = setup.write_config();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let line = text
+        .lines()
+        .position(|l| l.starts_with("max_per_usr"))
+        .unwrap()
+        + 1;
+    let out = setup.run(&["check"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let expected = format!(
+        "{}:{line}: unknown key 'max_per_usr' in [sessions]",
+        path.display()
+    );
+    assert!(stderr.contains(&expected), "{stderr}");
+    assert_eq!(
+        stderr.trim().lines().count(),
+        1,
+        "one-line reason: {stderr}"
+    );
+}
+
+#[test]
+fn bad_values_and_missing_secrets_are_errors() {
+    let mut setup = Setup::sqlite();
+    setup.set("sessions", "on_limit", "\"drop_newest\"");
+    setup.write_config();
+    let out = setup.run(&["check"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("gateway.toml:"), "{stderr}");
+    assert!(stderr.contains("drop_newest"), "{stderr}");
+
+    let mut setup = Setup::sqlite();
+    setup.set("auth", "token_secret", "\"\"");
+    setup.write_config();
+    let out = setup.run(&["serve"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("auth.token_secret is not set"), "{stderr}");
+}
+
+#[test]
+fn token_issue_prints_a_verifiable_token() {
+    let setup = Setup::sqlite();
+    setup.write_config();
+    let out = setup.run(&["token", "issue", "--user", "318109820710420480"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap();
+    let key = TokenKey::new(TOKEN_SECRET.as_bytes(), None);
+    let user = key
+        .verify(token.trim(), otako_gateway::token::now_s())
+        .unwrap();
+    assert_eq!(user.get(), 318109820710420480);
+
+    let out = setup.run(&["token", "issue", "--user", "0"]);
+    assert!(!out.status.success());
+}
+
+async fn tables(setup: &Setup) -> Vec<String> {
+    match &setup.db {
+        common::TestDb::Sqlite(path) => {
+            let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+                .await
+                .unwrap();
+            let rows: Vec<(String,)> =
+                sqlx::query_as("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap();
+            rows.into_iter().map(|r| r.0).collect()
+        }
+        common::TestDb::Postgres { schema } => {
+            let pool = sqlx::PgPool::connect(common::PG_ADMIN_URL).await.unwrap();
+            let rows: Vec<(String,)> = sqlx::query_as(
+                "SELECT table_name::text FROM information_schema.tables WHERE table_schema = $1 ORDER BY 1",
+            )
+            .bind(schema)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            rows.into_iter().map(|r| r.0).collect()
+        }
+    }
+}
+
+async fn assert_migrates(setup: Setup) {
+    setup.write_config();
+    let out = setup.run(&["migrate"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let names = tables(&setup).await;
+    for table in [
+        "channel_members",
+        "channels",
+        "dispatch_outbox",
+        "event_errors",
+        "event_outcomes",
+        "messages",
+        "users",
+    ] {
+        assert!(
+            names.iter().any(|n| n == table),
+            "{table} missing from {names:?}"
+        );
+    }
+    // Applying again is a no-op, not an error.
+    let out = setup.run(&["migrate"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn migrations_apply_on_sqlite() {
+    assert_migrates(Setup::sqlite()).await;
+}
+
+#[tokio::test]
+async fn migrations_apply_on_postgres() {
+    assert_migrates(Setup::postgres().await).await;
+}
+
+#[tokio::test]
+async fn admin_endpoints_and_graceful_shutdown() {
+    let setup = Setup::sqlite();
+    let gateway = setup.start();
+    assert_eq!(
+        gateway.admin_get("/healthz").await,
+        (200, "ok\n".to_owned())
+    );
+    let (status, body) = gateway.admin_get("/readyz").await;
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
+    let (status, body) = gateway.admin_get("/metrics").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("otako_sessions_open"), "{body}");
+    assert!(body.trim_end().ends_with("# EOF"), "{body}");
+    assert_eq!(gateway.admin_get("/nope").await.0, 404);
+    let status = gateway.stop();
+    assert!(status.success(), "exit status {status:?}");
+}
