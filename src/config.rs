@@ -225,7 +225,9 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        let mut config = Self::parse(&text, path)?;
+        // Absolute, so the hot-reload watcher's event paths match it.
+        let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let mut config = Self::parse(&text, &path)?;
         config.apply_env(|key| std::env::var(key).ok())?;
         Ok(config)
     }

@@ -12,8 +12,16 @@ use tokio::net::TcpListener;
 use crate::admin::{self, Readiness};
 use crate::config::Config;
 use crate::db::{Access, Db, DbError};
+use crate::dispatch::idempotency::Outcomes;
+use crate::dispatch::{self, Dispatch, Pipeline};
+use crate::errlog::ErrorLog;
+use crate::ids::UserId;
+use crate::plugin::{PluginError, Plugins, Presence};
+use crate::reload;
+use crate::session::Sessions;
 use crate::shutdown::Shutdown;
 use crate::telemetry::Metrics;
+use crate::token::TokenKey;
 
 /// How long shutdown waits for in-flight work before giving up on it.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -25,6 +33,8 @@ pub enum StartError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Db(#[from] DbError),
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
         what: &'static str,
@@ -70,49 +80,124 @@ pub async fn open_database(config: &Config) -> Result<Db, DbError> {
     Ok(db)
 }
 
+/// Plugins ask who is online through the session registry; the plugin
+/// host never sees the session module itself.
+impl Presence for Sessions {
+    fn online(&self, users: &[UserId]) -> Vec<UserId> {
+        Sessions::online(self, users)
+    }
+}
+
 /// Runs the gateway until `stop` resolves. `on_bound` hears the bound
 /// addresses once every listener is up.
+///
+/// Shutdown runs in three phases so nothing in flight is lost: dispatch
+/// connections stop reading and finish their events (acks sent), then
+/// client sessions are closed with 1001, then background work (the error
+/// log's deliverer, the admin listener) stops.
 pub async fn serve(
     config: Config,
     stop: impl Future<Output = ()>,
     on_bound: impl FnOnce(Bound),
 ) -> Result<(), StartError> {
-    config.require_secrets()?;
+    let (token_secret, dispatch_secret) = config.require_secrets()?;
     let metrics = Metrics::new();
     let db = open_database(&config).await?;
+    let plugin_db = Db::open(
+        &config.database.url,
+        config.database.max_connections.get(),
+        Access::ReadOnly,
+    )
+    .await?;
 
     let client = bind("server.client_listen", config.server.client_listen).await?;
-    let dispatch = bind("server.dispatch_listen", config.server.dispatch_listen).await?;
+    let dispatch_listener = bind("server.dispatch_listen", config.server.dispatch_listen).await?;
     let admin_listener = bind("server.admin_listen", config.server.admin_listen).await?;
     let bound = Bound {
         client: local(&client, config.server.client_listen),
-        dispatch: local(&dispatch, config.server.dispatch_listen),
+        dispatch: local(&dispatch_listener, config.server.dispatch_listen),
         admin: local(&admin_listener, config.server.admin_listen),
     };
 
-    let shutdown = Shutdown::new();
+    let front = Shutdown::new();
+    let clients = Shutdown::new();
+    let background = Shutdown::new();
     let readiness = Arc::new(Readiness::default());
-    shutdown.spawn(admin::serve(
+    background.spawn(admin::serve(
         admin_listener,
-        shutdown.clone(),
+        background.clone(),
         db.clone(),
         metrics.clone(),
         readiness.clone(),
     ));
+
+    let tokens = TokenKey::new(
+        token_secret.expose().as_bytes(),
+        config.auth.token_ttl_s.map(|t| t.get()),
+    );
+    let sessions = Sessions::new(config.sessions.clone(), tokens, metrics.clone());
+    let presence: Arc<dyn Presence> = Arc::new(sessions.clone());
+    let plugins = Plugins::load(&config, plugin_db.clone(), presence, metrics.clone()).await?;
     readiness.set_plugins_loaded();
+    if config.plugins.hot_reload {
+        let watcher = reload::watch(
+            config.clone(),
+            plugins.clone(),
+            metrics.clone(),
+            background.clone(),
+        );
+        background.spawn(async move {
+            if let Err(err) = watcher.await {
+                tracing::error!(error = %err, "hot reload is off");
+            }
+        });
+    }
+
+    let errlog = ErrorLog::new(db.clone(), metrics.clone());
+    background.spawn(
+        errlog
+            .clone()
+            .deliver(config.logging.sink.clone(), background.clone()),
+    );
+    let retention = Duration::from_secs(config.dispatch.outcome_retention_s.get());
+    let pipeline = Pipeline {
+        plugins,
+        sessions: sessions.clone(),
+        db: db.clone(),
+        outcomes: Outcomes::start(db.clone(), retention, &background),
+        errlog,
+        metrics: metrics.clone(),
+    };
+    let dispatcher = Dispatch::new(pipeline, &dispatch_secret, config.dispatch.clone());
+    front.spawn(dispatch::serve(
+        dispatcher.clone(),
+        dispatch_listener,
+        front.clone(),
+    ));
+    {
+        let sessions = sessions.clone();
+        let clients_stop = clients.clone();
+        clients.spawn(async move { sessions.serve(client, clients_stop).await });
+    }
+    drop(dispatcher);
+
     tracing::info!(%bound, "gateway listening");
     on_bound(bound);
 
     stop.await;
-    tracing::info!("shutting down: draining in-flight work");
+    tracing::info!("shutting down: finishing in-flight events");
     readiness.set_draining();
-    if tokio::time::timeout(DRAIN_TIMEOUT, shutdown.drain())
-        .await
-        .is_err()
-    {
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        front.drain().await;
+        tracing::info!("dispatch drained; closing client sessions");
+        clients.drain().await;
+        background.drain().await;
+    })
+    .await;
+    if drained.is_err() {
         tracing::warn!(timeout = ?DRAIN_TIMEOUT, "drain timed out; exiting with work unfinished");
     }
-    drop((client, dispatch));
+    plugin_db.close().await;
     db.close().await;
     tracing::info!("gateway stopped");
     Ok(())

@@ -11,8 +11,9 @@
 //!
 //! - [`dispatch`]: the dispatch socket: frames in, pipelined events,
 //!   idempotency, acks out.
-//! - [`plugin`]: routes, the wasmtime host, the WIT host interface, hot
-//!   reload. Event in, deliveries out; never sees a socket.
+//! - [`plugin`]: routes, the wasmtime host, the WIT host interface. Event
+//!   in, deliveries out; never sees a socket. [`reload`] watches
+//!   `gateway.toml` and the plugin files and swaps new versions in.
 //! - [`session`]: client sockets, the per-user registry, fan-out with
 //!   bounded queues. Never sees wasmtime.
 //! - [`errlog`]: failed events, recorded once per event id in a durable
@@ -22,18 +23,27 @@
 //! and migrations), [`token`] and [`ids`] (client tokens, snowflakes),
 //! [`admin`] (health and metrics), [`telemetry`] (tracing and metrics),
 //! [`gateway`] (wires the listeners together and drains on shutdown),
-//! [`logsink`] (the reference logging server), [`http`] (the small hyper
+//! [`api`] and [`dispatch_client`] (the reference HTTP backend and the
+//! Rust client for the dispatch protocol), [`logsink`] (the reference
+//! logging server), [`http`] (the small hyper
 //! server loop the HTTP listeners share).
 
 pub mod admin;
+pub mod api;
 pub mod config;
 pub mod db;
+pub mod dev;
+pub mod dispatch;
+pub mod dispatch_client;
 pub mod errlog;
 pub mod failure;
 pub mod gateway;
 pub mod http;
 pub mod ids;
 pub mod logsink;
+pub mod plugin;
+pub mod reload;
+pub mod session;
 pub mod shutdown;
 pub mod telemetry;
 pub mod token;

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use otako_gateway::config::Config;
 use otako_gateway::ids::UserId;
 use otako_gateway::token::{self, TokenKey};
-use otako_gateway::{gateway, logsink, shutdown, telemetry};
+use otako_gateway::{api, dev, gateway, logsink, shutdown, telemetry};
 
 #[derive(Parser)]
 #[command(
@@ -138,8 +138,19 @@ async fn run(cli: Cli) -> Result<()> {
             stop.drain().await;
             let _ = server.await;
         }
-        Verb::Api | Verb::Dev => {
-            anyhow::bail!("this verb is not built yet")
+        Verb::Api => {
+            let config = Config::load(&cli.config)?;
+            config.require_secrets()?;
+            let db = gateway::open_database(&config).await?;
+            api::run(&config, db.clone(), None, shutdown::signal(), |addr| {
+                println!("otako-gateway api listening http://{addr}");
+            })
+            .await?;
+            db.close().await;
+        }
+        Verb::Dev => {
+            let config = Config::load(&cli.config)?;
+            dev::run(config, shutdown::signal()).await?;
         }
     }
     Ok(())

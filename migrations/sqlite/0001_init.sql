@@ -62,7 +62,8 @@ CREATE TABLE dispatch_outbox (
     state      TEXT    NOT NULL DEFAULT 'pending',
     attempts   INTEGER NOT NULL DEFAULT 0,
     last_error TEXT,
+    next_attempt_at INTEGER NOT NULL DEFAULT 0,
     created_at INTEGER NOT NULL,
     updated_at INTEGER NOT NULL
 );
-CREATE INDEX dispatch_outbox_pending ON dispatch_outbox(state, id);
+CREATE INDEX dispatch_outbox_pending ON dispatch_outbox(state, next_attempt_at, id);

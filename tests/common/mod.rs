@@ -4,6 +4,9 @@
 //! free ports and stopped with SIGTERM.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod client;
+pub mod dispatch;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -150,6 +153,7 @@ impl Setup {
         setup.set("auth", "dispatch_secret", &format!("\"{DISPATCH_SECRET}\""));
         let url = setup.db.url();
         setup.set("database", "url", &format!("\"{url}\""));
+        setup.set("api", "listen", "\"127.0.0.1:0\"");
         setup.set("logging", "sink", "\"file\"");
         setup.set("logging", "path", "\"data/event-errors.jsonl\"");
         setup
@@ -234,8 +238,13 @@ impl Setup {
 
     /// Writes the config and starts `otako-gateway serve`.
     pub fn start(&self) -> Gateway {
+        self.start_verb("serve")
+    }
+
+    /// Writes the config and starts `otako-gateway <verb>`.
+    pub fn start_verb(&self, verb: &str) -> Gateway {
         self.write_config();
-        Gateway::spawn(&self.config_path(), self.dir.path(), "serve")
+        Gateway::spawn(&self.config_path(), self.dir.path(), verb)
     }
 }
 
@@ -243,21 +252,31 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_otako-gateway")
 }
 
-/// A running gateway process.
+/// A running `otako-gateway` process (any verb) and the addresses it
+/// announced on stdout.
 pub struct Gateway {
     child: Child,
     pub client: SocketAddr,
     pub dispatch: SocketAddr,
     pub admin: SocketAddr,
+    /// Set when the process runs the reference API (`api` or `dev`).
+    pub api: Option<SocketAddr>,
     stderr_path: PathBuf,
 }
 
+/// The address after `key=http://` (or `key http://`) in an announce line.
+fn announced(line: &str, key: &str) -> Option<SocketAddr> {
+    let rest = line.split_once(&format!("{key}=http://")).map(|(_, r)| r)?;
+    rest.split(['/', ' ']).next()?.parse().ok()
+}
+
 impl Gateway {
-    /// Starts `verb` (normally `serve`) and waits for its "listening" line.
+    /// Starts `verb` and waits until it has announced its listeners:
+    /// `serve` prints one line, `api` another, `dev` both.
     pub fn spawn(config: &Path, dir: &Path, verb: &str) -> Gateway {
         static RUN: AtomicU32 = AtomicU32::new(0);
         let stderr_path = dir.join(format!(
-            "gateway-{}.log",
+            "{verb}-{}.log",
             RUN.fetch_add(1, Ordering::Relaxed)
         ));
         let stderr = std::fs::File::create(&stderr_path).unwrap();
@@ -278,36 +297,51 @@ impl Gateway {
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
             while let Some(Ok(line)) = lines.next() {
-                if let Some(rest) = line.strip_prefix("otako-gateway listening ") {
-                    let _ = tx.send(rest.to_owned());
+                if line.starts_with("otako-gateway ") {
+                    let _ = tx.send(line);
                 }
             }
         });
-        let line = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(line) => line,
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "gateway did not start; its log:\n{}",
-                    std::fs::read_to_string(&stderr_path).unwrap_or_default()
-                );
+        let wants_gateway = verb != "api";
+        let wants_api = verb == "api" || verb == "dev";
+        let (mut gateway_line, mut api_line) = (None, None);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while (wants_gateway && gateway_line.is_none()) || (wants_api && api_line.is_none()) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.starts_with("otako-gateway listening ") => {
+                    gateway_line = Some(line)
+                }
+                Ok(line) if line.starts_with("otako-gateway api listening ") => {
+                    api_line = Some(line.replace("listening http://", "listening api=http://"))
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "{verb} did not start; its log:\n{}",
+                        std::fs::read_to_string(&stderr_path).unwrap_or_default()
+                    );
+                }
             }
-        };
-        let addr = |key: &str| -> SocketAddr {
-            let field = line
-                .split_whitespace()
-                .find_map(|f| f.strip_prefix(&format!("{key}=http://")))
-                .unwrap();
-            field.split('/').next().unwrap().parse().unwrap()
-        };
+        }
+        let unset: SocketAddr = "0.0.0.0:0".parse().unwrap();
+        let gateway_line = gateway_line.unwrap_or_default();
         Gateway {
-            client: addr("client"),
-            dispatch: addr("dispatch"),
-            admin: addr("admin"),
+            client: announced(&gateway_line, "client").unwrap_or(unset),
+            dispatch: announced(&gateway_line, "dispatch").unwrap_or(unset),
+            admin: announced(&gateway_line, "admin").unwrap_or(unset),
+            api: api_line.and_then(|l| announced(&l, "api")),
             child,
             stderr_path,
         }
+    }
+
+    /// Kills the process without letting it drain (a crash).
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub fn pid(&self) -> u32 {

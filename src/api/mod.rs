@@ -1,0 +1,117 @@
+//! The reference HTTP backend (DESIGN §7): users, channels and messages,
+//! each message write committed together with its dispatch row (an
+//! outbox), which [`outbox`] sends to the gateway in the background.
+//!
+//! - [`routes`]: the HTTP handlers and their JSON errors.
+//! - [`store`]: the SQL behind them.
+//! - [`outbox`]: the dispatcher: pipelined sends, retries, log-and-drop.
+
+pub mod outbox;
+pub mod routes;
+pub mod store;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+use crate::config::Config;
+use crate::db::{Db, DbError};
+use crate::errlog::ErrorLog;
+use crate::ids::IdGen;
+use crate::shutdown::Shutdown;
+use crate::telemetry::Metrics;
+use crate::token::TokenKey;
+
+/// Why the backend could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("cannot listen on {addr} (api.listen): {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// What every handler shares.
+pub struct AppState {
+    pub db: Db,
+    pub tokens: TokenKey,
+    pub ids: IdGen,
+    pub max_body_bytes: usize,
+    pub max_content_len: usize,
+    /// Wakes the dispatcher as soon as an outbox row is committed.
+    pub outbox_ready: Arc<Notify>,
+}
+
+/// Runs the backend on an already-migrated database until `stop`.
+/// `dispatch_url` overrides `api.dispatch_url` (`dev` points it at the
+/// gateway it just started). `on_bound` hears the HTTP address.
+pub async fn run(
+    config: &Config,
+    db: Db,
+    dispatch_url: Option<String>,
+    stop: impl Future<Output = ()>,
+    on_bound: impl FnOnce(SocketAddr),
+) -> Result<(), ApiError> {
+    let (token_secret, dispatch_secret) = config.require_secrets()?;
+    let listener = TcpListener::bind(config.api.listen)
+        .await
+        .map_err(|source| ApiError::Bind {
+            addr: config.api.listen,
+            source,
+        })?;
+    let bound = listener.local_addr().unwrap_or(config.api.listen);
+    let shutdown = Shutdown::new();
+    let background = Shutdown::new();
+    let metrics = Metrics::new();
+    let outbox_ready = Arc::new(Notify::new());
+    let state = Arc::new(AppState {
+        db: db.clone(),
+        tokens: TokenKey::new(
+            token_secret.expose().as_bytes(),
+            config.auth.token_ttl_s.map(|t| t.get()),
+        ),
+        ids: IdGen::new(1),
+        max_body_bytes: config.api.max_body_bytes.get(),
+        max_content_len: config.api.max_content_len.get(),
+        outbox_ready: outbox_ready.clone(),
+    });
+
+    let errlog = ErrorLog::new(db.clone(), metrics);
+    background.spawn(
+        errlog
+            .clone()
+            .deliver(config.logging.sink.clone(), background.clone()),
+    );
+    let dispatcher = outbox::Dispatcher {
+        db: db.clone(),
+        url: dispatch_url.unwrap_or_else(|| config.api.dispatch_url.clone()),
+        secret: dispatch_secret,
+        policy: crate::dispatch_client::RetryPolicy {
+            attempts: config.api.dispatch_attempts.get(),
+            attempt_timeout: Duration::from_millis(config.api.attempt_timeout_ms.get()),
+            base_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+        },
+        errlog,
+        ready: outbox_ready,
+    };
+    shutdown.spawn(dispatcher.run(shutdown.clone()));
+    shutdown.spawn(routes::serve(listener, state, shutdown.clone()));
+    tracing::info!(%bound, "api listening");
+    on_bound(bound);
+
+    stop.await;
+    tracing::info!("api shutting down");
+    shutdown.drain().await;
+    background.drain().await;
+    Ok(())
+}

@@ -1,0 +1,206 @@
+//! Dispatch-side helpers: a backend's dispatch connection, and rows seeded
+//! straight into the test database.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, Message};
+
+use super::{DISPATCH_SECRET, Setup, TestDb};
+
+/// How long a test waits for any one frame.
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A backend's dispatch connection.
+pub struct DispatchClient {
+    pub ws: WebSocketStream<TcpStream>,
+}
+
+/// Opens a WebSocket to `url` on `addr` with an optional Authorization header.
+pub async fn ws_connect(
+    addr: SocketAddr,
+    path: &str,
+    authorization: Option<&str>,
+) -> Result<WebSocketStream<TcpStream>, tungstenite::Error> {
+    let mut request = format!("ws://{addr}{path}").into_client_request()?;
+    if let Some(auth) = authorization {
+        request
+            .headers_mut()
+            .insert("authorization", auth.parse().unwrap());
+    }
+    let stream = TcpStream::connect(addr).await?;
+    let (ws, _) = tokio_tungstenite::client_async(request, stream).await?;
+    Ok(ws)
+}
+
+impl DispatchClient {
+    /// Connects with the harness's dispatch secret.
+    pub async fn connect(addr: SocketAddr) -> DispatchClient {
+        let ws = ws_connect(
+            addr,
+            "/dispatch",
+            Some(&format!("Bearer {DISPATCH_SECRET}")),
+        )
+        .await
+        .unwrap();
+        DispatchClient { ws }
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).await.unwrap();
+    }
+
+    pub async fn send(&mut self, frame: &Value) {
+        self.send_text(&frame.to_string()).await;
+    }
+
+    /// Sends an event frame in the seed's shape.
+    pub async fn event(&mut self, t: &str, d: Value, event_id: Value, s: Value) {
+        self.send(&json!({"t": t, "d": d, "op": 0, "s": s, "event_id": event_id}))
+            .await;
+    }
+
+    /// The next text frame as JSON (control frames skipped).
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            let message = tokio::time::timeout(FRAME_TIMEOUT, self.ws.next())
+                .await
+                .expect("no dispatch frame in time")
+                .expect("dispatch connection ended")
+                .expect("dispatch connection failed");
+            match message {
+                Message::Text(text) => return serde_json::from_str(&text).unwrap(),
+                Message::Close(frame) => panic!("dispatch connection closed: {frame:?}"),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Sends one event and returns its ack.
+    pub async fn roundtrip(&mut self, t: &str, d: Value, event_id: Value) -> Value {
+        self.event(t, d, event_id, json!("1")).await;
+        let ack = self.recv().await;
+        assert_eq!(ack["t"], "EVENT_ROUNDTRIP", "{ack}");
+        ack
+    }
+
+    /// Collects `n` acks keyed by their event id's text.
+    pub async fn acks(&mut self, n: usize) -> HashMap<String, Value> {
+        let mut acks = HashMap::new();
+        while acks.len() < n {
+            let ack = self.recv().await;
+            assert_eq!(ack["t"], "EVENT_ROUNDTRIP", "{ack}");
+            let key = match &ack["event_id"] {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            acks.insert(key, ack);
+        }
+        acks
+    }
+
+    /// PING, and the PONG's `d`.
+    pub async fn ping(&mut self, ts: i64) -> Value {
+        self.send(&json!({"op": 1, "t": "PING", "d": {"ts": ts}}))
+            .await;
+        loop {
+            let frame = self.recv().await;
+            if frame["t"] == "PONG" {
+                return frame["d"].clone();
+            }
+        }
+    }
+}
+
+/// Rows written straight into the test database (the gateway must have
+/// run its migrations first).
+pub struct Seed {
+    pool: SeedPool,
+}
+
+enum SeedPool {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
+macro_rules! on_seed {
+    ($seed:expr, $p:ident => $body:expr) => {
+        match &$seed.pool {
+            SeedPool::Sqlite($p) => $body,
+            SeedPool::Postgres($p) => $body,
+        }
+    };
+}
+
+impl Seed {
+    pub async fn open(setup: &Setup) -> Seed {
+        let pool = match &setup.db {
+            TestDb::Sqlite(path) => SeedPool::Sqlite(
+                sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+                    .await
+                    .unwrap(),
+            ),
+            TestDb::Postgres { .. } => {
+                SeedPool::Postgres(sqlx::PgPool::connect(&setup.db.url()).await.unwrap())
+            }
+        };
+        Seed { pool }
+    }
+
+    pub async fn user(&self, id: i64, name: &str) {
+        on_seed!(self, p => sqlx::query("INSERT INTO users (id, name, created_at) VALUES ($1, $2, '2026-01-01T00:00:00.000Z')")
+            .bind(id).bind(name).execute(p).await.map(|_| ())).unwrap();
+    }
+
+    pub async fn channel(&self, id: i64, name: &str, members: &[i64]) {
+        on_seed!(self, p => sqlx::query("INSERT INTO channels (id, name, created_at) VALUES ($1, $2, '2026-01-01T00:00:00.000Z')")
+            .bind(id).bind(name).execute(p).await.map(|_| ())).unwrap();
+        for member in members {
+            on_seed!(self, p => sqlx::query("INSERT INTO channel_members (channel_id, user_id) VALUES ($1, $2)")
+                .bind(id).bind(*member).execute(p).await.map(|_| ())).unwrap();
+        }
+    }
+
+    pub async fn message(
+        &self,
+        id: i64,
+        channel: i64,
+        author: i64,
+        content: &str,
+        nonce: Option<&str>,
+    ) {
+        on_seed!(self, p => sqlx::query("INSERT INTO messages (id, channel_id, author_id, content, nonce, created_at) VALUES ($1, $2, $3, $4, $5, '2026-11-28T00:00:00.000Z')")
+            .bind(id).bind(channel).bind(author).bind(content).bind(nonce).execute(p).await.map(|_| ())).unwrap();
+    }
+
+    /// Rows in `event_errors` for an event id.
+    pub async fn error_rows(&self, event_id: &str) -> i64 {
+        on_seed!(self, p => sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM event_errors WHERE event_id = $1")
+            .bind(event_id).fetch_one(p).await).unwrap()
+    }
+
+    /// The seed's example situation: users 10 (author) and 11, 12 in
+    /// channel 1, user 13 outside it, and message 3 in channel 1.
+    pub async fn example(&self) {
+        self.user(10, "alice").await;
+        self.user(11, "bob").await;
+        self.user(12, "carol").await;
+        self.user(13, "mallory").await;
+        self.channel(1, "general", &[10, 11, 12]).await;
+        self.message(
+            3,
+            1,
+            10,
+            "Hello! This is a message from the Otako client!",
+            Some("87654GFGDS7544567FD"),
+        )
+        .await;
+    }
+}

@@ -1,0 +1,532 @@
+//! The dispatch protocol over real sockets against the real binary: the
+//! seed's frame, echo forms, idempotency, bad frames, failures logged once
+//! per event id (across restarts and sink outages), PING timeout, per-channel
+//! order and backpressure.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::client::Client;
+use common::dispatch::{DispatchClient, Seed, ws_connect};
+use common::{Setup, test_plugin};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+const SEED_FRAME: &str = r#"{"t":"EVENT_MESSAGE_CREATE","d":{"id":"3","channel_id":"1"},"op":0,"s":"14","event_id":"1"}"#;
+
+fn expected_message() -> Value {
+    json!({
+        "id": "3",
+        "channel_id": "1",
+        "author": {"id": "10", "name": "alice"},
+        "content": "Hello! This is a message from the Otako client!",
+        "nonce": "87654GFGDS7544567FD",
+        "timestamp": "2026-11-28T00:00:00.000Z",
+    })
+}
+
+async fn seed_example(setup: &mut Setup) -> (common::Gateway, Seed) {
+    setup.message_routes();
+    let gateway = setup.start();
+    let seed = Seed::open(setup).await;
+    seed.example().await;
+    (gateway, seed)
+}
+
+#[tokio::test]
+async fn the_seed_frame_is_delivered_and_acked_exactly() {
+    let mut setup = Setup::sqlite();
+    let (gateway, _seed) = seed_example(&mut setup).await;
+    let mut alice = Client::connect(gateway.client, 10).await;
+    let mut bob = Client::connect(gateway.client, 11).await;
+    let mut bob_phone = Client::connect(gateway.client, 11).await;
+    let mut mallory = Client::connect(gateway.client, 13).await;
+
+    let mut backend = DispatchClient::connect(gateway.dispatch).await;
+    backend.send_text(SEED_FRAME).await;
+    let ack = backend.recv().await;
+    assert_eq!(
+        ack.to_string(),
+        r#"{"t":"EVENT_ROUNDTRIP","event_id":"1","success":true,"op":0,"s":"14"}"#
+    );
+    for client in [&mut alice, &mut bob, &mut bob_phone] {
+        let frame = client.next().await;
+        assert_eq!(frame["op"], 0);
+        assert_eq!(frame["t"], "MESSAGE_CREATE");
+        assert_eq!(frame["s"], 1);
+        assert_eq!(frame["d"], expected_message());
+    }
+    mallory.expect_silence(Duration::from_millis(300)).await;
+    assert!(gateway.stop().success());
+}
+
+#[tokio::test]
+async fn postgres_runs_the_same_event_path() {
+    let mut setup = Setup::postgres().await;
+    let (gateway, _seed) = seed_example(&mut setup).await;
+    let mut carol = Client::connect(gateway.client, 12).await;
+    let mut backend = DispatchClient::connect(gateway.dispatch).await;
+    backend.send_text(SEED_FRAME).await;
+    assert_eq!(backend.recv().await["success"], true);
+    assert_eq!(carol.next().await["d"], expected_message());
+}
+
+#[tokio::test]
+async fn integer_ids_are_echoed_as_integers() {
+    let mut setup = Setup::sqlite();
+    let (gateway, _seed) = seed_example(&mut setup).await;
+    let mut backend = DispatchClient::connect(gateway.dispatch).await;
+    backend
+        .event(
+            "EVENT_MESSAGE_CREATE",
+            json!({"id": 3, "channel_id": 1}),
+            json!(77),
+            json!(15),
+        )
+        .await;
+    let ack = backend.recv().await;
+    assert_eq!(
+        ack.to_string(),
+        r#"{"t":"EVENT_ROUNDTRIP","event_id":77,"success":true,"op":0,"s":15}"#
+    );
+}
+
+#[tokio::test]
+async fn a_succeeded_event_id_is_a_duplicate_without_a_second_broadcast() {
+    let mut setup = Setup::sqlite();
+    let (gateway, seed) = seed_example(&mut setup).await;
+    seed.message(4, 1, 11, "second", None).await;
+    let mut bob = Client::connect(gateway.client, 11).await;
+    let mut backend = DispatchClient::connect(gateway.dispatch).await;
+
+    let d = json!({"id": "3", "channel_id": "1"});
+    let first = backend
+        .roundtrip("EVENT_MESSAGE_CREATE", d.clone(), json!("e-1"))
+        .await;
+    assert_eq!(first["success"], true);
+    assert!(first.get("duplicate").is_none(), "{first}");
+    let again = backend
+        .roundtrip("EVENT_MESSAGE_CREATE", d.clone(), json!("e-1"))
+        .await;
+    assert_eq!(again["success"], true);
+    assert_eq!(again["duplicate"], true);
+
+    // The next broadcast is the next event, not a repeat of the first.
+    backend
+        .roundtrip(
+            "EVENT_MESSAGE_CREATE",
+            json!({"id": "4", "channel_id": "1"}),
+            json!("e-2"),
+        )
+        .await;
+    let one = bob.next().await;
+    let two = bob.next().await;
+    assert_eq!(
+        (one["s"].clone(), one["d"]["id"].clone()),
+        (json!(1), json!("3"))
+    );
+    assert_eq!(
+        (two["s"].clone(), two["d"]["id"].clone()),
+        (json!(2), json!("4"))
+    );
+
+    // Still a duplicate after a restart: outcomes are durable.
+    assert!(gateway.stop().success());
+    let gateway = setup.start();
+    let mut bob = Client::connect(gateway.client, 11).await;
+    let mut backend = DispatchClient::connect(gateway.dispatch).await;
+    let after = backend
+        .roundtrip("EVENT_MESSAGE_CREATE", d, json!("e-1"))
+        .await;
+    assert_eq!(after["duplicate"], true, "{after}");
+    bob.expect_silence(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn an_in_flight_duplicate_is_acked_once_the_first_finishes() {
+    let mut setup = Setup::sqlite();
+    let (gateway, _seed) = seed_example(&mut setup).await;
+    let mut carol = Client::connect(gateway.client, 12).await;
+    let mut backend = DispatchClient::connect(gateway.dispatch).await;
+    // Both frames in one write, so the second is read while the first runs.
+    let frame = Message::text(SEED_FRAME);
+    backend.ws.feed(frame.clone()).await.unwrap();
+    backend.ws.feed(frame).await.unwrap();
+    backend.ws.flush().await.unwrap();
+    let a = backend.recv().await;
+    let b = backend.recv().await;
+    assert_eq!(
+        (a["success"].clone(), b["success"].clone()),
+        (json!(true), json!(true))
+    );
+    let duplicates = [&a, &b]
+        .iter()
+        .filter(|ack| ack.get("duplicate") == Some(&json!(true)))
+        .count();
+    assert_eq!(duplicates, 1, "{a} {b}");
+    assert_eq!(carol.next().await["d"]["id"], "3");
+    carol.expect_silence(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn garbage_and_oversized_frames_get_errors_and_the_connection_stays_open() {
+    let mut setup = Setup::sqlite();
+    setup.set("dispatch", "max_frame_bytes", "1024");
+    let (gateway, seed) = seed_example(&mut setup).await;
+    let mut backend = DispatchClient::connect(gateway.dispatch).await;
+
+    backend.send_text("this is not json").await;
+    let reply = backend.recv().await;
+    assert_eq!(
+        (reply["op"].clone(), reply["t"].clone()),
+        (json!(9), json!("INVALID_FRAME"))
+    );
+    assert!(
+        reply["d"]["error"].as_str().unwrap().contains("not JSON"),
+        "{reply}"
+    );
+
+    backend
+        .send_text(r#"{"op":0,"t":"EVENT_MESSAGE_CREATE","d":{}}"#)
+        .await;
+    let reply = backend.recv().await;
+    assert_eq!(reply["t"], "INVALID_FRAME");
+    assert!(
+        reply["d"]["error"].as_str().unwrap().contains("event_id"),
+        "{reply}"
+    );
+
+    backend
+        .ws
+        .send(Message::binary(vec![1, 2, 3]))
+        .await
+        .unwrap();
+    assert_eq!(backend.recv().await["t"], "INVALID_FRAME");
+
+    // An event whose id can be read gets a failed ack, logged once.
+    backend
+        .send_text(r#"{"op":0,"t":"EVENT_MESSAGE_CREATE","d":"nope","event_id":"bad-1","s":9}"#)
+        .await;
+    let ack = backend.recv().await;
+    assert_eq!(ack["success"], false);
+    assert_eq!(ack["event_id"], "bad-1");
+    assert_eq!(ack["s"], 9);
+    assert_eq!(ack["error"]["code"], "BAD_EVENT");
+    assert_eq!(seed.error_rows("bad-1").await, 1);
+
+    let big = format!(
+        r#"{{"op":0,"t":"EVENT_MESSAGE_CREATE","d":{{"pad":"{}"}},"event_id":"big"}}"#,
+        "x".repeat(2000)
+    );
+    backend.send_text(&big).await;
+    let reply = backend.recv().await;
+    assert_eq!(reply["t"], "INVALID_FRAME");
+    assert!(
+        reply["d"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("max_frame_bytes"),
+        "{reply}"
+    );
+
+    // Still open and serving.
+    assert_eq!(backend.ping(42).await["ts"], 42);
+    let ack = backend
+        .roundtrip(
+            "EVENT_MESSAGE_CREATE",
+            json!({"id": "3", "channel_id": "1"}),
+            json!("ok-1"),
+        )
+        .await;
+    assert_eq!(ack["success"], true);
+    assert!(gateway.metric("otako_invalid_frames_total", "").await >= 5.0);
+}
+
+#[tokio::test]
+async fn dispatch_needs_the_bearer_secret() {
+    let setup = Setup::sqlite();
+    let gateway = setup.start();
+    for auth in [None, Some("Bearer wrong"), Some(common::DISPATCH_SECRET)] {
+        let err = ws_connect(gateway.dispatch, "/dispatch", auth)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("401"), "{auth:?}: {err}");
+    }
+    let bearer = format!("Bearer {}", common::DISPATCH_SECRET);
+    let err = ws_connect(gateway.dispatch, "/elsewhere", Some(&bearer))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("404"), "{err}");
+}
+
+/// Sends `event_id` three times (restarting the gateway between the second
+/// and third attempt) and checks: three failed acks with `code`, one record
+/// in the log sink's file.
+async fn assert_logged_once(mut setup: Setup, t: &str, code: &str) {
+    let gateway = setup.start();
+    let mut backend = DispatchClient::connect(gateway.dispatch).await;
+    for _ in 0..2 {
+        let ack = backend
+            .roundtrip(t, json!({"user_id": "10"}), json!("fail-1"))
+            .await;
+        assert_eq!(ack["success"], false, "{ack}");
+        assert_eq!(ack["error"]["code"], code, "{ack}");
+        assert!(!ack["error"]["message"].as_str().unwrap().is_empty());
+    }
+    assert!(gateway.stop().success());
+    let gateway = setup.start();
+    let mut backend = DispatchClient::connect(gateway.dispatch).await;
+    let ack = backend
+        .roundtrip(t, json!({"user_id": "10"}), json!("fail-1"))
+        .await;
+    assert_eq!(ack["error"]["code"], code, "{ack}");
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while setup.error_log().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Give a wrongly repeated record time to show up too.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let records = setup.error_log();
+    assert_eq!(records.len(), 1, "{records:?}");
+    let record = &records[0];
+    assert_eq!(record["event_id"], "fail-1");
+    assert_eq!(record["t"], t);
+    assert_eq!(record["error"]["code"], code);
+    assert_eq!(record["d"], json!({"user_id": "10"}));
+    assert!(
+        record["trace"]["chain"]
+            .as_array()
+            .is_some_and(|c| !c.is_empty()),
+        "{record}"
+    );
+    drop(gateway);
+    let _ = &mut setup;
+}
+
+#[tokio::test]
+async fn an_unrouted_event_is_logged_once_across_retries_and_restarts() {
+    assert_logged_once(Setup::sqlite(), "EVENT_NOBODY_HANDLES", "NO_ROUTE").await;
+}
+
+#[tokio::test]
+async fn a_handler_failure_is_logged_once_across_retries_and_restarts() {
+    let mut setup = Setup::sqlite();
+    setup.route("EVENT_TEAPOT", &test_plugin("error_plugin"), "");
+    assert_logged_once(setup, "EVENT_TEAPOT", "TEAPOT").await;
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn records_wait_for_a_logging_server_that_is_down_then_arrive_once() {
+    let port = free_port();
+    let mut setup = Setup::sqlite();
+    setup.set("logging", "sink", "\"http\"");
+    setup.set(
+        "logging",
+        "url",
+        &format!("\"http://127.0.0.1:{port}/events\""),
+    );
+    let gateway = setup.start();
+    let mut backend = DispatchClient::connect(gateway.dispatch).await;
+    for id in ["down-1", "down-2", "down-1"] {
+        let ack = backend
+            .roundtrip("EVENT_UNROUTED", json!({}), json!(id))
+            .await;
+        assert_eq!(ack["error"]["code"], "NO_ROUTE");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(gateway.metric("otako_errlog_backlog", "").await >= 2.0);
+    assert!(gateway.metric("otako_errlog_sink_failures_total", "").await >= 1.0);
+
+    let out = setup.dir.path().join("sink.jsonl");
+    let mut sink = std::process::Command::new(common::bin())
+        .args([
+            "log-sink",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--out",
+        ])
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let read = || -> Vec<Value> {
+        std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(45);
+    while read().len() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let records = read();
+    let _ = sink.kill();
+    let _ = sink.wait();
+    let mut ids: Vec<&str> = records
+        .iter()
+        .map(|r| r["event_id"].as_str().unwrap())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["down-1", "down-2"], "{records:?}");
+    assert_eq!(gateway.metric("otako_errlog_backlog", "").await, 0.0);
+}
+
+#[tokio::test]
+async fn no_ping_within_the_timeout_closes_with_4008() {
+    let mut setup = Setup::sqlite();
+    setup.set("dispatch", "ping_timeout_ms", "400");
+    let gateway = setup.start();
+
+    // A backend that keeps pinging stays connected past the timeout.
+    let mut healthy = DispatchClient::connect(gateway.dispatch).await;
+    let mut silent = DispatchClient::connect(gateway.dispatch).await;
+    for i in 0..6 {
+        let pong = healthy.ping(i).await;
+        assert_eq!(pong["ts"], i);
+        assert!(
+            pong["inflight"].is_u64() && pong["sessions"].is_u64(),
+            "{pong}"
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let started = Instant::now();
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(5), silent.ws.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => break frame,
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    let close = close.unwrap();
+    assert_eq!(u16::from(close.code), 4008);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(healthy.ping(99).await["ts"], 99);
+}
+
+#[tokio::test]
+async fn same_channel_events_reach_clients_in_dispatch_order() {
+    const N: i64 = 1000;
+    let mut setup = Setup::sqlite();
+    setup.message_routes();
+    let gateway = setup.start();
+    let seed = Seed::open(&setup).await;
+    seed.user(10, "alice").await;
+    seed.user(11, "bob").await;
+    seed.channel(1, "one", &[10, 11]).await;
+    seed.channel(2, "two", &[10]).await;
+    for i in 1..=N {
+        seed.message(100 + i, 1 + (i % 2), 10, &format!("m{i}"), None)
+            .await;
+    }
+    let mut alice = Client::connect(gateway.client, 10).await;
+    let mut bob = Client::connect(gateway.client, 11).await;
+    let mut backend = DispatchClient::connect(gateway.dispatch).await;
+    for i in 1..=N {
+        let d = json!({"id": (100 + i).to_string(), "channel_id": (1 + (i % 2)).to_string()});
+        let frame = json!({"t": "EVENT_MESSAGE_CREATE", "d": d, "op": 0, "s": i, "event_id": format!("o-{i}")});
+        backend
+            .ws
+            .feed(Message::text(frame.to_string()))
+            .await
+            .unwrap();
+    }
+    backend.ws.flush().await.unwrap();
+    let acks = backend.acks(N as usize).await;
+    assert!(acks.values().all(|a| a["success"] == true));
+
+    let mut last = [0i64; 3];
+    for expected_s in 1..=N {
+        let frame = alice.next().await;
+        assert_eq!(frame["s"], expected_s, "per-session s counts up by one");
+        let id: i64 = frame["d"]["id"].as_str().unwrap().parse().unwrap();
+        let channel: usize = frame["d"]["channel_id"].as_str().unwrap().parse().unwrap();
+        assert!(
+            id > last[channel],
+            "channel {channel}: {id} after {}",
+            last[channel]
+        );
+        last[channel] = id;
+    }
+    let mut previous = 0;
+    for _ in 0..N / 2 {
+        let id: i64 = bob.next().await["d"]["id"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(id > previous);
+        previous = id;
+    }
+}
+
+#[tokio::test]
+async fn max_inflight_applies_backpressure_instead_of_buffering() {
+    const EVENTS: usize = 300;
+    const INFLIGHT: u64 = 4;
+    let mut setup = Setup::sqlite();
+    setup.set("dispatch", "max_inflight", &INFLIGHT.to_string());
+    setup.route("EVENT_SLOW", &test_plugin("loop_plugin"), "timeout_ms = 10");
+    let gateway = setup.start();
+    let backend = DispatchClient::connect(gateway.dispatch).await;
+    let rss_before = gateway.rss_bytes();
+
+    // Each event carries 48 KiB: buffering them all would cost > 14 MiB.
+    let pad = "x".repeat(48 * 1024);
+    let (mut write, mut read) = backend.ws.split();
+    let writer = tokio::spawn(async move {
+        for i in 0..EVENTS {
+            let frame = json!({"t": "EVENT_SLOW", "d": {"pad": pad}, "op": 0, "event_id": format!("slow-{i}")});
+            write.send(Message::text(frame.to_string())).await.unwrap();
+        }
+        for ts in 0..3 {
+            let ping = json!({"op": 1, "t": "PING", "d": {"ts": ts}});
+            write.send(Message::text(ping.to_string())).await.unwrap();
+        }
+        write
+    });
+    let mut acks = 0;
+    let mut max_inflight_seen = 0;
+    let mut rss_peak = 0;
+    while acks < EVENTS {
+        let message = tokio::time::timeout(Duration::from_secs(60), read.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let Message::Text(text) = message else {
+            continue;
+        };
+        let frame: Value = serde_json::from_str(&text).unwrap();
+        if frame["t"] == "EVENT_ROUNDTRIP" {
+            assert_eq!(frame["error"]["code"], "PLUGIN_TIMEOUT", "{frame}");
+            acks += 1;
+            if acks % 50 == 0 {
+                rss_peak = rss_peak.max(gateway.rss_bytes());
+                let inflight = gateway.metric("otako_events_inflight", "").await as u64;
+                max_inflight_seen = max_inflight_seen.max(inflight);
+            }
+        }
+    }
+    let _write = writer.await.unwrap();
+    assert!(
+        max_inflight_seen <= INFLIGHT,
+        "{max_inflight_seen} in flight"
+    );
+    let growth = rss_peak.saturating_sub(rss_before);
+    assert!(growth < 10 * 1024 * 1024, "RSS grew by {growth} bytes");
+}
