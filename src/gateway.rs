@@ -12,8 +12,10 @@ use tokio::net::TcpListener;
 use crate::admin::{self, Readiness};
 use crate::config::Config;
 use crate::db::{Access, Db, DbError};
+use crate::session::Sessions;
 use crate::shutdown::Shutdown;
 use crate::telemetry::Metrics;
+use crate::token::TokenKey;
 
 /// How long shutdown waits for in-flight work before giving up on it.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -77,8 +79,17 @@ pub async fn serve(
     stop: impl Future<Output = ()>,
     on_bound: impl FnOnce(Bound),
 ) -> Result<(), StartError> {
-    config.require_secrets()?;
+    let (token_secret, _) = config.require_secrets()?;
     let metrics = Metrics::new();
+    // Built before the listeners so the dispatch side can be handed a clone.
+    let sessions = Sessions::new(
+        config.sessions.clone(),
+        TokenKey::new(
+            token_secret.expose().as_bytes(),
+            config.auth.token_ttl_s.map(|t| t.get()),
+        ),
+        metrics.clone(),
+    );
     let db = open_database(&config).await?;
 
     let client = bind("server.client_listen", config.server.client_listen).await?;
@@ -99,6 +110,10 @@ pub async fn serve(
         metrics.clone(),
         readiness.clone(),
     ));
+    shutdown.spawn({
+        let (sessions, shutdown) = (sessions.clone(), shutdown.clone());
+        async move { sessions.serve(client, shutdown).await }
+    });
     readiness.set_plugins_loaded();
     tracing::info!(%bound, "gateway listening");
     on_bound(bound);
@@ -112,7 +127,7 @@ pub async fn serve(
     {
         tracing::warn!(timeout = ?DRAIN_TIMEOUT, "drain timed out; exiting with work unfinished");
     }
-    drop((client, dispatch));
+    drop(dispatch);
     db.close().await;
     tracing::info!("gateway stopped");
     Ok(())

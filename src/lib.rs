@@ -23,7 +23,7 @@
 //! [`admin`] (health and metrics), [`telemetry`] (tracing and metrics),
 //! [`gateway`] (wires the listeners together and drains on shutdown),
 //! [`logsink`] (the reference logging server), [`http`] (the small hyper
-//! server loop the HTTP listeners share).
+//! server loop the HTTP listeners share), [`sys`] (OS limits).
 
 pub mod admin;
 pub mod config;
@@ -34,6 +34,8 @@ pub mod gateway;
 pub mod http;
 pub mod ids;
 pub mod logsink;
+pub mod session;
 pub mod shutdown;
+pub mod sys;
 pub mod telemetry;
 pub mod token;
