@@ -306,7 +306,7 @@ async fn a_client_that_never_pongs_is_closed_4008_and_one_that_does_stays() {
             pings += 1;
         }
     }
-    assert!(pings >= 4, "pings every interval, saw {pings}");
+    assert!(pings >= 2, "pings are periodic, saw {pings}");
     assert_eq!(read_close(&mut silent).await, Some(4008));
     wait_metric(&gw, "otako_sessions_closed_total", "code=\"4008\"", 1.0).await;
     assert_eq!(gw.metric("otako_sessions_open", "").await, 1.0);

@@ -32,9 +32,12 @@ use crate::token::{self, TokenError};
 const PATH: &str = "/gateway";
 /// A client that hasn't finished its upgrade request by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Each step of closing (sending our close frame, waiting for the peer to
-/// hang up) gets this long before the socket is simply dropped.
+/// How long our close frame (behind any unsent frames) may take to go out
+/// before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// After our close frame and FIN, how long we keep reading for the client
+/// to hang up, so unread input doesn't turn the close into a reset.
+const LINGER: Duration = Duration::from_secs(1);
 /// Most frames written per flush, and the byte budget of one batch: enough
 /// to cut syscalls under load, small enough to keep heartbeats and reads
 /// responsive between batches.
@@ -422,8 +425,8 @@ async fn finish(ws: &mut Ws<'_>, exit: Exit) {
         Exit::Dropped => return,
     }
     let tcp = ws.get_mut();
-    let _ = timeout(CLOSE_TIMEOUT, tcp.shutdown()).await;
-    let _ = timeout(CLOSE_TIMEOUT, async {
+    let _ = timeout(LINGER, async {
+        let _ = tcp.shutdown().await;
         let mut sink = [0u8; 256];
         while let Ok(n) = tcp.read(&mut sink).await
             && n > 0
