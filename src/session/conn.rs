@@ -153,6 +153,9 @@ pub(super) async fn handle(inner: Arc<Inner>, mut stream: TcpStream, shutdown: S
         id: inner.ids.next(),
         outbox: super::outbox::Outbox::new(inner.config.outbound_queue.get()),
     });
+    // Debug level: an enabled span keeps its fields on the heap for the
+    // session's life, which at the default `info` level would cost every
+    // idle session; turn on `otako_gateway=debug` to get per-session context.
     let span = tracing::debug_span!("session", session_id = %slot.id, user_id = %user);
     async {
         let max = usize::try_from(inner.config.max_per_user.get()).unwrap_or(usize::MAX);
