@@ -25,8 +25,8 @@
 //! [`gateway`] (wires the listeners together and drains on shutdown),
 //! [`api`] and [`dispatch_client`] (the reference HTTP backend and the
 //! Rust client for the dispatch protocol), [`logsink`] (the reference
-//! logging server), [`http`] (the small hyper
-//! server loop the HTTP listeners share).
+//! logging server), [`http`] (the small hyper server loop the HTTP
+//! listeners share), [`sys`] (OS limits).
 
 pub mod admin;
 pub mod api;
@@ -45,5 +45,6 @@ pub mod plugin;
 pub mod reload;
 pub mod session;
 pub mod shutdown;
+pub mod sys;
 pub mod telemetry;
 pub mod token;

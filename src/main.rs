@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use otako_gateway::config::Config;
 use otako_gateway::ids::UserId;
 use otako_gateway::token::{self, TokenKey};
-use otako_gateway::{api, dev, gateway, logsink, shutdown, telemetry};
+use otako_gateway::{api, dev, gateway, logsink, shutdown, sys, telemetry};
 
 #[derive(Parser)]
 #[command(
@@ -67,6 +67,11 @@ enum TokenAction {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init_tracing();
+    // Each client session holds a socket: don't stop at the soft default.
+    match sys::raise_fd_limit() {
+        Ok(limit) => tracing::debug!(limit, "open-file limit"),
+        Err(err) => tracing::warn!(error = %err, "cannot raise the open-file limit"),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -479,3 +479,95 @@ fn dechunk(mut body: &str) -> String {
     }
     out
 }
+
+/// A WebSocket client connection (tokio-tungstenite over plain TCP).
+pub type WsClient = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+pub use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+/// Client buffers kept small so tests can hold thousands of connections.
+fn client_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+}
+
+/// Opens a WebSocket to `ws://addr{path}` with extra request headers.
+/// `Err` carries the handshake failure (e.g. `Error::Http` with a 401).
+pub async fn try_ws(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<WsClient, tokio_tungstenite::tungstenite::Error> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::http::HeaderValue;
+    let mut request = format!("ws://{addr}{path}").into_client_request()?;
+    for (name, value) in headers {
+        let name: tokio_tungstenite::tungstenite::http::HeaderName = name.parse().unwrap();
+        request
+            .headers_mut()
+            .insert(name, HeaderValue::from_str(value).unwrap());
+    }
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (ws, _) =
+        tokio_tungstenite::client_async_with_config(request, stream, Some(client_config())).await?;
+    Ok(ws)
+}
+
+/// The HTTP status of a refused handshake (panics if it was accepted).
+pub async fn ws_refusal(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> u16 {
+    match try_ws(addr, path, headers).await {
+        Ok(_) => panic!("handshake to {path} was accepted"),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(err) => panic!("handshake to {path} failed without an HTTP status: {err}"),
+    }
+}
+
+/// A client session on `/gateway` authenticated with `token` in the
+/// `Authorization` header.
+pub async fn connect_client(addr: SocketAddr, token: &str) -> WsClient {
+    try_ws(addr, "/gateway", &[("Authorization", token)])
+        .await
+        .unwrap()
+}
+
+/// The next text frame as JSON, skipping control frames. Panics on a close
+/// or after 10 s.
+pub async fn read_json(ws: &mut WsClient) -> serde_json::Value {
+    use futures_util::StreamExt;
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("no frame within 10 s")
+            .expect("stream ended")
+            .expect("read failed");
+        match msg {
+            WsMessage::Text(text) => return serde_json::from_str(&text).unwrap(),
+            WsMessage::Ping(_) | WsMessage::Pong(_) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+/// Reads (discarding data frames) until the server's close frame and
+/// returns its code; `None` if the connection ended without one. Panics
+/// after `within`.
+pub async fn read_close_within(ws: &mut WsClient, within: Duration) -> Option<u16> {
+    use futures_util::StreamExt;
+    tokio::time::timeout(within, async {
+        while let Some(msg) = ws.next().await {
+            match msg {
+                Ok(WsMessage::Close(frame)) => return frame.map(|f| u16::from(f.code)),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+        None
+    })
+    .await
+    .expect("no close frame in time")
+}
+
+/// [`read_close_within`] with 10 s.
+pub async fn read_close(ws: &mut WsClient) -> Option<u16> {
+    read_close_within(ws, Duration::from_secs(10)).await
+}

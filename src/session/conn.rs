@@ -1,0 +1,439 @@
+//! One client connection, start to finish, in one task: the handshake
+//! (auth, path), registration under the per-user limit, HELLO, then a
+//! single loop that selects over the socket, the outbox and the heartbeat
+//! timer, and finally the close handshake.
+
+use std::future::Future;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::{StatusCode, header};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::Utf8Bytes;
+use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
+use tracing::Instrument;
+
+use super::Inner;
+use super::frame;
+use super::outbox::{REPLACED, SLOW_CONSUMER};
+use super::registry::Slot;
+use crate::ids::UserId;
+use crate::shutdown::Shutdown;
+use crate::token::{self, TokenError};
+
+/// The only path clients may upgrade on.
+const PATH: &str = "/gateway";
+/// A client that hasn't finished its upgrade request by then is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long our close frame (behind any unsent frames) may take to go out
+/// before the socket is simply dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// After our close frame and FIN, how long we keep reading for the client
+/// to hang up, so unread input doesn't turn the close into a reset.
+const LINGER: Duration = Duration::from_secs(1);
+/// Most frames written per flush, and the byte budget of one batch: enough
+/// to cut syscalls under load, small enough to keep heartbeats and reads
+/// responsive between batches.
+const MAX_BATCH: usize = 32;
+const MAX_BATCH_BYTES: usize = 64 * 1024;
+
+/// Close codes (DESIGN §2).
+mod code {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL: u16 = 1002;
+    /// Never sent: the label for connections that ended without a close frame.
+    pub const ABNORMAL: u16 = 1006;
+    pub const UNKNOWN: u16 = 4000;
+    pub const CLIENT_DATA: u16 = 4003;
+    pub const HEARTBEAT: u16 = 4008;
+    pub const LIMIT: u16 = 4010;
+}
+
+fn reason(code: u16) -> &'static str {
+    match code {
+        code::GOING_AWAY => "gateway shutting down",
+        code::PROTOCOL => "protocol error",
+        code::CLIENT_DATA => "clients only receive",
+        code::HEARTBEAT => "heartbeat timeout",
+        SLOW_CONSUMER => "slow consumer",
+        code::LIMIT => "session limit reached",
+        REPLACED => "session replaced",
+        _ => "error",
+    }
+}
+
+type Ws<'a> = WebSocketStream<&'a mut TcpStream>;
+
+/// How a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    /// We close with this code.
+    Close(u16),
+    /// The client sent a close frame; we answer it.
+    PeerClosed,
+    /// The connection is gone (reset, EOF, write error): nothing to send.
+    Dropped,
+}
+
+impl Exit {
+    /// The `sessions_closed` label.
+    fn code(self) -> u16 {
+        match self {
+            Exit::Close(code) => code,
+            Exit::PeerClosed => code::NORMAL,
+            Exit::Dropped => code::ABNORMAL,
+        }
+    }
+}
+
+/// Serves one accepted TCP connection until it closes or shutdown.
+pub(super) async fn handle(inner: Arc<Inner>, mut stream: TcpStream, shutdown: Shutdown) {
+    // Frames are batched by the session itself; Nagle would only add latency.
+    let _ = stream.set_nodelay(true);
+    let mut user = None;
+    // tungstenite fixes the callback's error type (an HTTP response).
+    #[allow(clippy::result_large_err)]
+    let callback = |req: &Request, resp: Response| match authorize(&inner, req) {
+        Ok(id) => {
+            user = Some(id);
+            Ok(resp)
+        }
+        Err(Refusal::NotFound) => Err(refuse(StatusCode::NOT_FOUND, "not found")),
+        Err(Refusal::Unauthorized) => Err(refuse(StatusCode::UNAUTHORIZED, "unauthorized")),
+    };
+    let handshake = tokio_tungstenite::accept_hdr_async_with_config(
+        &mut stream,
+        callback,
+        Some(inner.ws_config),
+    );
+    let result = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        r = timeout(HANDSHAKE_TIMEOUT, handshake) => r,
+    };
+    let mut ws = match result {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(WsError::Http(response))) => {
+            // The refusal (401/404) was already written by the handshake.
+            if response.status() == StatusCode::UNAUTHORIZED {
+                inner.metrics.auth_failures.inc();
+            }
+            return;
+        }
+        Ok(Err(WsError::Protocol(err))) => {
+            // Not a WebSocket upgrade (plain HTTP, bad headers): say so
+            // rather than hang up silently.
+            tracing::debug!(error = %err, "refused a non-websocket request");
+            let _ = timeout(CLOSE_TIMEOUT, stream.write_all(UPGRADE_REQUIRED)).await;
+            return;
+        }
+        Ok(Err(err)) => {
+            tracing::debug!(error = %err, "handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("handshake timed out");
+            return;
+        }
+    };
+    let Some(user) = user else {
+        // Unreachable: a completed handshake went through the callback.
+        finish(&mut ws, Exit::Close(code::UNKNOWN)).await;
+        return;
+    };
+
+    let slot = Arc::new(Slot {
+        id: inner.ids.next(),
+        outbox: super::outbox::Outbox::new(inner.config.outbound_queue.get()),
+    });
+    // Debug level: an enabled span keeps its fields on the heap for the
+    // session's life, which at the default `info` level would cost every
+    // idle session; turn on `otako_gateway=debug` to get per-session context.
+    let span = tracing::debug_span!("session", session_id = %slot.id, user_id = %user);
+    async {
+        let max = usize::try_from(inner.config.max_per_user.get()).unwrap_or(usize::MAX);
+        match inner
+            .registry
+            .register(user, slot.clone(), max, inner.config.on_limit)
+        {
+            Err(_) => {
+                tracing::debug!("session limit reached; closing with 4010");
+                finish(&mut ws, Exit::Close(code::LIMIT)).await;
+                inner.metrics.session_closed(code::LIMIT);
+                return;
+            }
+            Ok(Some(evicted)) => {
+                tracing::debug!(evicted = %evicted.id, "replaced the user's oldest session")
+            }
+            Ok(None) => {}
+        }
+        inner.metrics.sessions_opened.inc();
+        inner.metrics.sessions_open.inc();
+        tracing::debug!("session open");
+
+        let exit = run(&inner, &mut ws, &slot, user, &shutdown).await;
+        inner.registry.unregister(user, slot.id);
+        finish(&mut ws, exit).await;
+
+        inner.metrics.sessions_open.dec();
+        inner.metrics.session_closed(exit.code());
+        tracing::debug!(code = exit.code(), "session closed");
+    }
+    .instrument(span)
+    .await;
+}
+
+const UPGRADE_REQUIRED: &[u8] = b"HTTP/1.1 426 Upgrade Required\r\nUpgrade: websocket\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
+
+/// Why a handshake was refused. Clients learn only the status; the
+/// reason goes to the debug log.
+enum Refusal {
+    NotFound,
+    Unauthorized,
+}
+
+/// The user a handshake request authenticates as. The token itself is
+/// never logged.
+fn authorize(inner: &Inner, req: &Request) -> Result<UserId, Refusal> {
+    if req.uri().path() != PATH {
+        return Err(Refusal::NotFound);
+    }
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).trim())
+        .or_else(|| {
+            req.uri()
+                .query()?
+                .split('&')
+                .find_map(|pair| pair.strip_prefix("token="))
+        })
+        .filter(|t| !t.is_empty());
+    let Some(token) = token else {
+        tracing::debug!("handshake refused: no token");
+        return Err(Refusal::Unauthorized);
+    };
+    inner
+        .tokens
+        .verify(token, token::now_s())
+        .map_err(|err: TokenError| {
+            tracing::debug!(reason = %err, "handshake refused: bad token");
+            Refusal::Unauthorized
+        })
+}
+
+fn refuse(status: StatusCode, body: &str) -> ErrorResponse {
+    let mut response = ErrorResponse::new(Some(body.to_owned()));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    headers.insert(
+        header::CONTENT_LENGTH,
+        header::HeaderValue::from(body.len()),
+    );
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// What woke the session loop.
+enum Wake {
+    Shutdown,
+    Tick,
+    Inbound(Option<Result<Message, WsError>>),
+    Outbox,
+}
+
+/// The open session: HELLO, then frames out, pings out, pongs in, until
+/// something ends it.
+async fn run(
+    inner: &Inner,
+    ws: &mut Ws<'_>,
+    slot: &Slot,
+    user: UserId,
+    shutdown: &Shutdown,
+) -> Exit {
+    let interval = inner.heartbeat;
+    let hello = frame::hello(slot.id, user, inner.config.heartbeat_interval_ms.get());
+    if let Err(exit) = guarded(ws.send(Message::text(hello)), slot, shutdown, 2 * interval).await {
+        return exit;
+    }
+
+    // One inline timer (no boxed `Interval`) drives both pings and the
+    // pong deadline.
+    let mut next_ping = Instant::now() + interval;
+    let mut timer = pin!(sleep_until(next_ping));
+    // When the oldest unanswered ping went out.
+    let mut unanswered: Option<Instant> = None;
+    let mut seq: u64 = 0;
+
+    loop {
+        let wake = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => Wake::Shutdown,
+            _ = timer.as_mut() => Wake::Tick,
+            msg = ws.next() => Wake::Inbound(msg),
+            _ = slot.outbox.ready() => Wake::Outbox,
+        };
+        match wake {
+            Wake::Shutdown => return Exit::Close(code::GOING_AWAY),
+            Wake::Tick => {
+                let now = Instant::now();
+                if unanswered.is_some_and(|sent| now.duration_since(sent) >= 2 * interval) {
+                    tracing::debug!("no pong within two heartbeat intervals");
+                    return Exit::Close(code::HEARTBEAT);
+                }
+                unanswered.get_or_insert(now);
+                next_ping = now + interval;
+                timer.as_mut().reset(next_ping);
+                let ping = ws.send(Message::Ping(Bytes::new()));
+                if let Err(exit) = guarded(ping, slot, shutdown, 2 * interval).await {
+                    return exit;
+                }
+            }
+            Wake::Inbound(msg) => match inbound(inner, msg) {
+                Inbound::Pong => unanswered = None,
+                Inbound::Ignore => {}
+                Inbound::End(exit) => return exit,
+            },
+            Wake::Outbox => {
+                if let Some(code) = slot.outbox.close_code() {
+                    return Exit::Close(code);
+                }
+                let batch = write_batch(inner, ws, slot, &mut seq);
+                if let Err(exit) = guarded(batch, slot, shutdown, 2 * interval).await {
+                    return exit;
+                }
+            }
+        }
+    }
+}
+
+enum Inbound {
+    Pong,
+    Ignore,
+    End(Exit),
+}
+
+/// Classifies one read: clients may only pong, ping and close.
+fn inbound(inner: &Inner, msg: Option<Result<Message, WsError>>) -> Inbound {
+    let reject = || {
+        inner.metrics.client_data_rejected.inc();
+        tracing::debug!("client sent data; closing with 4003");
+        Inbound::End(Exit::Close(code::CLIENT_DATA))
+    };
+    match msg {
+        Some(Ok(Message::Pong(_))) => Inbound::Pong,
+        // tungstenite queues the pong reply and writes it on the next read.
+        Some(Ok(Message::Ping(_) | Message::Frame(_))) => Inbound::Ignore,
+        Some(Ok(Message::Close(_))) => Inbound::End(Exit::PeerClosed),
+        Some(Ok(Message::Text(_) | Message::Binary(_))) => reject(),
+        // Over the tiny inbound cap, or text that isn't UTF-8: data either way.
+        Some(Err(WsError::Capacity(_) | WsError::Utf8(_))) => reject(),
+        Some(Err(WsError::Protocol(err))) => {
+            tracing::debug!(error = %err, "client broke the websocket protocol");
+            if matches!(
+                err,
+                tokio_tungstenite::tungstenite::error::ProtocolError::ResetWithoutClosingHandshake
+            ) {
+                Inbound::End(Exit::Dropped)
+            } else {
+                Inbound::End(Exit::Close(code::PROTOCOL))
+            }
+        }
+        Some(Err(err)) => {
+            tracing::debug!(error = %err, "read failed");
+            Inbound::End(Exit::Dropped)
+        }
+        None => Inbound::End(Exit::Dropped),
+    }
+}
+
+/// Writes up to one batch of queued frames, then flushes once.
+async fn write_batch(
+    inner: &Inner,
+    ws: &mut Ws<'_>,
+    slot: &Slot,
+    seq: &mut u64,
+) -> Result<(), WsError> {
+    let (mut frames, mut bytes) = (0u64, 0usize);
+    while frames < MAX_BATCH as u64 && bytes < MAX_BATCH_BYTES {
+        let Some(frame) = slot.outbox.pop() else {
+            break;
+        };
+        *seq += 1;
+        let text = frame.encode(*seq);
+        bytes += text.len();
+        ws.feed(Message::Text(Utf8Bytes::from(text))).await?;
+        frames += 1;
+    }
+    ws.flush().await?;
+    inner.metrics.frames_delivered.inc_by(frames);
+    Ok(())
+}
+
+/// Runs a write, but gives up on it if the session is told to close,
+/// shutdown begins, or it stalls past `stall` (a client that stopped
+/// reading can't answer pings either: 4008).
+async fn guarded(
+    write: impl Future<Output = Result<(), WsError>>,
+    slot: &Slot,
+    shutdown: &Shutdown,
+    stall: Duration,
+) -> Result<(), Exit> {
+    tokio::select! {
+        biased;
+        result = write => result.map_err(|err| {
+            tracing::debug!(error = %err, "write failed");
+            Exit::Dropped
+        }),
+        _ = shutdown.cancelled() => Err(Exit::Close(code::GOING_AWAY)),
+        code = slot.outbox.closed() => Err(Exit::Close(code)),
+        _ = sleep(stall) => Err(Exit::Close(code::HEARTBEAT)),
+    }
+}
+
+/// Ends the connection: our close frame (or the reply to the client's),
+/// then TCP FIN, then reading until the client hangs up so unread input
+/// can't turn our close into a reset. Every step is time-limited.
+async fn finish(ws: &mut Ws<'_>, exit: Exit) {
+    match exit {
+        Exit::Close(code) => {
+            let frame = CloseFrame {
+                code: code.into(),
+                reason: Utf8Bytes::from_static(reason(code)),
+            };
+            match timeout(CLOSE_TIMEOUT, ws.close(Some(frame))).await {
+                Ok(Ok(())) | Ok(Err(WsError::ConnectionClosed)) => {}
+                _ => return,
+            }
+        }
+        Exit::PeerClosed => {
+            // tungstenite queued the close reply when it read the client's.
+            let _ = timeout(CLOSE_TIMEOUT, ws.flush()).await;
+        }
+        Exit::Dropped => return,
+    }
+    let tcp = ws.get_mut();
+    let _ = timeout(LINGER, async {
+        let _ = tcp.shutdown().await;
+        let mut sink = [0u8; 256];
+        while let Ok(n) = tcp.read(&mut sink).await
+            && n > 0
+        {}
+    })
+    .await;
+}

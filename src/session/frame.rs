@@ -1,0 +1,95 @@
+//! Client frames (DESIGN §2): the event text is built once per delivery
+//! and only the per-session `s` is spliced in for each recipient.
+
+use std::fmt::Write as _;
+
+use crate::ids::{Snowflake, UserId};
+
+/// A client event serialized once and shared by all recipients.
+///
+/// Holds the whole frame `{"op":0,"t":"X","s":` + `,"d":…}` with a split
+/// point where each session's sequence number goes, so a recipient costs
+/// one copy of the text and never a JSON serialization.
+#[derive(Debug)]
+pub struct EventFrame {
+    text: String,
+    split: usize,
+}
+
+impl EventFrame {
+    /// `payload` is already-validated JSON text (the `d` object).
+    pub fn new(event: &str, payload: &str) -> EventFrame {
+        // Serializing a &str cannot fail; the fallback only keeps the frame JSON.
+        let event = serde_json::to_string(event).unwrap_or_else(|_| String::from("\"\""));
+        let mut text = String::with_capacity(payload.len() + event.len() + 24);
+        text.push_str("{\"op\":0,\"t\":");
+        text.push_str(&event);
+        text.push_str(",\"s\":");
+        let split = text.len();
+        text.push_str(",\"d\":");
+        text.push_str(payload);
+        text.push('}');
+        EventFrame { text, split }
+    }
+
+    /// The frame as one session sees it, with sequence number `seq`.
+    pub fn encode(&self, seq: u64) -> String {
+        let (head, tail) = self.text.split_at(self.split);
+        let mut out = String::with_capacity(self.text.len() + 20);
+        out.push_str(head);
+        // Writing to a String cannot fail.
+        let _ = write!(out, "{seq}");
+        out.push_str(tail);
+        out
+    }
+
+    /// Bytes in the shared text (without the sequence number).
+    pub fn len(&self) -> usize {
+        self.text.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.text.is_empty()
+    }
+}
+
+/// The first frame of every session. HELLO carries no `s`.
+pub(crate) fn hello(session: Snowflake, user: UserId, heartbeat_interval_ms: u64) -> String {
+    format!(
+        "{{\"op\":10,\"t\":\"HELLO\",\"d\":{{\"session_id\":\"{session}\",\"user_id\":\"{user}\",\"heartbeat_interval_ms\":{heartbeat_interval_ms}}}}}"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splices_the_sequence_number() {
+        let frame = EventFrame::new("MESSAGE_CREATE", r#"{"id":"3","content":"hi \"x\""}"#);
+        let one: serde_json::Value = serde_json::from_str(&frame.encode(1)).unwrap();
+        assert_eq!(
+            one,
+            serde_json::json!({"op":0,"t":"MESSAGE_CREATE","s":1,"d":{"id":"3","content":"hi \"x\""}})
+        );
+        let big: serde_json::Value = serde_json::from_str(&frame.encode(u64::MAX)).unwrap();
+        assert_eq!(big["s"], serde_json::json!(u64::MAX));
+    }
+
+    #[test]
+    fn event_names_are_escaped() {
+        let frame = EventFrame::new("A\"B", "{}");
+        let v: serde_json::Value = serde_json::from_str(&frame.encode(2)).unwrap();
+        assert_eq!(v["t"], "A\"B");
+    }
+
+    #[test]
+    fn hello_shape() {
+        let text = hello(Snowflake::new(9).unwrap(), UserId::new(42).unwrap(), 30000);
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"op":10,"t":"HELLO","d":{"session_id":"9","user_id":"42","heartbeat_interval_ms":30000}})
+        );
+    }
+}

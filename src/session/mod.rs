@@ -1,0 +1,155 @@
+//! Client sessions (DESIGN §2): receive-only WebSockets on `GET /gateway`,
+//! authenticated at the handshake, limited per user, kept alive by server
+//! pings, and fed through bounded per-session queues.
+//!
+//! - [`frame`]: the client frames; an event is serialized once per delivery.
+//! - `outbox`: one session's bounded queue and close request.
+//! - `registry`: user id → sessions; the per-user limit lives here.
+//! - `conn`: one connection's task: handshake, HELLO, the select loop, close.
+//!
+//! The delivering side ([`Sessions::deliver`]) never waits on a socket: it
+//! pushes into outboxes, and a session that can't keep up is closed (4009)
+//! instead of slowing anyone else down.
+
+mod conn;
+pub mod frame;
+mod outbox;
+mod registry;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+pub use frame::EventFrame;
+
+use crate::config::SessionsConfig;
+use crate::ids::{IdGen, UserId};
+use crate::shutdown::Shutdown;
+use crate::telemetry::Metrics;
+use crate::token::TokenKey;
+use registry::{Delivered, Registry};
+
+/// Largest client frame or message accepted. Clients only send control
+/// frames (at most 125 bytes by RFC 6455); anything bigger is data and is
+/// refused without being buffered.
+pub const MAX_INBOUND_BYTES: usize = 256;
+
+/// Shrunk tungstenite buffers: tungstenite's defaults (128 KiB each way)
+/// would cost far more per idle session than everything else together.
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        // Allocated eagerly per session; inbound is only tiny control frames.
+        .read_buffer_size(128)
+        // Frames accumulate up to this before a write; `flush` ends a batch.
+        .write_buffer_size(8 * 1024)
+        // Backstop only: a batch is flushed before the next one is fed.
+        .max_write_buffer_size(16 << 20)
+        .max_message_size(Some(MAX_INBOUND_BYTES))
+        .max_frame_size(Some(MAX_INBOUND_BYTES))
+}
+
+/// Shared state behind [`Sessions`].
+struct Inner {
+    config: SessionsConfig,
+    heartbeat: Duration,
+    tokens: TokenKey,
+    metrics: Arc<Metrics>,
+    registry: Registry,
+    ids: IdGen,
+    ws_config: WebSocketConfig,
+}
+
+/// The client-session service. Cheap to clone (Arc inside).
+#[derive(Clone)]
+pub struct Sessions {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sessions")
+            .field("open", &self.session_count())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sessions {
+    pub fn new(config: SessionsConfig, tokens: TokenKey, metrics: Arc<Metrics>) -> Sessions {
+        let heartbeat = Duration::from_millis(config.heartbeat_interval_ms.get());
+        Sessions {
+            inner: Arc::new(Inner {
+                config,
+                heartbeat,
+                tokens,
+                metrics,
+                registry: Registry::default(),
+                // Node 0 until cluster mode assigns node ids.
+                ids: IdGen::new(0),
+                ws_config: ws_config(),
+            }),
+        }
+    }
+
+    /// Accept loop for `GET /gateway` until shutdown; on shutdown every
+    /// session is closed with 1001. Connection tasks are spawned on the
+    /// shutdown tracker so drain waits for them.
+    pub async fn serve(&self, listener: TcpListener, shutdown: Shutdown) {
+        loop {
+            let stream = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(err) => {
+                        // Usually EMFILE: back off rather than spin.
+                        tracing::warn!(error = %err, "client accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            shutdown.spawn(conn::handle(self.inner.clone(), stream, shutdown.clone()));
+        }
+    }
+
+    /// Hands one frame to every session of these users; returns sessions
+    /// reached. Never blocks or awaits: it enqueues into bounded
+    /// per-session queues, and a full queue closes that session with 4009.
+    pub fn deliver(&self, users: &[UserId], frame: &Arc<EventFrame>) -> usize {
+        self.count(self.inner.registry.deliver(users, frame))
+    }
+
+    /// [`deliver`](Self::deliver) to every open session.
+    pub fn deliver_all(&self, frame: &Arc<EventFrame>) -> usize {
+        self.count(self.inner.registry.deliver_all(frame))
+    }
+
+    fn count(&self, done: Delivered) -> usize {
+        if done.overflowed > 0 {
+            self.inner
+                .metrics
+                .queue_overflows
+                .inc_by(done.overflowed as u64);
+            tracing::debug!(
+                sessions = done.overflowed,
+                "outbound queue overflow; closing with 4009"
+            );
+        }
+        done.reached
+    }
+
+    /// Which of these users have at least one open session (order kept, no
+    /// duplicates).
+    pub fn online(&self, users: &[UserId]) -> Vec<UserId> {
+        self.inner.registry.online(users)
+    }
+
+    /// Sessions registered now (deliverable; closing ones excluded).
+    pub fn session_count(&self) -> usize {
+        self.inner.registry.count()
+    }
+}
+
+#[cfg(test)]
+mod tests;
