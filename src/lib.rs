@@ -34,6 +34,7 @@ pub mod gateway;
 pub mod http;
 pub mod ids;
 pub mod logsink;
+pub mod plugin;
 pub mod shutdown;
 pub mod telemetry;
 pub mod token;
