@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 use otako_gateway::config::Config;
 use otako_gateway::ids::UserId;
+use otako_gateway::plugin::Plugins;
 use otako_gateway::token::{self, TokenKey};
 use otako_gateway::{api, dev, gateway, logsink, shutdown, sys, telemetry};
 
@@ -106,6 +107,14 @@ async fn run(cli: Cli) -> Result<()> {
                 config.routes.len(),
                 config.database.url
             );
+            let statuses = Plugins::check(&config).await;
+            for status in &statuses {
+                println!("{status}");
+            }
+            let failed = statuses.iter().filter(|s| !s.is_ok()).count();
+            if failed > 0 {
+                anyhow::bail!("{failed} of {} plugin(s) failed to load", statuses.len());
+            }
         }
         Verb::Migrate => {
             let config = Config::load(&cli.config)?;

@@ -1,8 +1,9 @@
 //! Process-level settings the gateway needs from the OS.
 
-/// Raises the soft open-file limit to the hard limit and returns the new
-/// soft limit. Every client session is a socket, and the usual soft default
-/// (1024) would cap the gateway at about that many sessions.
+/// Raises the open-file limit and returns the new soft limit: to
+/// [`FD_TARGET`] where the process may raise its hard limit (root), else to
+/// the hard limit. Every client session is a socket, and the usual soft
+/// default (1024) would cap the gateway at about that many sessions.
 #[cfg(unix)]
 pub fn raise_fd_limit() -> std::io::Result<libc::rlim_t> {
     let mut limit = libc::rlimit {
@@ -15,6 +16,13 @@ pub fn raise_fd_limit() -> std::io::Result<libc::rlim_t> {
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
             return Err(std::io::Error::last_os_error());
+        }
+        let target = libc::rlimit {
+            rlim_cur: FD_TARGET,
+            rlim_max: limit.rlim_max.max(FD_TARGET),
+        };
+        if limit.rlim_cur < FD_TARGET && libc::setrlimit(libc::RLIMIT_NOFILE, &target) == 0 {
+            return Ok(FD_TARGET);
         }
         if limit.rlim_cur < limit.rlim_max {
             let raised = libc::rlimit {
@@ -29,6 +37,10 @@ pub fn raise_fd_limit() -> std::io::Result<libc::rlim_t> {
     }
     Ok(limit.rlim_cur)
 }
+
+/// The open-file limit asked for: Linux's default `fs.nr_open`.
+#[cfg(unix)]
+pub const FD_TARGET: libc::rlim_t = 1 << 20;
 
 /// Not needed off unix.
 #[cfg(not(unix))]

@@ -102,7 +102,9 @@ enum Workload {
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
-    raise_fd_limit();
+    if let Err(err) = otako_gateway::sys::raise_fd_limit() {
+        eprintln!("cannot raise the open-file limit: {err}");
+    }
     let targets: Vec<Kind> = match cli.target {
         Which::Gateway => vec![Kind::Gateway],
         Which::Baseline => vec![Kind::Baseline],
@@ -147,29 +149,6 @@ async fn main() -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Raises the soft (and, as root, the hard) open-file limit.
-fn raise_fd_limit() {
-    #[allow(unsafe_code)]
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    unsafe {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return;
-        }
-        let wanted = libc::rlimit {
-            rlim_cur: 200_000,
-            rlim_max: limit.rlim_max.max(200_000),
-        };
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0 {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

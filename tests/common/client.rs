@@ -6,47 +6,28 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::Value;
-use tokio::net::TcpStream;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::dispatch::{FRAME_TIMEOUT, ws_connect};
+use super::{WsClient, connect_client, read_json};
 
 /// A connected client that has read its HELLO.
 pub struct Client {
-    pub ws: WebSocketStream<TcpStream>,
+    pub ws: WsClient,
     pub hello: Value,
 }
 
 impl Client {
     /// Connects as `user` with a harness token and reads HELLO.
     pub async fn connect(addr: SocketAddr, user: u64) -> Client {
-        let ws = ws_connect(addr, "/gateway", Some(&super::token(user)))
-            .await
-            .unwrap();
-        let mut client = Client {
-            ws,
-            hello: Value::Null,
-        };
-        client.hello = client.next().await;
-        assert_eq!(client.hello["t"], "HELLO", "{}", client.hello);
-        client
+        let mut ws = connect_client(addr, &super::token(user)).await;
+        let hello = read_json(&mut ws).await;
+        assert_eq!(hello["t"], "HELLO", "{hello}");
+        Client { ws, hello }
     }
 
     /// The next text frame as JSON.
     pub async fn next(&mut self) -> Value {
-        loop {
-            let message = tokio::time::timeout(FRAME_TIMEOUT, self.ws.next())
-                .await
-                .expect("no client frame in time")
-                .expect("client connection ended")
-                .expect("client connection failed");
-            match message {
-                Message::Text(text) => return serde_json::from_str(&text).unwrap(),
-                Message::Close(frame) => panic!("client session closed: {frame:?}"),
-                _ => continue,
-            }
-        }
+        read_json(&mut self.ws).await
     }
 
     /// Asserts no text frame arrives within `wait`.

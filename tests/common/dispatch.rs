@@ -4,52 +4,25 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde_json::{Value, json};
-use tokio::net::TcpStream;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::tungstenite::Message;
 
-use super::{DISPATCH_SECRET, Setup, TestDb};
-
-/// How long a test waits for any one frame.
-pub const FRAME_TIMEOUT: Duration = Duration::from_secs(20);
+use super::{DISPATCH_SECRET, Setup, TestDb, WsClient, read_json, try_ws};
 
 /// A backend's dispatch connection.
 pub struct DispatchClient {
-    pub ws: WebSocketStream<TcpStream>,
-}
-
-/// Opens a WebSocket to `url` on `addr` with an optional Authorization header.
-pub async fn ws_connect(
-    addr: SocketAddr,
-    path: &str,
-    authorization: Option<&str>,
-) -> Result<WebSocketStream<TcpStream>, tungstenite::Error> {
-    let mut request = format!("ws://{addr}{path}").into_client_request()?;
-    if let Some(auth) = authorization {
-        request
-            .headers_mut()
-            .insert("authorization", auth.parse().unwrap());
-    }
-    let stream = TcpStream::connect(addr).await?;
-    let (ws, _) = tokio_tungstenite::client_async(request, stream).await?;
-    Ok(ws)
+    pub ws: WsClient,
 }
 
 impl DispatchClient {
     /// Connects with the harness's dispatch secret.
     pub async fn connect(addr: SocketAddr) -> DispatchClient {
-        let ws = ws_connect(
-            addr,
-            "/dispatch",
-            Some(&format!("Bearer {DISPATCH_SECRET}")),
-        )
-        .await
-        .unwrap();
+        let bearer = format!("Bearer {DISPATCH_SECRET}");
+        let ws = try_ws(addr, "/dispatch", &[("Authorization", bearer.as_str())])
+            .await
+            .unwrap();
         DispatchClient { ws }
     }
 
@@ -69,18 +42,7 @@ impl DispatchClient {
 
     /// The next text frame as JSON (control frames skipped).
     pub async fn recv(&mut self) -> Value {
-        loop {
-            let message = tokio::time::timeout(FRAME_TIMEOUT, self.ws.next())
-                .await
-                .expect("no dispatch frame in time")
-                .expect("dispatch connection ended")
-                .expect("dispatch connection failed");
-            match message {
-                Message::Text(text) => return serde_json::from_str(&text).unwrap(),
-                Message::Close(frame) => panic!("dispatch connection closed: {frame:?}"),
-                _ => continue,
-            }
-        }
+        read_json(&mut self.ws).await
     }
 
     /// Sends one event and returns its ack.

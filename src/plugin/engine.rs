@@ -1,0 +1,239 @@
+//! The wasmtime engine every plugin runs on: its configuration (pooling
+//! allocator, epoch interruption), the epoch ticker, the linker, and
+//! compilation with an on-disk cache of compiled code.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use super::bindings::{Plugin, PluginPre};
+use super::host::HostState;
+
+/// How often the epoch advances. Deadlines are checked at this grain, and
+/// a running plugin yields to the tokio scheduler once per tick, so a
+/// CPU-bound plugin holds a worker thread for at most this long at a time.
+pub(crate) const TICK: Duration = Duration::from_millis(5);
+
+/// The wasmtime this cache format belongs to (pinned in Cargo.toml).
+const WASMTIME_VERSION: &str = "48.0.8";
+
+/// Largest `memory_mb` a route may ask for: the pooling allocator reserves
+/// each memory slot up front, so its size is fixed when the engine starts.
+pub(crate) const MAX_MEMORY_MB: u32 = 1024;
+
+/// Instance slots in the pooling allocator (wasmtime's default count).
+/// Every live instance holds one: idle pooled instances and those running.
+/// Each slot reserves address space, not memory: 4 GiB of virtual space
+/// plus a guard per linear memory (so 32-bit wasm needs no bounds checks),
+/// about 4 TiB in all on a 128 TiB address space; only touched pages
+/// become resident.
+pub(crate) const POOL_INSTANCES: u32 = 1000;
+
+/// Live instances per route version, running or idle. On two cores a
+/// handful of instances already saturate the CPU; the rest cover events
+/// waiting on the database. Further events queue for an instance rather
+/// than fail.
+pub const INSTANCES_PER_ROUTE: usize = 16;
+
+/// Routes one engine can serve: during a reload the old and the new
+/// version of every route may both hold their instances.
+pub(crate) const MAX_ROUTES: usize = POOL_INSTANCES as usize / (2 * INSTANCES_PER_ROUTE);
+
+/// The shared engine and linker; cheap to clone.
+#[derive(Clone)]
+pub(crate) struct PluginEngine {
+    pub engine: Engine,
+    pub linker: std::sync::Arc<Linker<HostState>>,
+}
+
+impl PluginEngine {
+    /// Builds the engine, starts its epoch ticker and links the host.
+    pub(crate) fn new() -> wasmtime::Result<Self> {
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(POOL_INSTANCES)
+            .total_memories(POOL_INSTANCES)
+            // A wasip2 Rust component is ~5 core instances (the program and
+            // wit-component's shims) with a table or two each.
+            .total_core_instances(POOL_INSTANCES * 8)
+            .total_tables(POOL_INSTANCES * 4)
+            .total_stacks(POOL_INSTANCES)
+            .max_core_instances_per_component(16)
+            .max_memories_per_component(1)
+            .max_tables_per_component(8)
+            .max_memory_size(MAX_MEMORY_MB as usize * 1024 * 1024);
+        let mut config = Config::new();
+        config
+            .epoch_interruption(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config)?;
+        spawn_ticker(&engine);
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
+        Ok(PluginEngine {
+            engine,
+            linker: std::sync::Arc::new(linker),
+        })
+    }
+
+    /// Compiles (or loads from the cache) and links one plugin. Blocking:
+    /// call it from `spawn_blocking`.
+    pub(crate) fn compile(
+        &self,
+        bytes: &[u8],
+        cache_dir: Option<&Path>,
+    ) -> Result<Compiled, String> {
+        let hash = content_hash(bytes);
+        let started = Instant::now();
+        let cache_file = cache_dir.map(|dir| dir.join(self.cache_name(&hash)));
+        let cached = cache_file.as_deref().and_then(|f| self.load_cached(f));
+        let from_cache = cached.is_some();
+        let component = match cached {
+            Some(component) => component,
+            None => {
+                let component = Component::new(&self.engine, bytes).map_err(|e| chain(&e))?;
+                if let (Some(dir), Some(file)) = (cache_dir, &cache_file) {
+                    store_cached(dir, file, &component);
+                }
+                component
+            }
+        };
+        let compile_time = started.elapsed();
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| format!("does not link against the gateway's host: {}", chain(&e)))?;
+        let pre = PluginPre::new(pre)
+            .map_err(|e| format!("does not export the plugin world's handle: {}", chain(&e)))?;
+        Ok(Compiled {
+            pre,
+            hash,
+            compile_time,
+            from_cache,
+        })
+    }
+
+    /// `<sha256>-<wasmtime version>-<engine config hash>.cwasm`: a changed
+    /// plugin, wasmtime or engine setting never reuses stale code.
+    fn cache_name(&self, hash: &str) -> String {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut hasher);
+        format!("{hash}-{WASMTIME_VERSION}-{:016x}.cwasm", hasher.finish())
+    }
+
+    fn load_cached(&self, file: &Path) -> Option<Component> {
+        if !file.is_file() {
+            return None;
+        }
+        // SAFETY: `deserialize_file` runs the file's machine code, so it
+        // must be wasmtime's own output. Only this module writes into the
+        // cache folder (atomically, by rename, under a content-hash name),
+        // and the folder is as trusted as the gateway's binary and config;
+        // wasmtime still checks the header, version and engine settings.
+        #[allow(unsafe_code)]
+        let loaded = unsafe { Component::deserialize_file(&self.engine, file) };
+        match loaded {
+            Ok(component) => Some(component),
+            Err(err) => {
+                tracing::warn!(file = %file.display(), error = %chain(&err), "ignoring unusable compiled-plugin cache entry");
+                None
+            }
+        }
+    }
+}
+
+/// Writes a cache entry through a temporary file and a rename, so a reader
+/// never sees half a file. Failures only cost the next start a compile.
+fn store_cached(dir: &Path, file: &Path, component: &Component) {
+    let result = (|| -> Result<(), String> {
+        let bytes = component.serialize().map_err(|e| chain(&e))?;
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        let tmp = dir.join(format!(
+            ".{}.{}.{}.tmp",
+            file.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("plugin"),
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::write(&tmp, bytes).map_err(|e| e.to_string())?;
+        std::fs::rename(&tmp, file).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            e.to_string()
+        })
+    })();
+    if let Err(err) = result {
+        tracing::warn!(dir = %dir.display(), error = %err, "cannot cache compiled plugin code");
+    }
+}
+
+/// Advances the epoch every [`TICK`] on a thread of its own: a tokio task
+/// could starve behind the very plugins it must interrupt when they occupy
+/// every worker. It stops once the engine is dropped.
+fn spawn_ticker(engine: &Engine) {
+    let weak = engine.weak();
+    let spawned = std::thread::Builder::new()
+        .name("otako-epoch".to_owned())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(TICK);
+                match weak.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => break,
+                }
+            }
+        });
+    if let Err(err) = spawned {
+        // Without a ticker no plugin would ever time out: say so loudly.
+        tracing::error!(error = %err, "cannot start the plugin epoch ticker; plugin timeouts will not fire");
+    }
+}
+
+/// A plugin compiled and linked, ready to instantiate.
+#[derive(Clone)]
+pub(crate) struct Compiled {
+    pub pre: PluginPre<HostState>,
+    /// Full hex SHA-256 of the `.wasm` file.
+    pub hash: String,
+    pub compile_time: Duration,
+    pub from_cache: bool,
+}
+
+/// The error and its causes, outermost first, on one line.
+pub(crate) fn chain(err: &wasmtime::Error) -> String {
+    err.chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+/// Hex SHA-256 of a plugin file: its version, and its cache key.
+pub(crate) fn content_hash(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(64), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// Where compiled code is cached, if the folder can be used at all.
+pub(crate) fn cache_dir(dir: &Path) -> Option<PathBuf> {
+    match std::fs::create_dir_all(dir) {
+        Ok(()) => Some(dir.to_path_buf()),
+        Err(err) => {
+            tracing::warn!(dir = %dir.display(), error = %err, "plugin cache folder unusable; compiling on every start");
+            None
+        }
+    }
+}

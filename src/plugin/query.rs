@@ -1,0 +1,382 @@
+//! The database behind the `query` host import: one read-only statement
+//! with bound parameters, a time limit and a row limit, on SQLite or
+//! PostgreSQL, with columns mapped to the WIT `value` variant.
+//!
+//! Read-only is enforced by the database (the plugin pool is opened with
+//! [`Access::ReadOnly`](crate::db::Access), and on PostgreSQL every query
+//! also runs in its own `BEGIN READ ONLY` transaction that is rolled back,
+//! so not even `set_config` can leave the connection writable). The
+//! statement check here is a cheap first line that gives plugin authors a
+//! clear message; it is not the security boundary.
+
+use std::time::Duration;
+
+use futures_util::TryStreamExt;
+use sqlx::{AssertSqlSafe, Column, Decode, Row, TypeInfo, ValueRef};
+
+use super::bindings::{DbError, Rows, Value};
+use crate::db::{Db, Pool};
+
+/// Longest SQL text a plugin may send: real lookups are a few hundred bytes.
+const MAX_SQL_BYTES: usize = 16 * 1024;
+/// Most parameters one query may bind.
+const MAX_PARAMS: usize = 256;
+
+/// SQLite's "attempt to write a readonly database" (and its extended codes).
+const SQLITE_READONLY: i64 = 8;
+/// PostgreSQL's `read_only_sql_transaction`.
+const PG_READ_ONLY: &str = "25006";
+
+/// The per-call limits from `[plugins]`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QueryLimits {
+    pub timeout: Duration,
+    pub max_rows: u32,
+}
+
+/// Runs one plugin query.
+pub(crate) async fn run(
+    db: &Db,
+    sql: &str,
+    params: Vec<Value>,
+    limits: QueryLimits,
+) -> Result<Rows, DbError> {
+    check_statement(sql).map_err(DbError::ReadOnly)?;
+    if params.len() > MAX_PARAMS {
+        return Err(DbError::Query(format!(
+            "{} parameters; at most {MAX_PARAMS} may be bound",
+            params.len()
+        )));
+    }
+    let work = async {
+        match db.pool() {
+            Pool::Sqlite(pool) => sqlite(pool, sql, params, limits.max_rows).await,
+            Pool::Postgres(pool) => postgres(pool, sql, params, limits).await,
+        }
+    };
+    match tokio::time::timeout(limits.timeout, work).await {
+        Ok(result) => result,
+        Err(_) => Err(DbError::Timeout),
+    }
+}
+
+async fn sqlite(
+    pool: &sqlx::SqlitePool,
+    sql: &str,
+    params: Vec<Value>,
+    max_rows: u32,
+) -> Result<Rows, DbError> {
+    let mut query = sqlx::query(AssertSqlSafe(sql));
+    for param in params {
+        query = match param {
+            Value::Null => query.bind(None::<i64>),
+            Value::Integer(v) => query.bind(v),
+            Value::Real(v) => query.bind(v),
+            Value::Text(v) => query.bind(v),
+            Value::Blob(v) => query.bind(v),
+        };
+    }
+    collect(query.fetch(pool), max_rows, sqlite_value).await
+}
+
+async fn postgres(
+    pool: &sqlx::PgPool,
+    sql: &str,
+    params: Vec<Value>,
+    limits: QueryLimits,
+) -> Result<Rows, DbError> {
+    // The BEGIN is queued and sent with the query (no extra round trip).
+    // SET LOCAL statement_timeout stops the query on the server too when
+    // our own timeout gives up on it.
+    let begin = format!(
+        "BEGIN READ ONLY; SET LOCAL statement_timeout = {}",
+        limits.timeout.as_millis()
+    );
+    let mut tx = pool
+        .begin_with(AssertSqlSafe(begin))
+        .await
+        .map_err(db_error)?;
+    let mut query = sqlx::query(AssertSqlSafe(sql));
+    for param in params {
+        query = match param {
+            Value::Null => query.bind(None::<i64>),
+            Value::Integer(v) => query.bind(v),
+            Value::Real(v) => query.bind(v),
+            Value::Text(v) => query.bind(v),
+            Value::Blob(v) => query.bind(v),
+        };
+    }
+    let rows = collect(query.fetch(&mut *tx), limits.max_rows, pg_value).await;
+    // Dropping the transaction queues its ROLLBACK on the connection, which
+    // undoes any session setting the statement changed.
+    drop(tx);
+    rows
+}
+
+/// Reads rows until the stream ends or the limit is passed, converting as
+/// it goes so a too-large result is never held whole.
+async fn collect<'r, R, S>(
+    mut stream: S,
+    max_rows: u32,
+    value: fn(&R, usize) -> Result<Value, DbError>,
+) -> Result<Rows, DbError>
+where
+    R: Row,
+    S: futures_util::Stream<Item = Result<R, sqlx::Error>> + Unpin,
+{
+    let mut out = Rows {
+        columns: Vec::new(),
+        rows: Vec::new(),
+    };
+    while let Some(row) = stream.try_next().await.map_err(db_error)? {
+        if out.rows.is_empty() {
+            out.columns = row.columns().iter().map(|c| c.name().to_owned()).collect();
+        }
+        if out.rows.len() >= max_rows as usize {
+            return Err(DbError::TooManyRows(max_rows));
+        }
+        let values = (0..row.len())
+            .map(|i| value(&row, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        out.rows.push(values);
+    }
+    Ok(out)
+}
+
+fn decode_err(column: &str, err: impl std::fmt::Display) -> DbError {
+    DbError::Query(format!("column '{column}': {err}"))
+}
+
+fn sqlite_value(row: &sqlx::sqlite::SqliteRow, i: usize) -> Result<Value, DbError> {
+    use sqlx::Sqlite;
+    let column = row.columns().get(i).map(|c| c.name()).unwrap_or("?");
+    let raw = row.try_get_raw(i).map_err(db_error)?;
+    if raw.is_null() {
+        return Ok(Value::Null);
+    }
+    // SQLite is dynamically typed: the value's own storage class decides.
+    let kind = raw.type_info().name().to_owned();
+    let value = match kind.as_str() {
+        "INTEGER" | "BOOLEAN" => {
+            Value::Integer(<i64 as Decode<Sqlite>>::decode(raw).map_err(|e| decode_err(column, e))?)
+        }
+        "REAL" => {
+            Value::Real(<f64 as Decode<Sqlite>>::decode(raw).map_err(|e| decode_err(column, e))?)
+        }
+        "BLOB" => Value::Blob(
+            <Vec<u8> as Decode<Sqlite>>::decode(raw).map_err(|e| decode_err(column, e))?,
+        ),
+        _ => {
+            Value::Text(<String as Decode<Sqlite>>::decode(raw).map_err(|e| decode_err(column, e))?)
+        }
+    };
+    Ok(value)
+}
+
+fn pg_value(row: &sqlx::postgres::PgRow, i: usize) -> Result<Value, DbError> {
+    use sqlx::Postgres;
+    let column = row.columns().get(i).map(|c| c.name()).unwrap_or("?");
+    let raw = row.try_get_raw(i).map_err(db_error)?;
+    if raw.is_null() {
+        return Ok(Value::Null);
+    }
+    let kind = raw.type_info().name().to_owned();
+    let err = |e| decode_err(column, e);
+    let value = match kind.as_str() {
+        "BOOL" => Value::Integer(i64::from(
+            <bool as Decode<Postgres>>::decode(raw).map_err(err)?,
+        )),
+        "INT2" => Value::Integer(i64::from(
+            <i16 as Decode<Postgres>>::decode(raw).map_err(err)?,
+        )),
+        "INT4" => Value::Integer(i64::from(
+            <i32 as Decode<Postgres>>::decode(raw).map_err(err)?,
+        )),
+        "INT8" => Value::Integer(<i64 as Decode<Postgres>>::decode(raw).map_err(err)?),
+        "FLOAT4" => Value::Real(f64::from(
+            <f32 as Decode<Postgres>>::decode(raw).map_err(err)?,
+        )),
+        "FLOAT8" => Value::Real(<f64 as Decode<Postgres>>::decode(raw).map_err(err)?),
+        "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" | "CHAR" => {
+            Value::Text(<String as Decode<Postgres>>::decode(raw).map_err(err)?)
+        }
+        "BYTEA" => Value::Blob(<Vec<u8> as Decode<Postgres>>::decode(raw).map_err(err)?),
+        other => {
+            return Err(DbError::Query(format!(
+                "column '{column}' has type {other}, which plugins can't read; cast it in SQL (e.g. {column}::text)"
+            )));
+        }
+    };
+    Ok(value)
+}
+
+/// Maps a driver error to what the plugin sees; writes refused by the
+/// database become `read-only`.
+fn db_error(err: sqlx::Error) -> DbError {
+    if let sqlx::Error::Database(db) = &err {
+        let code = db.code();
+        let read_only = match code.as_deref() {
+            Some(PG_READ_ONLY) => true,
+            // Extended SQLite codes keep the primary code in the low byte.
+            Some(c) => c.parse::<i64>().is_ok_and(|c| c & 0xff == SQLITE_READONLY),
+            None => false,
+        };
+        let message = db.message().to_owned();
+        return if read_only {
+            DbError::ReadOnly(message)
+        } else {
+            DbError::Query(message)
+        };
+    }
+    DbError::Query(err.to_string())
+}
+
+/// Accepts one `SELECT`/`WITH`/`VALUES` statement with `$n` placeholders.
+///
+/// A small lexer skips strings, quoted identifiers and comments so a `;`
+/// inside them doesn't count. Anything it is unsure of is refused:
+/// nested block comments, `$name` parameters and dollar quoting.
+pub(crate) fn check_statement(sql: &str) -> Result<(), String> {
+    if sql.len() > MAX_SQL_BYTES {
+        return Err(format!(
+            "statement is {} bytes; at most {MAX_SQL_BYTES} are allowed",
+            sql.len()
+        ));
+    }
+    let b = sql.as_bytes();
+    let mut i = 0;
+    let mut first_word: Option<&str> = None;
+    let mut ended = false; // saw the terminating `;`
+    while i < b.len() {
+        let c = b[i];
+        match c {
+            _ if c.is_ascii_whitespace() => i += 1,
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                i = sql[i..].find('\n').map_or(b.len(), |n| i + n + 1);
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                let body = &sql[i + 2..];
+                let end = body
+                    .find("*/")
+                    .ok_or_else(|| "unterminated /* comment".to_owned())?;
+                if body[..end].contains("/*") {
+                    return Err("nested /* comments are not allowed".to_owned());
+                }
+                i += 2 + end + 2;
+            }
+            _ if ended => return Err("only one statement is allowed per query".to_owned()),
+            b';' => {
+                ended = true;
+                i += 1;
+            }
+            b'\'' => {
+                // E'...' strings (PostgreSQL) use backslash escapes.
+                let escapes =
+                    i > 0 && matches!(b[i - 1], b'e' | b'E') && (i < 2 || !is_word(b[i - 2]));
+                i = skip_quoted(b, i, b'\'', escapes)?;
+            }
+            b'"' | b'`' => i = skip_quoted(b, i, c, false)?,
+            b'[' => {
+                i = sql[i..]
+                    .find(']')
+                    .map(|n| i + n + 1)
+                    .ok_or_else(|| "unterminated [identifier]".to_owned())?;
+            }
+            b'$' => {
+                let digits = b[i + 1..].iter().take_while(|d| d.is_ascii_digit()).count();
+                if digits == 0 {
+                    return Err(
+                        "only $1, $2, ... placeholders are supported (no $name or dollar quoting)"
+                            .to_owned(),
+                    );
+                }
+                i += 1 + digits;
+            }
+            _ if is_word(c) => {
+                let len = b[i..].iter().take_while(|&&d| is_word(d)).count();
+                if first_word.is_none() {
+                    first_word = Some(&sql[i..i + len]);
+                }
+                i += len;
+            }
+            _ => i += 1,
+        }
+    }
+    match first_word {
+        Some(w)
+            if ["select", "with", "values"]
+                .iter()
+                .any(|k| w.eq_ignore_ascii_case(k)) =>
+        {
+            Ok(())
+        }
+        Some(w) => Err(format!(
+            "'{w}' statements are not allowed: plugins may only read (SELECT, WITH or VALUES)"
+        )),
+        None => Err("empty statement".to_owned()),
+    }
+}
+
+fn is_word(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80
+}
+
+/// Returns the index after the closing `quote` (a doubled quote is an
+/// escaped one).
+fn skip_quoted(b: &[u8], start: usize, quote: u8, backslash: bool) -> Result<usize, String> {
+    let mut i = start + 1;
+    while i < b.len() {
+        match b[i] {
+            b'\\' if backslash => i += 2,
+            c if c == quote => {
+                if b.get(i + 1) == Some(&quote) {
+                    i += 2;
+                } else {
+                    return Ok(i + 1);
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    Err("unterminated quoted text".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_statement;
+
+    #[test]
+    fn accepts_single_reads() {
+        for sql in [
+            "SELECT 1",
+            "  select id FROM users WHERE id = $1;  ",
+            "-- lookup\nWITH x AS (SELECT 1) SELECT * FROM x; -- done",
+            "/* c */ VALUES (1)",
+            "SELECT ';' AS semi, \"a;b\" FROM t WHERE n = 'it''s;'",
+            "SELECT E'\\';' FROM t",
+            "(SELECT 1)",
+        ] {
+            assert_eq!(check_statement(sql), Ok(()), "{sql}");
+        }
+    }
+
+    #[test]
+    fn refuses_writes_and_stacked_statements() {
+        for sql in [
+            "INSERT INTO users VALUES (1)",
+            "PRAGMA query_only = OFF",
+            "SELECT 1; DELETE FROM users",
+            "SELECT 1;;",
+            "SELECT 'a'; SET default_transaction_read_only = off",
+            "SELECT $$a$$",
+            "SELECT $name",
+            "/* /* */ ; DELETE FROM users */ SELECT 1",
+            "SELECT 'unterminated",
+            "",
+            "  -- nothing",
+        ] {
+            assert!(check_statement(sql).is_err(), "{sql}");
+        }
+        assert!(check_statement(&format!("SELECT '{}'", "x".repeat(20_000))).is_err());
+    }
+}
