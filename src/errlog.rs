@@ -25,8 +25,9 @@ use crate::shutdown::Shutdown;
 use crate::telemetry::Metrics;
 use crate::with_pool;
 
-/// Rows delivered per round trip to the sink's table.
-const BATCH: i64 = 256;
+/// Rows delivered per round trip to the sink's table. A record can be as
+/// large as a dispatch frame, so this also bounds the deliverer's memory.
+const BATCH: i64 = 64;
 /// Longest wait between attempts while the sink is failing.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How long one HTTP delivery may take.

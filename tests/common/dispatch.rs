@@ -40,6 +40,21 @@ impl DispatchClient {
             .await;
     }
 
+    /// The next text frame exactly as sent (control frames skipped).
+    pub async fn recv_text(&mut self) -> String {
+        use futures_util::StreamExt;
+        loop {
+            let message = tokio::time::timeout(std::time::Duration::from_secs(10), self.ws.next())
+                .await
+                .expect("no dispatch frame in time")
+                .expect("dispatch connection ended")
+                .expect("dispatch connection failed");
+            if let Message::Text(text) = message {
+                return text.to_string();
+            }
+        }
+    }
+
     /// The next text frame as JSON (control frames skipped).
     pub async fn recv(&mut self) -> Value {
         read_json(&mut self.ws).await
