@@ -5,7 +5,6 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -29,19 +28,7 @@ where
     Fut: Future<Output = HttpResponse> + Send + 'static,
 {
     let handler = Arc::new(handler);
-    loop {
-        let stream = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(err) => {
-                    // Usually EMFILE: back off rather than spin.
-                    tracing::warn!(error = %err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((stream, _)) = shutdown.accept(&listener, "http").await {
         let handler = handler.clone();
         let stop = shutdown.clone();
         shutdown.spawn(async move {

@@ -1,6 +1,10 @@
 //! Graceful shutdown: one token every task watches, and a tracker the
 //! process waits on so in-flight work finishes before exit.
 
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -33,6 +37,28 @@ impl Shutdown {
 
     pub fn is_cancelled(&self) -> bool {
         self.token.is_cancelled()
+    }
+
+    /// The next connection on `listener`, or `None` once shutdown begins.
+    /// Accept errors (usually EMFILE) are logged and backed off from
+    /// rather than spun on; `what` names the listener in the log.
+    pub async fn accept(
+        &self,
+        listener: &TcpListener,
+        what: &str,
+    ) -> Option<(TcpStream, SocketAddr)> {
+        loop {
+            tokio::select! {
+                _ = self.cancelled() => return None,
+                accepted = listener.accept() => match accepted {
+                    Ok(pair) => return Some(pair),
+                    Err(err) => {
+                        tracing::warn!(listener = what, error = %err, "accept failed; backing off");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            }
+        }
     }
 
     /// Begins shutdown and waits for every tracked task to finish.

@@ -61,18 +61,7 @@ impl Dispatch {
 /// Accepts dispatch connections until shutdown; each runs in its own task
 /// and finishes its in-flight events before closing with 1001.
 pub async fn serve(dispatch: Arc<Dispatch>, listener: TcpListener, shutdown: Shutdown) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(err) => {
-                    tracing::warn!(error = %err, "dispatch accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((stream, peer)) = shutdown.accept(&listener, "dispatch").await {
         let _ = stream.set_nodelay(true);
         let span = tracing::info_span!("dispatch", %peer);
         shutdown.spawn(connection(dispatch.clone(), stream, shutdown.clone()).instrument(span));

@@ -96,19 +96,7 @@ impl Sessions {
     /// session is closed with 1001. Connection tasks are spawned on the
     /// shutdown tracker so drain waits for them.
     pub async fn serve(&self, listener: TcpListener, shutdown: Shutdown) {
-        loop {
-            let stream = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(err) => {
-                        // Usually EMFILE: back off rather than spin.
-                        tracing::warn!(error = %err, "client accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
+        while let Some((stream, _)) = shutdown.accept(&listener, "client").await {
             shutdown.spawn(conn::handle(self.inner.clone(), stream, shutdown.clone()));
         }
     }
