@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs every load-tool workload in release, gateway and bare baseline side
+# by side, appending JSON lines to bench-results.jsonl (and the readable
+# summary to the terminal). Criterion micro-benchmarks: `cargo bench`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/build-plugins.sh >/dev/null
+scripts/services.sh
+cargo build --release --bins
+out=bench-results.jsonl
+bench=target/release/bench
+"$bench" fanout --clients 100,1000,5000 --seconds 10 | tee -a "$out"
+"$bench" latency --clients 1000 --rate 200 --seconds 10 | tee -a "$out"
+"$bench" idle --sessions 10000 | tee -a "$out"
+"$bench" ack-rate --connections 1,8 --seconds 10 | tee -a "$out"
+"$bench" ack-rate --connections 1 --seconds 10 --database postgres | tee -a "$out"
