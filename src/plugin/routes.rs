@@ -124,7 +124,7 @@ impl Route {
             }
             Ok(Err(err)) => {
                 self.park(instance);
-                let code = ErrorCode::from_handler(&err.code);
+                let code = handler_code(&err.code);
                 let message = truncate(&err.message, 1024).to_owned();
                 let mut failure = self.failure(code.clone(), message, Vec::new(), None);
                 if code == ErrorCode::PluginError {
@@ -280,6 +280,16 @@ impl Route {
             chain,
             backtrace,
         })
+    }
+}
+
+/// A plugin's own error code. The SDK's `BAD_EVENT` and `DB_ERROR` mean
+/// what the host's codes of that name mean, so they become those.
+fn handler_code(code: &str) -> ErrorCode {
+    match ErrorCode::from_handler(code) {
+        ErrorCode::Handler(c) if c == "BAD_EVENT" => ErrorCode::BadEvent,
+        ErrorCode::Handler(c) if c == "DB_ERROR" => ErrorCode::DbError,
+        other => other,
     }
 }
 
