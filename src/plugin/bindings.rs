@@ -13,6 +13,7 @@ wasmtime::component::bindgen!({
         "otako:gateway/host.query": async,
     },
     exports: { default: async },
+    additional_derives: [PartialEq],
 });
 
 pub use otako::gateway::types::{Audience, DbError, Level, Rows, Value};

@@ -189,6 +189,20 @@ impl Plugins {
 
     /// Runs the routed plugin for this event. `NO_ROUTE` if none.
     pub async fn handle(&self, event: &Event<'_>) -> Result<Vec<Delivery>, Failure> {
+        self.run(event, true).await
+    }
+
+    /// [`handle`](Self::handle) on a fresh instance that is dropped after
+    /// the call: only for the benchmark comparing it with reuse.
+    #[doc(hidden)]
+    pub async fn handle_on_fresh_instance(
+        &self,
+        event: &Event<'_>,
+    ) -> Result<Vec<Delivery>, Failure> {
+        self.run(event, false).await
+    }
+
+    async fn run(&self, event: &Event<'_>, reuse: bool) -> Result<Vec<Delivery>, Failure> {
         let route = self.inner.table.load().routes.get(event.name).cloned();
         let Some(route) = route else {
             return Err(Failure::new(
@@ -205,7 +219,7 @@ impl Plugins {
             event_id = event.id,
             plugin = %route.ctx.plugin
         );
-        route.call(event).instrument(span).await
+        route.call(event, reuse).instrument(span).await
     }
 
     /// Replaces the route table atomically from a new config (hot reload);
@@ -357,6 +371,20 @@ impl Plugins {
         built.prewarm().await.map_err(|f| start_error(route, &f))?;
         Ok(built)
     }
+}
+
+/// The `query` host import's database path without a plugin: only for
+/// the benchmark that separates database time from host overhead.
+#[doc(hidden)]
+pub async fn bench_query(db: &Db, sql: &str, ids: &[i64]) -> usize {
+    let params = ids.iter().map(|&i| bindings::Value::Integer(i)).collect();
+    let limits = QueryLimits {
+        timeout: Duration::from_secs(1),
+        max_rows: 10_000,
+    };
+    query::run(db, sql, params, limits)
+        .await
+        .map_or(0, |rows| rows.rows.len())
 }
 
 async fn new_engine() -> Result<PluginEngine, PluginError> {

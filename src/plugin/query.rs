@@ -26,6 +26,11 @@ const MAX_PARAMS: usize = 256;
 const SQLITE_READONLY: i64 = 8;
 /// PostgreSQL's `read_only_sql_transaction`.
 const PG_READ_ONLY: &str = "25006";
+/// PostgreSQL's `query_canceled`: our `statement_timeout` fired.
+const PG_CANCELED: &str = "57014";
+
+/// How much longer than `statement_timeout` the host waits on PostgreSQL.
+const PG_TIMEOUT_GRACE: Duration = Duration::from_millis(250);
 
 /// The per-call limits from `[plugins]`.
 #[derive(Debug, Clone, Copy)]
@@ -54,7 +59,13 @@ pub(crate) async fn run(
             Pool::Postgres(pool) => postgres(pool, sql, params, limits).await,
         }
     };
-    match tokio::time::timeout(limits.timeout, work).await {
+    // On PostgreSQL the server's statement_timeout fires first and the
+    // transaction ends cleanly; ours is the backstop for a stalled link.
+    let backstop = match db.pool() {
+        Pool::Sqlite(_) => limits.timeout,
+        Pool::Postgres(_) => limits.timeout + PG_TIMEOUT_GRACE,
+    };
+    match tokio::time::timeout(backstop, work).await {
         Ok(result) => result,
         Err(_) => Err(DbError::Timeout),
     }
@@ -107,15 +118,19 @@ async fn postgres(
         };
     }
     let rows = collect(query.fetch(&mut *tx), limits.max_rows, pg_value).await;
-    // Dropping the transaction queues its ROLLBACK on the connection, which
-    // undoes any session setting the statement changed.
-    drop(tx);
-    rows
+    // End the transaction now, whatever happened: left to the drop, its
+    // ROLLBACK would wait for the connection's next use, and meanwhile the
+    // connection would sit "idle in transaction" holding locks and a
+    // snapshot. The rollback also undoes any setting the statement changed.
+    let ended = tx.rollback().await;
+    let rows = rows?;
+    ended.map_err(db_error)?;
+    Ok(rows)
 }
 
 /// Reads rows until the stream ends or the limit is passed, converting as
 /// it goes so a too-large result is never held whole.
-async fn collect<'r, R, S>(
+async fn collect<R, S>(
     mut stream: S,
     max_rows: u32,
     value: fn(&R, usize) -> Result<Value, DbError>,
@@ -215,6 +230,9 @@ fn pg_value(row: &sqlx::postgres::PgRow, i: usize) -> Result<Value, DbError> {
 fn db_error(err: sqlx::Error) -> DbError {
     if let sqlx::Error::Database(db) = &err {
         let code = db.code();
+        if code.as_deref() == Some(PG_CANCELED) {
+            return DbError::Timeout;
+        }
         let read_only = match code.as_deref() {
             Some(PG_READ_ONLY) => true,
             // Extended SQLite codes keep the primary code in the low byte.
@@ -343,7 +361,88 @@ fn skip_quoted(b: &[u8], start: usize, quote: u8, backslash: bool) -> Result<usi
 
 #[cfg(test)]
 mod tests {
-    use super::check_statement;
+    use super::*;
+    use crate::config::DatabaseUrl;
+    use crate::db::Access;
+
+    const LIMITS: QueryLimits = QueryLimits {
+        timeout: Duration::from_secs(5),
+        max_rows: 100,
+    };
+
+    /// Every supported PostgreSQL type maps to the WIT value the WIT
+    /// promises; others are a query error naming the type.
+    #[tokio::test]
+    async fn postgres_types_map_to_values() {
+        let url = DatabaseUrl::Postgres("postgres://postgres@127.0.0.1:5432/test".into());
+        let db = Db::open(&url, 1, Access::ReadOnly).await.unwrap();
+        let sql = "SELECT true AS b, 2::int2 AS i2, 4::int4 AS i4, $1::int8 AS i8, \
+                   1.5::float4 AS f4, $2::float8 AS f8, $3::text AS t, 'v'::varchar AS v, \
+                   $4::bytea AS y, NULL::text AS n";
+        let params = vec![
+            Value::Integer(i64::MAX),
+            Value::Real(-0.25),
+            Value::Text("✓".into()),
+            Value::Blob(vec![0, 255]),
+        ];
+        let rows = run(&db, sql, params, LIMITS).await.unwrap();
+        assert_eq!(
+            rows.columns,
+            ["b", "i2", "i4", "i8", "f4", "f8", "t", "v", "y", "n"]
+        );
+        assert_eq!(
+            rows.rows,
+            vec![vec![
+                Value::Integer(1),
+                Value::Integer(2),
+                Value::Integer(4),
+                Value::Integer(i64::MAX),
+                Value::Real(1.5),
+                Value::Real(-0.25),
+                Value::Text("✓".into()),
+                Value::Text("v".into()),
+                Value::Blob(vec![0, 255]),
+                Value::Null,
+            ]]
+        );
+        let err = run(&db, "SELECT 1.5::numeric AS n", vec![], LIMITS)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, DbError::Query(m) if m.contains("NUMERIC") && m.contains("'n'")),
+            "{err:?}"
+        );
+        db.close().await;
+    }
+
+    #[tokio::test]
+    async fn sqlite_values_keep_their_storage_class() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = DatabaseUrl::Sqlite(dir.path().join("t.db"));
+        let db = Db::open(&url, 1, Access::ReadOnly).await.unwrap();
+        let rows = run(
+            &db,
+            "SELECT 1 AS i, 2.5 AS r, 'x' AS t, x'00ff' AS y, NULL AS n, $1 AS p",
+            vec![Value::Text("bound".into())],
+            LIMITS,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            rows.rows,
+            vec![vec![
+                Value::Integer(1),
+                Value::Real(2.5),
+                Value::Text("x".into()),
+                Value::Blob(vec![0, 255]),
+                Value::Null,
+                Value::Text("bound".into()),
+            ]]
+        );
+        let empty = run(&db, "SELECT 1 WHERE 0", vec![], LIMITS).await.unwrap();
+        assert!(empty.rows.is_empty());
+        db.close().await;
+    }
 
     #[test]
     fn accepts_single_reads() {

@@ -1,0 +1,209 @@
+//! Per-event cost of the plugin host: a trivial plugin and the
+//! MESSAGE_CREATE handler (two-table lookup on SQLite), each on a reused
+//! instance, on a fresh instance per event, and as a native Rust function
+//! doing the same work. Plugin minus native is the host's overhead.
+//!
+//! Run: `cargo bench --bench plugin` (plugins built by
+//! `scripts/build-plugins.sh`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::hint::black_box;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use otako_gateway::config::Config;
+use otako_gateway::db::{Access, Db, Pool};
+use otako_gateway::ids::{ChannelId, UserId};
+use otako_gateway::plugin::{Audience, Delivery, Event, Plugins, Presence};
+use otako_gateway::telemetry::Metrics;
+use serde::Deserialize;
+use sqlx::Row;
+
+struct Nobody;
+
+impl Presence for Nobody {
+    fn online(&self, _: &[UserId]) -> Vec<UserId> {
+        Vec::new()
+    }
+}
+
+const NOOP_D: &str = r#"{"user_id":"42","content":"hello there","nonce":"abc"}"#;
+const CREATE_D: &str = r#"{"id":"3","channel_id":"1"}"#;
+const LOAD_MESSAGE: &str = "\
+    SELECT m.id AS id, m.channel_id AS channel_id, m.author_id AS author_id, \
+           u.name AS author_name, m.content AS content, m.nonce AS nonce, \
+           m.created_at AS created_at, m.edited_at AS edited_at \
+    FROM messages m JOIN users u ON u.id = m.author_id \
+    WHERE m.id = $1 AND m.channel_id = $2";
+
+/// What noop_plugin does, natively.
+fn native_noop(data: &str) -> Vec<Delivery> {
+    #[derive(Deserialize)]
+    struct Target {
+        user_id: UserId,
+    }
+    let target: Target = serde_json::from_str(data).unwrap();
+    vec![Delivery {
+        event: "NOOP".to_owned(),
+        payload: data.to_owned(),
+        audience: Audience::Users(vec![target.user_id]),
+    }]
+}
+
+/// What message_create does, natively: same query, same object.
+async fn native_message_create(db: &Db, data: &str) -> Vec<Delivery> {
+    #[derive(Deserialize)]
+    struct MessageRef {
+        id: UserId,
+        channel_id: ChannelId,
+    }
+    let r: MessageRef = serde_json::from_str(data).unwrap();
+    let Pool::Sqlite(pool) = db.pool() else {
+        unreachable!()
+    };
+    let row = sqlx::query(LOAD_MESSAGE)
+        .bind(r.id.as_i64())
+        .bind(r.channel_id.as_i64())
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let payload = serde_json::json!({
+        "id": row.get::<i64, _>("id").to_string(),
+        "channel_id": row.get::<i64, _>("channel_id").to_string(),
+        "author": {
+            "id": row.get::<i64, _>("author_id").to_string(),
+            "name": row.get::<String, _>("author_name"),
+        },
+        "content": row.get::<String, _>("content"),
+        "nonce": row.get::<Option<String>, _>("nonce"),
+        "timestamp": row.get::<String, _>("created_at"),
+    });
+    vec![Delivery {
+        event: "MESSAGE_CREATE".to_owned(),
+        payload: payload.to_string(),
+        audience: Audience::Channel(r.channel_id),
+    }]
+}
+
+async fn setup(dir: &Path) -> (Plugins, Db) {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let text = format!(
+        "[database]\nurl = \"sqlite://{db}\"\n[plugins]\ncache_dir = \"{cache}\"\n\
+         [[routes]]\nevent = \"NOOP\"\nplugin = \"{noop}\"\n\
+         [[routes]]\nevent = \"EVENT_MESSAGE_CREATE\"\nplugin = \"{create}\"\n\
+         [[routes]]\nevent = \"WRITE\"\nplugin = \"{write}\"\n",
+        db = dir.join("otako.db").display(),
+        cache = repo.join("target/plugin-bench-cache").display(),
+        noop = repo.join("plugins/testing/wasm/noop_plugin.wasm").display(),
+        create = repo.join("plugins/message_create.wasm").display(),
+        write = repo
+            .join("plugins/testing/wasm/write_plugin.wasm")
+            .display(),
+    );
+    let config = Config::parse(&text, &dir.join("gateway.toml")).unwrap();
+    let rw = Db::open(&config.database.url, 1, Access::ReadWrite)
+        .await
+        .unwrap();
+    rw.migrate().await.unwrap();
+    let Pool::Sqlite(pool) = rw.pool() else {
+        unreachable!()
+    };
+    for sql in [
+        "INSERT INTO users (id, name, created_at) VALUES (2, 'alice', '2026-01-01T00:00:00.000Z')",
+        "INSERT INTO channels (id, name, created_at) VALUES (1, 'general', '2026-01-01T00:00:00.000Z')",
+        "INSERT INTO messages (id, channel_id, author_id, content, nonce, created_at) \
+         VALUES (3, 1, 2, 'hello world', 'n-1', '2026-02-03T04:05:06.007Z')",
+    ] {
+        sqlx::query(sql).execute(pool).await.unwrap();
+    }
+    rw.close().await;
+    let ro = Db::open(&config.database.url, 4, Access::ReadOnly)
+        .await
+        .unwrap();
+    let plugins = Plugins::load(&config, ro.clone(), Arc::new(Nobody), Metrics::new())
+        .await
+        .unwrap();
+    (plugins, ro)
+}
+
+fn bench(c: &mut Criterion) {
+    // The gateway's own runtime flavour: database round trips cost what
+    // they cost in production (cross-thread wake-ups included).
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (plugins, db) = rt.block_on(setup(dir.path()));
+    let noop = Event {
+        name: "NOOP",
+        id: "1",
+        data: NOOP_D,
+    };
+    let create = Event {
+        name: "EVENT_MESSAGE_CREATE",
+        id: "1",
+        data: CREATE_D,
+    };
+
+    let mut group = c.benchmark_group("noop");
+    group.bench_function("plugin_reused_instance", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(plugins.handle(&noop).await.unwrap()) })
+    });
+    group.bench_function("plugin_fresh_instance", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(plugins.handle_on_fresh_instance(&noop).await.unwrap()) })
+    });
+    group.bench_function("native", |b| {
+        b.iter(|| black_box(native_noop(black_box(NOOP_D))))
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("message_create_sqlite");
+    group.bench_function("plugin_reused_instance", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(plugins.handle(&create).await.unwrap()) })
+    });
+    group.bench_function("plugin_fresh_instance", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(plugins.handle_on_fresh_instance(&create).await.unwrap()) })
+    });
+    group.bench_function("native", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(native_message_create(&db, CREATE_D).await) })
+    });
+    // A trivial plugin doing the same query (SQL from `d`, rows only
+    // counted): what one database round trip costs inside a call.
+    let wd = serde_json::json!({ "sql": LOAD_MESSAGE.replace("$1", "3").replace("$2", "1") })
+        .to_string();
+    let write = Event {
+        name: "WRITE",
+        id: "1",
+        data: &wd,
+    };
+    group.bench_function("write_plugin_query", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(plugins.handle(&write).await.unwrap()) })
+    });
+    // The host's query path alone, no plugin: the database share.
+    group.bench_function("host_query_only", |b| {
+        b.to_async(&rt).iter(|| async {
+            black_box(otako_gateway::plugin::bench_query(&db, LOAD_MESSAGE, &[3, 1]).await)
+        })
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .sample_size(50)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4));
+    targets = bench
+}
+criterion_main!(benches);
