@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/build-plugins.sh
-exec cargo run --quiet -- --config gateway.toml serve "$@"
+exec cargo run --quiet -- --config gateway.toml dev "$@"

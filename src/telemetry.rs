@@ -14,7 +14,8 @@ use tracing_subscriber::EnvFilter;
 /// Installs the global tracing subscriber. `RUST_LOG` overrides the level;
 /// `OTAKO_LOG_FORMAT=json` switches to JSON lines for log shippers.
 pub fn init_tracing() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,notify=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
