@@ -2,6 +2,8 @@
 //! MESSAGE_CREATE handler (two-table lookup on SQLite), each on a reused
 //! instance, on a fresh instance per event, and as a native Rust function
 //! doing the same work. Plugin minus native is the host's overhead.
+//! Also the fan-out's serialization: one shared frame with each session's
+//! `s` spliced in, against serializing the whole frame per recipient.
 //!
 //! Run: `cargo bench --bench plugin` (plugins built by
 //! `scripts/build-plugins.sh`).
@@ -198,12 +200,44 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
+/// A MESSAGE_CREATE payload as the plugin returns it.
+const MESSAGE: &str = r#"{"id":"3","channel_id":"1","author":{"id":"10","name":"alice"},"content":"Hello! This is a message from the Otako client!","nonce":"87654GFGDS7544567FD","timestamp":"2026-11-28T00:00:00.000Z"}"#;
+
+/// Frames for 1,000 recipients: what one event's fan-out serializes.
+fn serialization(c: &mut Criterion) {
+    use otako_gateway::session::EventFrame;
+    const RECIPIENTS: u64 = 1000;
+    let mut group = c.benchmark_group("fanout_1000_frames");
+    group.bench_function("shared_frame_splice_s", |b| {
+        b.iter(|| {
+            let frame = EventFrame::new("MESSAGE_CREATE", black_box(MESSAGE));
+            let mut bytes = 0;
+            for seq in 1..=RECIPIENTS {
+                bytes += frame.encode(seq).len();
+            }
+            black_box(bytes)
+        })
+    });
+    group.bench_function("serde_per_recipient", |b| {
+        let d: serde_json::Value = serde_json::from_str(MESSAGE).unwrap();
+        b.iter(|| {
+            let mut bytes = 0;
+            for seq in 1..=RECIPIENTS {
+                let frame = serde_json::json!({"op": 0, "t": "MESSAGE_CREATE", "s": seq, "d": &d});
+                bytes += serde_json::to_string(&frame).unwrap().len();
+            }
+            black_box(bytes)
+        })
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .sample_size(50)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(4));
-    targets = bench
+    targets = bench, serialization
 }
 criterion_main!(benches);

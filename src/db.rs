@@ -86,6 +86,12 @@ impl Db {
                 let options = sqlite_options(path, access);
                 let pool = SqlitePoolOptions::new()
                     .max_connections(max_connections)
+                    // sqlx pings every connection it hands out by default:
+                    // for SQLite a round trip to the connection's thread,
+                    // as costly as the query itself. A file can't go away
+                    // under an open connection; an error fails the event,
+                    // which the backend retries.
+                    .test_before_acquire(false)
                     .acquire_timeout(Duration::from_secs(10))
                     .connect_with(options)
                     .await
@@ -106,6 +112,10 @@ impl Db {
                 }
                 let pool = PgPoolOptions::new()
                     .max_connections(max_connections)
+                    // No ping round trip before every query (sqlx's default):
+                    // a dead connection fails one query, is closed by sqlx,
+                    // and the event is retried by the backend.
+                    .test_before_acquire(false)
                     .acquire_timeout(Duration::from_secs(10))
                     .connect_with(options)
                     .await

@@ -13,6 +13,7 @@ use crate::admin::{self, Readiness};
 use crate::config::Config;
 use crate::db::{Access, Db, DbError};
 use crate::dispatch::idempotency::Outcomes;
+use crate::dispatch::members::Members;
 use crate::dispatch::{self, Dispatch, Pipeline};
 use crate::errlog::ErrorLog;
 use crate::ids::UserId;
@@ -164,6 +165,7 @@ pub async fn serve(
         plugins,
         sessions: sessions.clone(),
         db: db.clone(),
+        members: Members::start(db.clone()),
         outcomes: Outcomes::start(db.clone(), retention, &background),
         errlog,
         metrics: metrics.clone(),

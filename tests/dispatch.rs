@@ -75,6 +75,67 @@ async fn postgres_runs_the_same_event_path() {
     assert_eq!(carol.next().await["d"], expected_message());
 }
 
+/// The member list is cached between events; every join, leave and
+/// truncate made by any writer must still reach the very next event.
+async fn assert_membership_changes_reach_the_next_event(mut setup: Setup, truncate: &'static str) {
+    let (gateway, seed) = seed_example(&mut setup).await;
+    let mut bob = Client::connect(gateway.client, 11).await;
+    let mut mallory = Client::connect(gateway.client, 13).await;
+    let mut backend = DispatchClient::connect(gateway.dispatch).await;
+    let message = json!({"id": "3", "channel_id": "1"});
+
+    let ack = backend
+        .roundtrip("EVENT_MESSAGE_CREATE", message.clone(), json!("m1"))
+        .await;
+    assert_eq!(ack["success"], true, "{ack}");
+    assert_eq!(bob.next().await["d"]["id"], "3");
+    mallory.expect_silence(Duration::from_millis(200)).await;
+
+    seed.execute("INSERT INTO channel_members (channel_id, user_id) VALUES (1, 13)")
+        .await;
+    seed.execute("DELETE FROM channel_members WHERE channel_id = 1 AND user_id = 11")
+        .await;
+    let ack = backend
+        .roundtrip("EVENT_MESSAGE_CREATE", message.clone(), json!("m2"))
+        .await;
+    assert_eq!(ack["success"], true, "{ack}");
+    assert_eq!(mallory.next().await["d"]["id"], "3");
+    bob.expect_silence(Duration::from_millis(200)).await;
+
+    seed.execute("UPDATE channel_members SET user_id = 11 WHERE channel_id = 1 AND user_id = 13")
+        .await;
+    let ack = backend
+        .roundtrip("EVENT_MESSAGE_CREATE", message.clone(), json!("m3"))
+        .await;
+    assert_eq!(ack["success"], true, "{ack}");
+    assert_eq!(bob.next().await["d"]["id"], "3");
+    mallory.expect_silence(Duration::from_millis(200)).await;
+
+    seed.execute(truncate).await;
+    let ack = backend
+        .roundtrip("EVENT_MESSAGE_CREATE", message, json!("m4"))
+        .await;
+    assert_eq!(ack["success"], true, "{ack}");
+    bob.expect_silence(Duration::from_millis(200)).await;
+    mallory.expect_silence(Duration::from_millis(100)).await;
+    assert!(gateway.stop().success());
+}
+
+#[tokio::test]
+async fn membership_changes_reach_the_next_event_on_sqlite() {
+    assert_membership_changes_reach_the_next_event(Setup::sqlite(), "DELETE FROM channel_members")
+        .await;
+}
+
+#[tokio::test]
+async fn membership_changes_reach_the_next_event_on_postgres() {
+    assert_membership_changes_reach_the_next_event(
+        Setup::postgres().await,
+        "TRUNCATE channel_members",
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn integer_ids_are_echoed_as_integers() {
     let mut setup = Setup::sqlite();

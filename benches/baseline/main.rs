@@ -13,15 +13,14 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
-type Subscribers = Arc<Mutex<HashMap<u64, mpsc::Sender<Bytes>>>>;
+type Subscribers = Arc<Mutex<HashMap<u64, mpsc::Sender<Utf8Bytes>>>>;
 
 fn ws_config() -> WebSocketConfig {
     let mut config = WebSocketConfig::default();
@@ -68,15 +67,16 @@ async fn connection(stream: TcpStream, subscribers: Subscribers, next_id: Arc<At
         let mut frames: u64 = 0;
         while let Some(Ok(Message::Text(payload))) = source.next().await {
             frames += 1;
-            // Serialize once; every subscriber shares the bytes.
-            let frame = Bytes::from(format!(r#"{{"op":0,"t":"MESSAGE_CREATE","d":{payload}}}"#));
-            let targets: Vec<mpsc::Sender<Bytes>> = subscribers
+            // Serialize once (UTF-8 checked once too); every subscriber
+            // shares the bytes. try_send never waits, so the fan-out runs
+            // under the lock instead of cloning every sender per frame.
+            let frame =
+                Utf8Bytes::from(format!(r#"{{"op":0,"t":"MESSAGE_CREATE","d":{payload}}}"#));
+            for target in subscribers
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .values()
-                .cloned()
-                .collect();
-            for target in targets {
+            {
                 let _ = target.try_send(frame.clone());
             }
             if sink
@@ -90,7 +90,7 @@ async fn connection(stream: TcpStream, subscribers: Subscribers, next_id: Arc<At
         return;
     }
     let id = next_id.fetch_add(1, Ordering::Relaxed);
-    let (tx, mut rx) = mpsc::channel::<Bytes>(1024);
+    let (tx, mut rx) = mpsc::channel::<Utf8Bytes>(1024);
     subscribers
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
@@ -99,11 +99,9 @@ async fn connection(stream: TcpStream, subscribers: Subscribers, next_id: Arc<At
         tokio::select! {
             frame = rx.recv() => {
                 let Some(frame) = frame else { break };
-                let Ok(text) = tokio_tungstenite::tungstenite::Utf8Bytes::try_from(frame) else { continue };
-                if sink.feed(Message::Text(text)).await.is_err() { break; }
+                if sink.feed(Message::Text(frame)).await.is_err() { break; }
                 while let Ok(more) = rx.try_recv() {
-                    let Ok(text) = tokio_tungstenite::tungstenite::Utf8Bytes::try_from(more) else { continue };
-                    if sink.feed(Message::Text(text)).await.is_err() { break; }
+                    if sink.feed(Message::Text(more)).await.is_err() { break; }
                 }
                 if sink.flush().await.is_err() { break; }
             }

@@ -3,10 +3,13 @@
 //! when the first attempt ends, and successes survive a restart.
 //!
 //! Successes are written to `event_outcomes` by one writer task that groups
-//! every pending lookup and insert into a single round trip: under load one
-//! transaction carries hundreds of events, so the database is not the ack
-//! rate's ceiling. A bounded in-memory set of recent successes answers the
-//! common retry without touching the database at all.
+//! every pending insert into one transaction, and looked up by one reader
+//! task that groups every pending lookup into one query: under load a round
+//! trip carries hundreds of events, so the database is not the ack rate's
+//! ceiling. The two are separate so a slow commit (an SQLite checkpoint,
+//! say) never holds up the lookup a new event waits on. A bounded
+//! in-memory set of recent successes answers the common retry without
+//! touching the database at all.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -67,16 +70,12 @@ impl Drop for Ticket {
     }
 }
 
-enum Op {
-    Lookup(String, oneshot::Sender<Result<bool, String>>),
-    Record(String, oneshot::Sender<Result<(), String>>),
-}
-
 struct Inner {
     /// Event ids being run now, across every dispatch connection.
     inflight: Mutex<HashMap<String, watch::Receiver<Option<Outcome>>>>,
     recent: Mutex<Recent>,
-    ops: mpsc::Sender<Op>,
+    lookups: mpsc::Sender<(String, oneshot::Sender<Result<bool, String>>)>,
+    records: mpsc::Sender<(String, oneshot::Sender<Result<(), String>>)>,
 }
 
 /// A FIFO-evicted set of recent successes.
@@ -106,18 +105,21 @@ pub struct Outcomes {
 }
 
 impl Outcomes {
-    /// Starts the writer and the retention sweeper.
+    /// Starts the reader, the writer and the retention sweeper.
     pub fn start(db: Db, retention: Duration, shutdown: &Shutdown) -> Outcomes {
-        let (ops, rx) = mpsc::channel(4096);
-        // Not tracked: in-flight events need it while shutdown drains, and
-        // it ends by itself once the last `Outcomes` is dropped.
-        tokio::spawn(writer(db.clone(), rx));
+        let (lookups, lookup_rx) = mpsc::channel(4096);
+        let (records, record_rx) = mpsc::channel(4096);
+        // Not tracked: in-flight events need them while shutdown drains,
+        // and they end by themselves once the last `Outcomes` is dropped.
+        tokio::spawn(reader(db.clone(), lookup_rx));
+        tokio::spawn(writer(db.clone(), record_rx));
         shutdown.spawn(sweeper(db, retention, shutdown.clone()));
         Outcomes {
             inner: Arc::new(Inner {
                 inflight: Mutex::new(HashMap::new()),
                 recent: Mutex::new(Recent::default()),
-                ops,
+                lookups,
+                records,
             }),
         }
     }
@@ -180,8 +182,8 @@ impl Outcomes {
 impl Inner {
     async fn lookup(&self, key: &str) -> Result<bool, DbError> {
         let (tx, rx) = oneshot::channel();
-        self.ops
-            .send(Op::Lookup(key.to_owned(), tx))
+        self.lookups
+            .send((key.to_owned(), tx))
             .await
             .map_err(|_| closed())?;
         rx.await
@@ -191,8 +193,8 @@ impl Inner {
 
     async fn record(&self, key: &str) -> Result<(), DbError> {
         let (tx, rx) = oneshot::channel();
-        self.ops
-            .send(Op::Record(key.to_owned(), tx))
+        self.records
+            .send((key.to_owned(), tx))
             .await
             .map_err(|_| closed())?;
         rx.await
@@ -210,44 +212,38 @@ fn closed() -> DbError {
     DbError::Query(sqlx::Error::PoolClosed)
 }
 
-/// Serves lookups and records in groups: one query for all pending lookups
-/// and one transaction for all pending records per round.
-async fn writer(db: Db, mut rx: mpsc::Receiver<Op>) {
-    let mut batch = Vec::with_capacity(GROUP_MAX);
-    while rx.recv_many(&mut batch, GROUP_MAX).await > 0 {
-        let mut lookups = Vec::new();
-        let mut records = Vec::new();
-        for op in batch.drain(..) {
-            match op {
-                Op::Lookup(key, tx) => lookups.push((key, tx)),
-                Op::Record(key, tx) => records.push((key, tx)),
-            }
-        }
-        if !records.is_empty() {
-            let keys: Vec<&str> = records.iter().map(|(k, _)| k.as_str()).collect();
-            let result = insert(&db, &keys).await.map_err(|e| e.to_string());
-            if let Err(err) = &result {
-                tracing::error!(error = %err, events = keys.len(), "cannot record event outcomes");
-            }
-            for (_, tx) in records {
-                let _ = tx.send(result.clone());
-            }
-        }
-        if !lookups.is_empty() {
-            let keys: Vec<&str> = lookups.iter().map(|(k, _)| k.as_str()).collect();
-            match select(&db, &keys).await {
-                Ok(found) => {
-                    for (key, tx) in lookups {
-                        let _ = tx.send(Ok(found.contains(&key)));
-                    }
-                }
-                Err(err) => {
-                    let err = err.to_string();
-                    for (_, tx) in lookups {
-                        let _ = tx.send(Err(err.clone()));
-                    }
+/// Answers every pending lookup with one query per round.
+async fn reader(db: Db, mut rx: mpsc::Receiver<(String, oneshot::Sender<Result<bool, String>>)>) {
+    let mut lookups = Vec::with_capacity(GROUP_MAX);
+    while rx.recv_many(&mut lookups, GROUP_MAX).await > 0 {
+        let keys: Vec<&str> = lookups.iter().map(|(k, _)| k.as_str()).collect();
+        match select(&db, &keys).await {
+            Ok(found) => {
+                for (key, tx) in lookups.drain(..) {
+                    let _ = tx.send(Ok(found.contains(&key)));
                 }
             }
+            Err(err) => {
+                let err = err.to_string();
+                for (_, tx) in lookups.drain(..) {
+                    let _ = tx.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Records every pending success in one transaction per round.
+async fn writer(db: Db, mut rx: mpsc::Receiver<(String, oneshot::Sender<Result<(), String>>)>) {
+    let mut records = Vec::with_capacity(GROUP_MAX);
+    while rx.recv_many(&mut records, GROUP_MAX).await > 0 {
+        let keys: Vec<&str> = records.iter().map(|(k, _)| k.as_str()).collect();
+        let result = insert(&db, &keys).await.map_err(|e| e.to_string());
+        if let Err(err) = &result {
+            tracing::error!(error = %err, events = keys.len(), "cannot record event outcomes");
+        }
+        for (_, tx) in records.drain(..) {
+            let _ = tx.send(result.clone());
         }
     }
 }

@@ -6,10 +6,12 @@
 //! - [`pipeline`]: one event from idempotency check to outcome.
 //! - [`order`]: same-channel events fan out in dispatch order.
 //! - [`idempotency`]: event outcomes, grouped writes, in-flight sharing.
+//! - [`members`]: channel member lists, cached until their version changes.
 
 pub mod conn;
 pub mod frame;
 pub mod idempotency;
+pub mod members;
 pub mod order;
 pub mod pipeline;
 

@@ -9,7 +9,7 @@ use tracing::Instrument;
 use crate::db::Db;
 use crate::errlog::ErrorLog;
 use crate::failure::{ErrorCode, Failure, Trace};
-use crate::ids::{ChannelId, UserId};
+use crate::ids::UserId;
 use crate::plugin::{Audience, Event, Plugins};
 use crate::session::{EventFrame as ClientFrame, Sessions};
 use crate::telemetry::Metrics;
@@ -17,11 +17,14 @@ use crate::with_pool;
 
 use super::frame::{Echo, EventFrame, Outcome};
 use super::idempotency::{Begin, Outcomes};
+use super::members::Members;
 use super::order::Turn;
 
 /// Who a resolved delivery goes to.
 enum Recipients {
     Users(Vec<UserId>),
+    /// A channel's members, shared with the membership cache.
+    Members(Arc<[UserId]>),
     Everyone,
 }
 
@@ -29,9 +32,10 @@ enum Recipients {
 pub struct Pipeline {
     pub plugins: Plugins,
     pub sessions: Sessions,
-    /// The read-write pool, for the host's own lookups (channel members,
-    /// user existence); plugins query through their own read-only pool.
+    /// The read-write pool, for the host's own lookups (user existence);
+    /// plugins query through their own read-only pool.
     pub db: Db,
+    pub members: Members,
     pub outcomes: Outcomes,
     pub errlog: ErrorLog,
     pub metrics: Arc<Metrics>,
@@ -146,6 +150,7 @@ impl Pipeline {
         for (frame, to) in &resolved {
             reached += match to {
                 Recipients::Users(users) => self.sessions.deliver(users, frame),
+                Recipients::Members(users) => self.sessions.deliver(users, frame),
                 Recipients::Everyone => self.sessions.deliver_all(frame),
             };
         }
@@ -155,26 +160,17 @@ impl Pipeline {
     async fn recipients(&self, audience: Audience) -> Result<Recipients, Failure> {
         match audience {
             Audience::Everyone => Ok(Recipients::Everyone),
-            Audience::Channel(channel) => self.members(channel).await.map(Recipients::Users),
+            Audience::Channel(channel) => self
+                .members
+                .of(channel)
+                .await
+                .map(Recipients::Members)
+                .map_err(|e| db_failure("cannot read the channel's members", e)),
             Audience::Users(users) => {
                 self.check_users_exist(&users).await?;
                 Ok(Recipients::Users(users))
             }
         }
-    }
-
-    async fn members(&self, channel: ChannelId) -> Result<Vec<UserId>, Failure> {
-        let rows: Vec<(i64,)> = with_pool!(self.db, p => sqlx::query_as(
-            "SELECT user_id FROM channel_members WHERE channel_id = $1",
-        )
-        .bind(channel.as_i64())
-        .fetch_all(p)
-        .await)
-        .map_err(|e| db_failure("cannot read the channel's members", e))?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(id,)| UserId::from_i64(id))
-            .collect())
     }
 
     /// A delivery naming a user that doesn't exist is a plugin bug worth

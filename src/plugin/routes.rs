@@ -2,7 +2,7 @@
 //! config and pool of ready instances. A table is immutable and swapped
 //! whole, so an event finishes on the version it started with.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -335,18 +335,24 @@ fn convert(deliveries: Vec<bindings::Delivery>) -> Result<Vec<Delivery>, String>
                         )
                     })?,
                 ),
-                bindings::Audience::Users(ids) => Audience::Users(
-                    ids.iter()
-                        .map(|id| {
-                            id.parse::<UserId>().map_err(|_| {
-                                format!(
-                                    "delivery names user '{}' which is not an id",
-                                    truncate(id, 80)
-                                )
-                            })
-                        })
-                        .collect::<Result<_, _>>()?,
-                ),
+                bindings::Audience::Users(ids) => {
+                    // Distinct, first mention kept: a user named twice
+                    // still gets the frame once per session.
+                    let mut seen = HashSet::with_capacity(ids.len());
+                    let mut users = Vec::with_capacity(ids.len());
+                    for id in &ids {
+                        let user = id.parse::<UserId>().map_err(|_| {
+                            format!(
+                                "delivery names user '{}' which is not an id",
+                                truncate(id, 80)
+                            )
+                        })?;
+                        if seen.insert(user) {
+                            users.push(user);
+                        }
+                    }
+                    Audience::Users(users)
+                }
             };
             Ok(Delivery {
                 event: d.event,
@@ -355,4 +361,33 @@ fn convert(deliveries: Vec<bindings::Delivery>) -> Result<Vec<Delivery>, String>
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn to_users(ids: &[&str]) -> Result<Vec<Delivery>, String> {
+        convert(vec![bindings::Delivery {
+            event: "MESSAGE_CREATE".into(),
+            payload: "{}".into(),
+            audience: bindings::Audience::Users(ids.iter().map(|s| s.to_string()).collect()),
+        }])
+    }
+
+    #[test]
+    fn a_user_named_twice_is_one_recipient() {
+        let out = to_users(&["3", "1", "3", "2", "1"]).unwrap();
+        let users: Vec<u64> = match &out[0].audience {
+            Audience::Users(users) => users.iter().map(|u| u.get()).collect(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(users, [3, 1, 2]);
+    }
+
+    #[test]
+    fn a_user_that_is_not_an_id_is_refused() {
+        let err = to_users(&["1", "bob"]).unwrap_err();
+        assert!(err.contains("'bob' which is not an id"), "{err}");
+    }
 }

@@ -101,8 +101,8 @@ impl Sessions {
         }
     }
 
-    /// Hands one frame to every session of these users; returns sessions
-    /// reached. Never blocks or awaits: it enqueues into bounded
+    /// Hands one frame to every session of these (distinct) users; returns
+    /// sessions reached. Never blocks or awaits: it enqueues into bounded
     /// per-session queues, and a full queue closes that session with 4009.
     pub fn deliver(&self, users: &[UserId], frame: &Arc<EventFrame>) -> usize {
         self.count(self.inner.registry.deliver(users, frame))

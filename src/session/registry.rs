@@ -92,22 +92,16 @@ impl Registry {
         self.users.remove_if(&user, |_, slots| slots.is_empty());
     }
 
+    /// `users` must be distinct (a user named twice gets the frame twice):
+    /// plugin audiences are deduplicated when parsed, member lists are
+    /// distinct by the table's key.
     pub(crate) fn deliver(&self, users: &[UserId], frame: &Arc<EventFrame>) -> Delivered {
         let mut done = Delivered::default();
-        let mut each = |user: &UserId| {
+        for user in users {
             if let Some(slots) = self.users.get(user) {
                 for slot in slots.iter() {
                     done.add(slot.outbox.push(frame));
                 }
-            }
-        };
-        match users {
-            [] => {}
-            [one] => each(one),
-            // A user named twice still gets each frame once per session.
-            many => {
-                let mut seen = HashSet::with_capacity(many.len());
-                many.iter().filter(|u| seen.insert(**u)).for_each(each);
             }
         }
         done
@@ -238,7 +232,7 @@ mod tests {
     }
 
     #[test]
-    fn deliver_counts_sessions_and_dedups_users() {
+    fn deliver_counts_sessions() {
         let registry = Registry::default();
         let ids = IdGen::new(0);
         for u in [1, 1, 2] {
@@ -247,7 +241,7 @@ mod tests {
                 .unwrap();
         }
         let frame = Arc::new(EventFrame::new("E", "{}"));
-        let done = registry.deliver(&[user(1), user(3), user(1), user(2)], &frame);
+        let done = registry.deliver(&[user(1), user(3), user(2)], &frame);
         assert_eq!(done.reached, 3);
         assert_eq!(registry.deliver(&[user(2)], &frame).reached, 1);
         assert_eq!(registry.deliver_all(&frame).reached, 3);

@@ -145,6 +145,11 @@ impl Seed {
         }
     }
 
+    /// Runs one statement with no parameters (membership edits and the like).
+    pub async fn execute(&self, sql: &'static str) {
+        on_seed!(self, p => sqlx::query(sql).execute(p).await.map(|_| ())).unwrap();
+    }
+
     pub async fn message(
         &self,
         id: i64,
