@@ -111,7 +111,7 @@ enum Workload {
 async fn main() -> Result<()> {
     let cli = Cli::parse();
     match otako_gateway::sys::raise_fd_limit() {
-        Ok(limit) => FD_LIMIT.store(u64::try_from(limit).unwrap_or(u64::MAX), Ordering::Relaxed),
+        Ok(limit) => FD_LIMIT.store(limit, Ordering::Relaxed),
         Err(err) => eprintln!("cannot raise the open-file limit: {err}"),
     }
     let targets: Vec<Kind> = match cli.target {
