@@ -4,6 +4,10 @@
 //! Callers write one query and run it on whichever pool is configured with
 //! [`with_pool!`](crate::with_pool); each arm is type-checked against its
 //! own driver, so there is no `Any`-driver conversion on the hot path.
+//! Plugin queries on SQLite go through [`SqliteReader`] instead, which
+//! runs them on the calling thread.
+
+mod reader;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -14,6 +18,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{PgPool, SqlitePool};
 
 use crate::config::DatabaseUrl;
+pub use reader::{ReadError, SqliteReader};
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
@@ -32,6 +37,8 @@ pub enum DbError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("{0}")]
     Query(#[from] sqlx::Error),
+    #[error(transparent)]
+    Reader(#[from] ReadError),
 }
 
 /// A connection pool for the configured backend.
@@ -56,6 +63,8 @@ macro_rules! with_pool {
 #[derive(Debug, Clone)]
 pub struct Db {
     pool: Pool,
+    /// Plugin reads, for a read-only handle on SQLite.
+    reader: Option<SqliteReader>,
 }
 
 /// Whether a pool may write.
@@ -75,6 +84,7 @@ impl Db {
         max_connections: u32,
         access: Access,
     ) -> Result<Db, DbError> {
+        let mut reader = None;
         let pool = match url {
             DatabaseUrl::Sqlite(path) => {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -99,6 +109,10 @@ impl Db {
                         url: url.to_string(),
                         source,
                     })?;
+                if access == Access::ReadOnly {
+                    let keep = usize::try_from(max_connections).unwrap_or(usize::MAX);
+                    reader = Some(SqliteReader::open(path, keep)?);
+                }
                 Pool::Sqlite(pool)
             }
             DatabaseUrl::Postgres(raw) => {
@@ -123,11 +137,16 @@ impl Db {
                 Pool::Postgres(pool)
             }
         };
-        Ok(Db { pool })
+        Ok(Db { pool, reader })
     }
 
     pub fn pool(&self) -> &Pool {
         &self.pool
+    }
+
+    /// The inline plugin-read path: `Some` for a read-only SQLite handle.
+    pub fn sqlite_reader(&self) -> Option<&SqliteReader> {
+        self.reader.as_ref()
     }
 
     /// `"sqlite"` or `"postgres"`, for logs and metrics.

@@ -582,6 +582,27 @@ async fn a_slow_query_times_out_on_postgres() {
     host.ok("WRITE", &d).await;
 }
 
+/// SQLite has no server to cancel a statement: the host's progress
+/// handler stops it, and the runaway query holds no worker meanwhile.
+#[tokio::test]
+async fn a_slow_query_times_out_on_sqlite() {
+    let mut setup = Setup::sqlite();
+    setup.set("plugins", "query_timeout_ms", "300");
+    setup.route("WRITE", &test_plugin("write_plugin"), "timeout_ms = 200");
+    let host = host(setup).await;
+    let endless = json!({ "sql": "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) SELECT COUNT(*) FROM n" })
+        .to_string();
+    let (a, b, c) = tokio::join!(
+        host.fail("WRITE", &endless),
+        host.fail("WRITE", &endless),
+        host.fail("WRITE", &endless),
+    );
+    for f in [a, b, c] {
+        assert_eq!(f.message, "query timed out", "{f}");
+    }
+    host.still_serves().await;
+}
+
 // ---- loading, caching, reloading ----------------------------------------
 
 #[tokio::test]

@@ -140,7 +140,7 @@ impl host::Host for HostState {
             ));
         };
         let started = Instant::now();
-        let result = query::run(&services.db, &sql, params, services.query).await;
+        let result = query::run(&services.db, sql, params, services.query).await;
         let spent = started.elapsed();
         let credit = spent.min(self.call.db_allowance);
         self.call.db_allowance -= credit;

@@ -382,7 +382,7 @@ pub async fn bench_query(db: &Db, sql: &str, ids: &[i64]) -> usize {
         timeout: Duration::from_secs(1),
         max_rows: 10_000,
     };
-    query::run(db, sql, params, limits)
+    query::run(db, sql.to_owned(), params, limits)
         .await
         .map_or(0, |rows| rows.rows.len())
 }

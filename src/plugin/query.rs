@@ -9,21 +9,19 @@
 //! statement check here is a cheap first line that gives plugin authors a
 //! clear message; it is not the security boundary.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::TryStreamExt;
 use sqlx::{AssertSqlSafe, Column, Decode, Row, TypeInfo, ValueRef};
 
 use super::bindings::{DbError, Rows, Value};
-use crate::db::{Db, Pool};
+use crate::db::{Db, Pool, ReadError};
 
 /// Longest SQL text a plugin may send: real lookups are a few hundred bytes.
 const MAX_SQL_BYTES: usize = 16 * 1024;
 /// Most parameters one query may bind.
 const MAX_PARAMS: usize = 256;
 
-/// SQLite's "attempt to write a readonly database" (and its extended codes).
-const SQLITE_READONLY: i64 = 8;
 /// PostgreSQL's `read_only_sql_transaction`.
 const PG_READ_ONLY: &str = "25006";
 /// PostgreSQL's `query_canceled`: our `statement_timeout` fired.
@@ -42,52 +40,163 @@ pub(crate) struct QueryLimits {
 /// Runs one plugin query.
 pub(crate) async fn run(
     db: &Db,
-    sql: &str,
+    sql: String,
     params: Vec<Value>,
     limits: QueryLimits,
 ) -> Result<Rows, DbError> {
-    check_statement(sql).map_err(DbError::ReadOnly)?;
+    check_statement(&sql).map_err(DbError::ReadOnly)?;
     if params.len() > MAX_PARAMS {
         return Err(DbError::Query(format!(
             "{} parameters; at most {MAX_PARAMS} may be bound",
             params.len()
         )));
     }
-    let work = async {
-        match db.pool() {
-            Pool::Sqlite(pool) => sqlite(pool, sql, params, limits.max_rows).await,
-            Pool::Postgres(pool) => postgres(pool, sql, params, limits).await,
-        }
-    };
-    // On PostgreSQL the server's statement_timeout fires first and the
-    // transaction ends cleanly; ours is the backstop for a stalled link.
-    let backstop = match db.pool() {
-        Pool::Sqlite(_) => limits.timeout,
-        Pool::Postgres(_) => limits.timeout + PG_TIMEOUT_GRACE,
-    };
-    match tokio::time::timeout(backstop, work).await {
-        Ok(result) => result,
-        Err(_) => Err(DbError::Timeout),
+    match db.pool() {
+        Pool::Sqlite(_) => sqlite(db, sql, params, limits).await,
+        // The server's statement_timeout fires first and the transaction
+        // ends cleanly; ours is the backstop for a stalled link.
+        Pool::Postgres(pool) => tokio::time::timeout(
+            limits.timeout + PG_TIMEOUT_GRACE,
+            postgres(pool, &sql, params, limits),
+        )
+        .await
+        .unwrap_or(Err(DbError::Timeout)),
     }
 }
 
+/// SQLite's progress handler stops the statement at the deadline, so no
+/// timer is needed here.
 async fn sqlite(
-    pool: &sqlx::SqlitePool,
-    sql: &str,
+    db: &Db,
+    sql: String,
     params: Vec<Value>,
-    max_rows: u32,
+    limits: QueryLimits,
 ) -> Result<Rows, DbError> {
-    let mut query = sqlx::query(AssertSqlSafe(sql));
-    for param in params {
-        query = match param {
-            Value::Null => query.bind(None::<i64>),
-            Value::Integer(v) => query.bind(v),
-            Value::Real(v) => query.bind(v),
-            Value::Text(v) => query.bind(v),
-            Value::Blob(v) => query.bind(v),
-        };
+    let Some(reader) = db.sqlite_reader() else {
+        return Err(DbError::Query(
+            "plugin queries need the read-only database handle".to_owned(),
+        ));
+    };
+    let deadline = Instant::now() + limits.timeout;
+    let read = reader.read(deadline, move |conn| {
+        sqlite_rows(conn, &sql, &params, limits.max_rows)
+    });
+    match read.await {
+        Ok(rows) => rows,
+        Err(ReadError::Sqlite(err)) => Err(sqlite_error(err)),
+        Err(err) => Err(DbError::Query(err.to_string())),
     }
-    collect(query.fetch(pool), max_rows, sqlite_value).await
+}
+
+/// Outer error: the database's (a timeout may be retried off-thread);
+/// inner: the plugin's own mistakes, final.
+fn sqlite_rows(
+    conn: &rusqlite::Connection,
+    sql: &str,
+    params: &[Value],
+    max_rows: u32,
+) -> rusqlite::Result<Result<Rows, DbError>> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let order = match parameter_order(&stmt, params.len()) {
+        Ok(order) => order,
+        Err(err) => return Ok(Err(err)),
+    };
+    for (slot, &index) in order.iter().enumerate() {
+        stmt.raw_bind_parameter(slot + 1, SqliteParam(&params[index]))?;
+    }
+    let columns: Vec<String> = stmt.column_names().into_iter().map(str::to_owned).collect();
+    let mut rows = stmt.raw_query();
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        if out.len() >= max_rows as usize {
+            return Ok(Err(DbError::TooManyRows(max_rows)));
+        }
+        let mut values = Vec::with_capacity(columns.len());
+        for (i, column) in columns.iter().enumerate() {
+            match sqlite_value(column, row.get_ref(i)?) {
+                Ok(value) => values.push(value),
+                Err(err) => return Ok(Err(err)),
+            }
+        }
+        out.push(values);
+    }
+    Ok(Ok(Rows { columns, rows: out }))
+}
+
+/// Which bound value fills each of the statement's parameter slots.
+///
+/// SQLite treats `$1` as a *name*, so slots are numbered by appearance;
+/// the number in the name says which value goes there, as on PostgreSQL.
+fn parameter_order(stmt: &rusqlite::Statement<'_>, bound: usize) -> Result<Vec<usize>, DbError> {
+    let mut order = Vec::with_capacity(stmt.parameter_count());
+    let mut highest = 0;
+    for slot in 1..=stmt.parameter_count() {
+        let number = match stmt.parameter_name(slot) {
+            None => slot,
+            Some(name) => name
+                .strip_prefix(['$', '?'])
+                .and_then(|n| n.parse::<usize>().ok())
+                .ok_or_else(|| {
+                    DbError::Query(format!(
+                        "parameter {name} is not supported: use $1, $2, ..."
+                    ))
+                })?,
+        };
+        if number == 0 || number > bound {
+            return Err(DbError::Query(format!(
+                "the statement uses ${number} but {bound} parameters were bound"
+            )));
+        }
+        highest = highest.max(number);
+        order.push(number - 1);
+    }
+    if bound > highest {
+        return Err(DbError::Query(format!(
+            "{bound} parameters were bound but the statement uses {highest}"
+        )));
+    }
+    Ok(order)
+}
+
+struct SqliteParam<'a>(&'a Value);
+
+impl rusqlite::ToSql for SqliteParam<'_> {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        use rusqlite::types::{ToSqlOutput, ValueRef};
+        Ok(ToSqlOutput::Borrowed(match self.0 {
+            Value::Null => ValueRef::Null,
+            Value::Integer(v) => ValueRef::Integer(*v),
+            Value::Real(v) => ValueRef::Real(*v),
+            Value::Text(v) => ValueRef::Text(v.as_bytes()),
+            Value::Blob(v) => ValueRef::Blob(v),
+        }))
+    }
+}
+
+/// SQLite is dynamically typed: the value's own storage class decides.
+fn sqlite_value(column: &str, raw: rusqlite::types::ValueRef<'_>) -> Result<Value, DbError> {
+    use rusqlite::types::ValueRef;
+    Ok(match raw {
+        ValueRef::Null => Value::Null,
+        ValueRef::Integer(v) => Value::Integer(v),
+        ValueRef::Real(v) => Value::Real(v),
+        ValueRef::Text(v) => Value::Text(
+            std::str::from_utf8(v)
+                .map_err(|e| decode_err(column, e))?
+                .to_owned(),
+        ),
+        ValueRef::Blob(v) => Value::Blob(v.to_vec()),
+    })
+}
+
+/// Writes refused by `query_only` become `read-only`; the deadline's
+/// interrupt becomes `timeout`.
+fn sqlite_error(err: rusqlite::Error) -> DbError {
+    match err.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::ReadOnly) => DbError::ReadOnly(err.to_string()),
+        Some(rusqlite::ErrorCode::OperationInterrupted) => DbError::Timeout,
+        _ => DbError::Query(err.to_string()),
+    }
 }
 
 async fn postgres(
@@ -162,32 +271,6 @@ fn decode_err(column: &str, err: impl std::fmt::Display) -> DbError {
     DbError::Query(format!("column '{column}': {err}"))
 }
 
-fn sqlite_value(row: &sqlx::sqlite::SqliteRow, i: usize) -> Result<Value, DbError> {
-    use sqlx::Sqlite;
-    let column = row.columns().get(i).map(|c| c.name()).unwrap_or("?");
-    let raw = row.try_get_raw(i).map_err(db_error)?;
-    if raw.is_null() {
-        return Ok(Value::Null);
-    }
-    // SQLite is dynamically typed: the value's own storage class decides.
-    let kind = raw.type_info().name().to_owned();
-    let value = match kind.as_str() {
-        "INTEGER" | "BOOLEAN" => {
-            Value::Integer(<i64 as Decode<Sqlite>>::decode(raw).map_err(|e| decode_err(column, e))?)
-        }
-        "REAL" => {
-            Value::Real(<f64 as Decode<Sqlite>>::decode(raw).map_err(|e| decode_err(column, e))?)
-        }
-        "BLOB" => Value::Blob(
-            <Vec<u8> as Decode<Sqlite>>::decode(raw).map_err(|e| decode_err(column, e))?,
-        ),
-        _ => {
-            Value::Text(<String as Decode<Sqlite>>::decode(raw).map_err(|e| decode_err(column, e))?)
-        }
-    };
-    Ok(value)
-}
-
 fn pg_value(row: &sqlx::postgres::PgRow, i: usize) -> Result<Value, DbError> {
     use sqlx::Postgres;
     let column = row.columns().get(i).map(|c| c.name()).unwrap_or("?");
@@ -225,7 +308,7 @@ fn pg_value(row: &sqlx::postgres::PgRow, i: usize) -> Result<Value, DbError> {
     Ok(value)
 }
 
-/// Maps a driver error to what the plugin sees; writes refused by the
+/// Maps a PostgreSQL error to what the plugin sees; writes refused by the
 /// database become `read-only`.
 fn db_error(err: sqlx::Error) -> DbError {
     if let sqlx::Error::Database(db) = &err {
@@ -233,14 +316,8 @@ fn db_error(err: sqlx::Error) -> DbError {
         if code.as_deref() == Some(PG_CANCELED) {
             return DbError::Timeout;
         }
-        let read_only = match code.as_deref() {
-            Some(PG_READ_ONLY) => true,
-            // Extended SQLite codes keep the primary code in the low byte.
-            Some(c) => c.parse::<i64>().is_ok_and(|c| c & 0xff == SQLITE_READONLY),
-            None => false,
-        };
         let message = db.message().to_owned();
-        return if read_only {
+        return if code.as_deref() == Some(PG_READ_ONLY) {
             DbError::ReadOnly(message)
         } else {
             DbError::Query(message)
@@ -385,7 +462,7 @@ mod tests {
             Value::Text("✓".into()),
             Value::Blob(vec![0, 255]),
         ];
-        let rows = run(&db, sql, params, LIMITS).await.unwrap();
+        let rows = run(&db, sql.to_owned(), params, LIMITS).await.unwrap();
         assert_eq!(
             rows.columns,
             ["b", "i2", "i4", "i8", "f4", "f8", "t", "v", "y", "n"]
@@ -405,7 +482,7 @@ mod tests {
                 Value::Null,
             ]]
         );
-        let err = run(&db, "SELECT 1.5::numeric AS n", vec![], LIMITS)
+        let err = run(&db, "SELECT 1.5::numeric AS n".into(), vec![], LIMITS)
             .await
             .unwrap_err();
         assert!(
@@ -422,7 +499,7 @@ mod tests {
         let db = Db::open(&url, 1, Access::ReadOnly).await.unwrap();
         let rows = run(
             &db,
-            "SELECT 1 AS i, 2.5 AS r, 'x' AS t, x'00ff' AS y, NULL AS n, $1 AS p",
+            "SELECT 1 AS i, 2.5 AS r, 'x' AS t, x'00ff' AS y, NULL AS n, $1 AS p".into(),
             vec![Value::Text("bound".into())],
             LIMITS,
         )
@@ -439,8 +516,93 @@ mod tests {
                 Value::Text("bound".into()),
             ]]
         );
-        let empty = run(&db, "SELECT 1 WHERE 0", vec![], LIMITS).await.unwrap();
+        let empty = run(&db, "SELECT 1 WHERE 0".into(), vec![], LIMITS)
+            .await
+            .unwrap();
         assert!(empty.rows.is_empty());
+        assert_eq!(empty.columns, ["1"], "columns are named even without rows");
+        db.close().await;
+    }
+
+    /// `$n` means the n-th bound value wherever it appears, as on
+    /// PostgreSQL, though SQLite itself numbers slots by appearance.
+    #[tokio::test]
+    async fn sqlite_parameters_bind_by_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = DatabaseUrl::Sqlite(dir.path().join("t.db"));
+        let db = Db::open(&url, 1, Access::ReadOnly).await.unwrap();
+        let two = || vec![Value::Integer(10), Value::Text("b".into())];
+        let rows = run(
+            &db,
+            "SELECT $2 AS a, $1 AS b, $2 || $2 AS c".into(),
+            two(),
+            LIMITS,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            rows.rows,
+            vec![vec![
+                Value::Text("b".into()),
+                Value::Integer(10),
+                Value::Text("bb".into())
+            ]]
+        );
+        let cases = [
+            ("SELECT $3", "uses $3 but 2 parameters were bound"),
+            (
+                "SELECT $1",
+                "2 parameters were bound but the statement uses 1",
+            ),
+            ("SELECT $0, $1, $2", "uses $0"),
+            ("SELECT :name, $1, $2", "parameter :name is not supported"),
+        ];
+        for (sql, want) in cases {
+            let err = run(&db, sql.into(), two(), LIMITS).await.unwrap_err();
+            assert!(
+                matches!(&err, DbError::Query(m) if m.contains(want)),
+                "{sql}: {err:?}"
+            );
+        }
+        let err = run(&db, "SELECT x FROM nowhere".into(), vec![], LIMITS)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, DbError::Query(m) if m.contains("no such table")),
+            "{err:?}"
+        );
+        db.close().await;
+    }
+
+    /// The deadline stops a runaway statement on SQLite, and the
+    /// connection serves the next query.
+    #[tokio::test]
+    async fn sqlite_queries_stop_at_their_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = DatabaseUrl::Sqlite(dir.path().join("t.db"));
+        let db = Db::open(&url, 1, Access::ReadOnly).await.unwrap();
+        let limits = QueryLimits {
+            timeout: Duration::from_millis(200),
+            max_rows: 10,
+        };
+        let endless = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) \
+                       SELECT COUNT(*) FROM n";
+        let started = std::time::Instant::now();
+        let err = run(&db, endless.into(), vec![], limits).await.unwrap_err();
+        assert!(matches!(err, DbError::Timeout), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(3));
+        let err = run(
+            &db,
+            "SELECT * FROM (VALUES (1),(2),(3)) LIMIT $1".into(),
+            vec![Value::Integer(20)],
+            LIMITS,
+        )
+        .await;
+        assert_eq!(err.unwrap().rows.len(), 3);
+        let err = run(&db, "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n LIMIT 11) SELECT i FROM n".into(), vec![], limits)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DbError::TooManyRows(10)), "{err:?}");
         db.close().await;
     }
 

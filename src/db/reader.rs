@@ -1,0 +1,282 @@
+//! Plugin reads on SQLite, run on the calling thread.
+//!
+//! sqlx gives every SQLite connection a thread of its own, so each query
+//! is two thread hand-offs, which cost more than the point lookups plugins
+//! make (a quarter of the gateway's CPU under load, by profile). Here a
+//! read runs inline on the tokio worker within a short budget; a read that
+//! outgrows it is interrupted and run again on a blocking thread under the
+//! query's real deadline, so a slow plugin query holds a worker for at most
+//! the budget. The connections are `query_only`, so running a read twice
+//! is safe.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, ErrorCode, OpenFlags};
+
+/// How long a read may hold a tokio worker before it moves off it.
+const INLINE_BUDGET: Duration = Duration::from_millis(1);
+/// SQLite VM steps between deadline checks (a few microseconds' work).
+const PROGRESS_STEPS: i32 = 1000;
+/// Prepared statements kept per connection: plugins send a few fixed SQL
+/// texts, so preparing is paid once per text and connection.
+const STATEMENT_CACHE: usize = 128;
+
+/// Why a read did not produce the work's own result.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("cannot open {path} for plugin reads: {source}")]
+    Open {
+        path: String,
+        source: rusqlite::Error,
+    },
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("the plugin read thread failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Read-only SQLite connections for plugin queries: cheap to clone.
+#[derive(Clone)]
+pub struct SqliteReader {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    idle: Mutex<Vec<ReadConn>>,
+    /// Idle connections kept; more may be open while reads overlap.
+    keep: usize,
+}
+
+impl std::fmt::Debug for SqliteReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteReader")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteReader {
+    /// Opens one connection now, so a bad path fails at start-up.
+    pub fn open(path: &Path, keep: usize) -> Result<SqliteReader, ReadError> {
+        let first = ReadConn::open(path)?;
+        Ok(SqliteReader {
+            inner: Arc::new(Inner {
+                path: path.to_owned(),
+                idle: Mutex::new(vec![first]),
+                keep: keep.max(1),
+            }),
+        })
+    }
+
+    /// Runs `work` on a connection, interrupting it at `deadline`.
+    ///
+    /// `work` may run twice: once inline, cut off at the budget, then on a
+    /// blocking thread. It must only read.
+    pub async fn read<T, F>(&self, deadline: Instant, work: F) -> Result<T, ReadError>
+    where
+        F: Fn(&Connection) -> rusqlite::Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let mut conn = self.take()?;
+        let budget = deadline.min(Instant::now() + INLINE_BUDGET);
+        let inline = conn.run(budget, &work);
+        let outgrown = budget < deadline
+            && matches!(
+                inline.as_ref().map_err(rusqlite::Error::sqlite_error_code),
+                Err(Some(
+                    ErrorCode::OperationInterrupted | ErrorCode::DatabaseBusy
+                ))
+            );
+        if !outgrown {
+            self.give(conn);
+            return Ok(inline?);
+        }
+        let (conn, out) = tokio::task::spawn_blocking(move || {
+            let out = conn.run(deadline, &work);
+            (conn, out)
+        })
+        .await?;
+        self.give(conn);
+        Ok(out?)
+    }
+
+    fn take(&self) -> Result<ReadConn, ReadError> {
+        let idle = self.lock().pop();
+        match idle {
+            Some(conn) => Ok(conn),
+            None => ReadConn::open(&self.inner.path),
+        }
+    }
+
+    fn give(&self, conn: ReadConn) {
+        let mut idle = self.lock();
+        if idle.len() < self.inner.keep {
+            idle.push(conn);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<ReadConn>> {
+        self.inner
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// One connection and the deadline its progress handler enforces.
+struct ReadConn {
+    conn: Connection,
+    /// Nanoseconds since [`epoch`]; the running statement is interrupted
+    /// once the clock passes it.
+    deadline: Arc<AtomicU64>,
+}
+
+impl ReadConn {
+    fn open(path: &Path) -> Result<ReadConn, ReadError> {
+        let open_err = |source| ReadError::Open {
+            path: path.display().to_string(),
+            source,
+        };
+        // Read-write flags with `query_only`, as sqlx opens its read-only
+        // pool: a WAL database opened read-only can't create its `-shm`.
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(open_err)?;
+        conn.pragma_update(None, "query_only", true)
+            .map_err(open_err)?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        let deadline = Arc::new(AtomicU64::new(u64::MAX));
+        let watched = deadline.clone();
+        conn.progress_handler(
+            PROGRESS_STEPS,
+            Some(move || since_epoch(Instant::now()) >= watched.load(Ordering::Relaxed)),
+        )
+        .map_err(open_err)?;
+        Ok(ReadConn { conn, deadline })
+    }
+
+    fn run<T>(
+        &mut self,
+        deadline: Instant,
+        work: impl Fn(&Connection) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        self.deadline
+            .store(since_epoch(deadline), Ordering::Relaxed);
+        // A busy database (a WAL reset in progress) waits no longer than
+        // the read may take.
+        self.conn
+            .busy_timeout(deadline.saturating_duration_since(Instant::now()))?;
+        work(&self.conn)
+    }
+}
+
+fn since_epoch(t: Instant) -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    u64::try_from(t.saturating_duration_since(epoch).as_nanos()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn database() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "journal_mode", "wal").unwrap();
+        conn.execute_batch("CREATE TABLE t (v INTEGER); INSERT INTO t VALUES (1), (2);")
+            .unwrap();
+        (dir, path)
+    }
+
+    fn count(conn: &Connection) -> rusqlite::Result<i64> {
+        conn.prepare_cached("SELECT COUNT(*) FROM t")?
+            .query_row([], |r| r.get(0))
+    }
+
+    const ENDLESS: &str = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) \
+                           SELECT COUNT(*) FROM n";
+
+    #[tokio::test]
+    async fn reads_see_writes_committed_before_them() {
+        let (_dir, path) = database();
+        let reader = SqliteReader::open(&path, 2).unwrap();
+        let far = Instant::now() + Duration::from_secs(5);
+        assert_eq!(reader.read(far, count).await.unwrap(), 2);
+        Connection::open(&path)
+            .unwrap()
+            .execute("INSERT INTO t VALUES (3)", [])
+            .unwrap();
+        assert_eq!(reader.read(far, count).await.unwrap(), 3);
+    }
+
+    #[tokio::test]
+    async fn writes_are_refused() {
+        let (_dir, path) = database();
+        let reader = SqliteReader::open(&path, 1).unwrap();
+        let far = Instant::now() + Duration::from_secs(5);
+        let err = reader
+            .read(far, |c| c.execute("DELETE FROM t", []))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, ReadError::Sqlite(e) if e.sqlite_error_code() == Some(ErrorCode::ReadOnly)),
+            "{err:?}"
+        );
+        assert_eq!(reader.read(far, count).await.unwrap(), 2);
+    }
+
+    /// A read past the inline budget moves to a blocking thread and is
+    /// still stopped at its deadline; the connection then serves reads.
+    #[tokio::test]
+    async fn a_slow_read_is_interrupted_at_its_deadline() {
+        let (_dir, path) = database();
+        let reader = SqliteReader::open(&path, 1).unwrap();
+        let started = Instant::now();
+        let err = reader
+            .read(started + Duration::from_millis(200), |c| {
+                c.query_row(ENDLESS, [], |r| r.get::<_, i64>(0))
+            })
+            .await
+            .unwrap_err();
+        let took = started.elapsed();
+        assert!(
+            matches!(&err, ReadError::Sqlite(e) if e.sqlite_error_code() == Some(ErrorCode::OperationInterrupted)),
+            "{err:?}"
+        );
+        assert!(took >= Duration::from_millis(200), "{took:?}");
+        assert!(took < Duration::from_secs(3), "{took:?}");
+        let far = Instant::now() + Duration::from_secs(5);
+        assert_eq!(reader.read(far, count).await.unwrap(), 2);
+    }
+
+    /// The inline attempt is cut at the budget, so a slow read leaves the
+    /// worker free: on a one-thread runtime a timer still fires meanwhile.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_slow_read_does_not_hold_the_worker() {
+        let (_dir, path) = database();
+        let reader = SqliteReader::open(&path, 1).unwrap();
+        let deadline = Instant::now() + Duration::from_millis(500);
+        let slow = tokio::spawn({
+            let reader = reader.clone();
+            async move {
+                reader
+                    .read(deadline, |c| {
+                        c.query_row(ENDLESS, [], |r| r.get::<_, i64>(0))
+                    })
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let ticked = Instant::now();
+        assert!(ticked < deadline, "the worker was held by the read");
+        assert!(slow.await.unwrap().is_err());
+    }
+}
