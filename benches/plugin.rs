@@ -13,7 +13,7 @@
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use otako_gateway::config::Config;
@@ -22,7 +22,6 @@ use otako_gateway::ids::{ChannelId, UserId};
 use otako_gateway::plugin::{Audience, Delivery, Event, Plugins, Presence};
 use otako_gateway::telemetry::Metrics;
 use serde::Deserialize;
-use sqlx::Row;
 
 struct Nobody;
 
@@ -55,7 +54,8 @@ fn native_noop(data: &str) -> Vec<Delivery> {
     }]
 }
 
-/// What message_create does, natively: same query, same object.
+/// What message_create does, natively: same query on the same inline
+/// SQLite read path the `query` import uses, same object.
 async fn native_message_create(db: &Db, data: &str) -> Vec<Delivery> {
     #[derive(Deserialize)]
     struct MessageRef {
@@ -63,26 +63,28 @@ async fn native_message_create(db: &Db, data: &str) -> Vec<Delivery> {
         channel_id: ChannelId,
     }
     let r: MessageRef = serde_json::from_str(data).unwrap();
-    let Pool::Sqlite(pool) = db.pool() else {
-        unreachable!()
-    };
-    let row = sqlx::query(LOAD_MESSAGE)
-        .bind(r.id.as_i64())
-        .bind(r.channel_id.as_i64())
-        .fetch_one(pool)
+    let ids = [r.id.as_i64(), r.channel_id.as_i64()];
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let payload = db
+        .sqlite_reader()
+        .unwrap()
+        .read(deadline, move |conn| {
+            conn.prepare_cached(LOAD_MESSAGE)?.query_row(ids, |row| {
+                Ok(serde_json::json!({
+                    "id": row.get::<_, i64>("id")?.to_string(),
+                    "channel_id": row.get::<_, i64>("channel_id")?.to_string(),
+                    "author": {
+                        "id": row.get::<_, i64>("author_id")?.to_string(),
+                        "name": row.get::<_, String>("author_name")?,
+                    },
+                    "content": row.get::<_, String>("content")?,
+                    "nonce": row.get::<_, Option<String>>("nonce")?,
+                    "timestamp": row.get::<_, String>("created_at")?,
+                }))
+            })
+        })
         .await
         .unwrap();
-    let payload = serde_json::json!({
-        "id": row.get::<i64, _>("id").to_string(),
-        "channel_id": row.get::<i64, _>("channel_id").to_string(),
-        "author": {
-            "id": row.get::<i64, _>("author_id").to_string(),
-            "name": row.get::<String, _>("author_name"),
-        },
-        "content": row.get::<String, _>("content"),
-        "nonce": row.get::<Option<String>, _>("nonce"),
-        "timestamp": row.get::<String, _>("created_at"),
-    });
     vec![Delivery {
         event: "MESSAGE_CREATE".to_owned(),
         payload: payload.to_string(),
