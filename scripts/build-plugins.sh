@@ -24,7 +24,9 @@ if ! grep -qx "$target" <<<"$installed"; then
     rustup target add "$target"
 fi
 
-cargo build --manifest-path "$plugins/Cargo.toml" --target "$target" --release "$@"
+# Its own target dir even when CARGO_TARGET_DIR points elsewhere: the
+# files are copied from there below.
+cargo build --manifest-path "$plugins/Cargo.toml" --target "$target" --target-dir "$plugins/target" --release "$@"
 
 out="$plugins/target/$target/release"
 mkdir -p "$plugins/testing/wasm"

@@ -268,12 +268,15 @@ async fn rebuild_on_save(config: Config, stop: CancellationToken) {
 
 fn build_command(workspace: &Path) -> String {
     format!(
-        "cargo build --manifest-path {} --target wasm32-wasip2 --release",
-        workspace.join("Cargo.toml").display()
+        "cargo build --manifest-path {} --target wasm32-wasip2 --target-dir {} --release",
+        workspace.join("Cargo.toml").display(),
+        workspace.join("target").display()
     )
 }
 
-/// Incremental `cargo build` of a plugins workspace for wasm32-wasip2.
+/// Incremental `cargo build` of a plugins workspace for wasm32-wasip2,
+/// into the workspace's own `target/` even if `CARGO_TARGET_DIR` is set,
+/// since the built component is copied from there.
 fn cargo_build(workspace: &Path) -> Result<(), DevError> {
     let fail = |reason: String| DevError::Build {
         command: build_command(workspace),
@@ -290,6 +293,8 @@ fn cargo_build(workspace: &Path) -> Result<(), DevError> {
             "--manifest-path",
         ])
         .arg(workspace.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(workspace.join("target"))
         .status()
         .map_err(|e| fail(e.to_string()))?;
     if status.success() {
