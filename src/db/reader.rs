@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
+use rusqlite::limits::Limit;
 use rusqlite::{Connection, ErrorCode, OpenFlags};
 
 /// How long a read may hold a tokio worker before it moves off it.
@@ -23,6 +24,10 @@ const PROGRESS_STEPS: i32 = 1000;
 /// Prepared statements kept per connection: plugins send a few fixed SQL
 /// texts, so preparing is paid once per text and connection.
 const STATEMENT_CACHE: usize = 128;
+/// Largest string or blob a plugin query may produce (SQLite's default is
+/// 1 GB): `randomblob(1e9)` would otherwise allocate that much in the
+/// host before the plugin's own memory limit could refuse it.
+const MAX_VALUE_BYTES: i32 = 64 * 1024 * 1024;
 
 /// Why a read did not produce the work's own result.
 #[derive(Debug, thiserror::Error)]
@@ -149,6 +154,8 @@ impl ReadConn {
         )
         .map_err(open_err)?;
         conn.pragma_update(None, "query_only", true)
+            .map_err(open_err)?;
+        conn.set_limit(Limit::SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)
             .map_err(open_err)?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         let deadline = Arc::new(AtomicU64::new(u64::MAX));

@@ -564,6 +564,18 @@ mod tests {
                 "{sql}: {err:?}"
             );
         }
+        let err = run(
+            &db,
+            "SELECT length(randomblob(100000000))".into(),
+            vec![],
+            LIMITS,
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(&err, DbError::Query(m) if m.contains("too big")),
+            "{err:?}"
+        );
         let err = run(&db, "SELECT x FROM nowhere".into(), vec![], LIMITS)
             .await
             .unwrap_err();
