@@ -130,7 +130,7 @@ fn print_welcome(bound: Bound, api: std::net::SocketAddr, tokens: &TokenKey) {
     println!("Watch bob's session (any WebSocket client; curl shows the raw frames):");
     println!(
         "  curl -sN --http1.1 -H 'Connection: Upgrade' -H 'Upgrade: websocket' -H 'Sec-WebSocket-Version: 13' \
-         -H 'Sec-WebSocket-Key: b3Rha28tZ2F0ZXdheS1kZXY=' 'http://{}/gateway?token={bob}'",
+         -H 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==' 'http://{}/gateway?token={bob}'",
         bound.client
     );
     println!("Then post as alice:");

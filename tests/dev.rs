@@ -8,6 +8,7 @@ mod common;
 use common::client::Client;
 use common::{Setup, http_request, token};
 use serde_json::Value;
+use std::time::{Duration, Instant};
 
 #[tokio::test]
 async fn dev_runs_the_whole_stack_in_one_process() {
@@ -33,5 +34,45 @@ async fn dev_runs_the_whole_stack_in_one_process() {
     assert_eq!(frame["t"], "MESSAGE_CREATE");
     assert_eq!(frame["d"], message);
     assert_eq!(frame["d"]["author"]["name"], "alice");
+    watch_command_works_as_printed(&dev).await;
     assert!(dev.stop().success());
+}
+
+/// The curl command `dev` prints to watch bob's session, sent exactly as
+/// printed: the upgrade is accepted and HELLO arrives.
+async fn watch_command_works_as_printed(dev: &common::Gateway) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let watch = loop {
+        if let Some(line) = dev.stdout().into_iter().find(|l| l.contains("curl -sN")) {
+            break line;
+        }
+        assert!(Instant::now() < deadline, "dev printed no watch command");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let quoted: Vec<&str> = watch.split('\'').skip(1).step_by(2).collect();
+    let (url, headers) = quoted.split_last().unwrap();
+    let path = url
+        .strip_prefix(&format!("http://{}", dev.client))
+        .unwrap_or_else(|| panic!("{url} is not on {}", dev.client));
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {}\r\n", dev.client);
+    for header in headers {
+        request.push_str(header);
+        request.push_str("\r\n");
+    }
+    request.push_str("\r\n");
+    let mut stream = tokio::net::TcpStream::connect(dev.client).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&seen).contains("HELLO") {
+        let n = tokio::time::timeout_at(deadline.into(), stream.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no HELLO; got {}", String::from_utf8_lossy(&seen)))
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
 }

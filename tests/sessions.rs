@@ -70,6 +70,28 @@ async fn bad_or_missing_tokens_get_401_without_upgrade() {
     // Plain HTTP on the client port is told to upgrade.
     let (status, _) = common::http_get(gw.client, "/gateway").await;
     assert_eq!(status, 426);
+    // A broken upgrade is a 400 that names what is wrong: this key
+    // decodes to 17 bytes, not the 16 RFC 6455 requires.
+    let upgrade = |key| {
+        [
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Version", "13"),
+            ("Sec-WebSocket-Key", key),
+        ]
+    };
+    let (status, body) = common::http_request(
+        gw.client,
+        "GET",
+        "/gateway",
+        &upgrade("b3Rha28tZ2F0ZXdheS1kZXY="),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, body.trim()),
+        (400, "Invalid \"Sec-WebSocket-Key\" header value")
+    );
 
     wait_metric(&gw, "otako_auth_failures_total", "", 11.0).await;
     assert_eq!(gw.metric("otako_sessions_opened_total", "").await, 0.0);

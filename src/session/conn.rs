@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{StatusCode, header};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -128,10 +129,11 @@ pub(super) async fn handle(inner: Arc<Inner>, mut stream: TcpStream, shutdown: S
             return;
         }
         Ok(Err(WsError::Protocol(err))) => {
-            // Not a WebSocket upgrade (plain HTTP, bad headers): say so
-            // rather than hang up silently.
+            // Not a WebSocket upgrade, or a broken one: say which rather
+            // than hang up silently.
             tracing::debug!(error = %err, "refused a non-websocket request");
-            let _ = timeout(CLOSE_TIMEOUT, stream.write_all(UPGRADE_REQUIRED)).await;
+            let response = handshake_refusal(&err);
+            let _ = timeout(CLOSE_TIMEOUT, stream.write_all(response.as_bytes())).await;
             return;
         }
         Ok(Err(err)) => {
@@ -190,7 +192,25 @@ pub(super) async fn handle(inner: Arc<Inner>, mut stream: TcpStream, shutdown: S
     .await;
 }
 
-const UPGRADE_REQUIRED: &[u8] = b"HTTP/1.1 426 Upgrade Required\r\nUpgrade: websocket\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
+/// Plain HTTP is told to upgrade (426); an upgrade request that breaks
+/// the handshake rules (a bad `Sec-WebSocket-Key`, a missing version) is a
+/// 400 that names the rule, so a hand-written client can see its mistake.
+fn handshake_refusal(err: &ProtocolError) -> String {
+    match err {
+        ProtocolError::MissingConnectionUpgradeHeader
+        | ProtocolError::MissingUpgradeWebSocketHeader => "HTTP/1.1 426 Upgrade Required\r\n\
+             Upgrade: websocket\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+            .to_owned(),
+        other => {
+            let reason = format!("{other}\n");
+            format!(
+                "HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\
+                 Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\r\n{reason}",
+                reason.len()
+            )
+        }
+    }
+}
 
 /// Why a handshake was refused. Clients learn only the status; the
 /// reason goes to the debug log.

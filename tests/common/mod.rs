@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use otako_gateway::ids::UserId;
@@ -262,6 +263,7 @@ pub struct Gateway {
     /// Set when the process runs the reference API (`api` or `dev`).
     pub api: Option<SocketAddr>,
     stderr_path: PathBuf,
+    printed: Arc<Mutex<Vec<String>>>,
 }
 
 /// The address after `key=http://` (or `key http://`) in an announce line.
@@ -294,9 +296,12 @@ impl Gateway {
             .unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let printed = Arc::new(Mutex::new(Vec::new()));
+        let keep = printed.clone();
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
             while let Some(Ok(line)) = lines.next() {
+                keep.lock().unwrap().push(line.clone());
                 if line.starts_with("otako-gateway ") {
                     let _ = tx.send(line);
                 }
@@ -335,7 +340,13 @@ impl Gateway {
             api: api_line.and_then(|l| announced(&l, "api")),
             child,
             stderr_path,
+            printed,
         }
+    }
+
+    /// Every line the process has printed on stdout so far.
+    pub fn stdout(&self) -> Vec<String> {
+        self.printed.lock().unwrap().clone()
     }
 
     /// Kills the process without letting it drain (a crash).
@@ -429,7 +440,14 @@ pub async fn http_request(
 ) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n");
+    // The caller's own Connection header (an upgrade) replaces ours.
+    if !headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("connection"))
+    {
+        request.push_str("Connection: close\r\n");
+    }
     for (k, v) in headers {
         request.push_str(&format!("{k}: {v}\r\n"));
     }
