@@ -492,11 +492,25 @@ mod tests {
         db.close().await;
     }
 
-    #[tokio::test]
-    async fn sqlite_values_keep_their_storage_class() {
+    /// A read-only handle on a fresh SQLite file (kept while the dir lives).
+    async fn sqlite_db() -> (tempfile::TempDir, Db) {
         let dir = tempfile::tempdir().unwrap();
         let url = DatabaseUrl::Sqlite(dir.path().join("t.db"));
         let db = Db::open(&url, 1, Access::ReadOnly).await.unwrap();
+        (dir, db)
+    }
+
+    /// The `query` error message for `sql`, which must fail that way.
+    async fn query_error(db: &Db, sql: &str, params: Vec<Value>) -> String {
+        match run(db, sql.into(), params, LIMITS).await {
+            Err(DbError::Query(message)) => message,
+            other => panic!("{sql}: expected a query error, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn sqlite_values_keep_their_storage_class() {
+        let (_dir, db) = sqlite_db().await;
         let rows = run(
             &db,
             "SELECT 1 AS i, 2.5 AS r, 'x' AS t, x'00ff' AS y, NULL AS n, $1 AS p".into(),
@@ -528,9 +542,7 @@ mod tests {
     /// PostgreSQL, though SQLite itself numbers slots by appearance.
     #[tokio::test]
     async fn sqlite_parameters_bind_by_number() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = DatabaseUrl::Sqlite(dir.path().join("t.db"));
-        let db = Db::open(&url, 1, Access::ReadOnly).await.unwrap();
+        let (_dir, db) = sqlite_db().await;
         let two = || vec![Value::Integer(10), Value::Text("b".into())];
         let rows = run(
             &db,
@@ -558,31 +570,16 @@ mod tests {
             ("SELECT :name, $1, $2", "parameter :name is not supported"),
         ];
         for (sql, want) in cases {
-            let err = run(&db, sql.into(), two(), LIMITS).await.unwrap_err();
-            assert!(
-                matches!(&err, DbError::Query(m) if m.contains(want)),
-                "{sql}: {err:?}"
-            );
+            let message = query_error(&db, sql, two()).await;
+            assert!(message.contains(want), "{sql}: {message}");
         }
-        let err = run(
-            &db,
-            "SELECT length(randomblob(100000000))".into(),
-            vec![],
-            LIMITS,
-        )
-        .await
-        .unwrap_err();
-        assert!(
-            matches!(&err, DbError::Query(m) if m.contains("too big")),
-            "{err:?}"
-        );
-        let err = run(&db, "SELECT x FROM nowhere".into(), vec![], LIMITS)
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(&err, DbError::Query(m) if m.contains("no such table")),
-            "{err:?}"
-        );
+        for (sql, want) in [
+            ("SELECT length(randomblob(100000000))", "too big"),
+            ("SELECT x FROM nowhere", "no such table"),
+        ] {
+            let message = query_error(&db, sql, vec![]).await;
+            assert!(message.contains(want), "{sql}: {message}");
+        }
         db.close().await;
     }
 
@@ -590,9 +587,7 @@ mod tests {
     /// connection serves the next query.
     #[tokio::test]
     async fn sqlite_queries_stop_at_their_timeout() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = DatabaseUrl::Sqlite(dir.path().join("t.db"));
-        let db = Db::open(&url, 1, Access::ReadOnly).await.unwrap();
+        let (_dir, db) = sqlite_db().await;
         let limits = QueryLimits {
             timeout: Duration::from_millis(200),
             max_rows: 10,
