@@ -94,25 +94,31 @@ impl Db {
                     })?;
                 }
                 let options = sqlite_options(path, access);
-                let pool = SqlitePoolOptions::new()
-                    .max_connections(max_connections)
+                let pool_options = SqlitePoolOptions::new()
                     // sqlx pings every connection it hands out by default:
                     // for SQLite a round trip to the connection's thread,
                     // as costly as the query itself. A file can't go away
                     // under an open connection; an error fails the event,
                     // which the backend retries.
                     .test_before_acquire(false)
-                    .acquire_timeout(Duration::from_secs(10))
-                    .connect_with(options)
-                    .await
-                    .map_err(|source| DbError::Open {
-                        url: url.to_string(),
-                        source,
-                    })?;
-                if access == Access::ReadOnly {
+                    .acquire_timeout(Duration::from_secs(10));
+                let pool = if access == Access::ReadOnly {
+                    // Plugin reads go through the reader; the sqlx pool is
+                    // only for `with_pool!` callers, so it opens nothing
+                    // (no connection thread) until one uses it.
                     let keep = usize::try_from(max_connections).unwrap_or(usize::MAX);
                     reader = Some(SqliteReader::open(path, keep)?);
-                }
+                    pool_options.max_connections(1).connect_lazy_with(options)
+                } else {
+                    pool_options
+                        .max_connections(max_connections)
+                        .connect_with(options)
+                        .await
+                        .map_err(|source| DbError::Open {
+                            url: url.to_string(),
+                            source,
+                        })?
+                };
                 Pool::Sqlite(pool)
             }
             DatabaseUrl::Postgres(raw) => {

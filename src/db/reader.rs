@@ -146,11 +146,14 @@ impl ReadConn {
             path: path.display().to_string(),
             source,
         };
-        // Read-write flags with `query_only`, as sqlx opens its read-only
-        // pool: a WAL database opened read-only can't create its `-shm`.
+        // Read-write flags with `query_only`, as sqlx opens its pools: a WAL
+        // database opened read-only can't create its `-shm`, and a missing
+        // file is created empty, as the read-write pool would.
         let conn = Connection::open_with_flags(
             path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(open_err)?;
         conn.pragma_update(None, "query_only", true)

@@ -226,7 +226,7 @@ async fn postgres(
             Value::Blob(v) => query.bind(v),
         };
     }
-    let rows = collect(query.fetch(&mut *tx), limits.max_rows, pg_value).await;
+    let rows = pg_rows(query.fetch(&mut *tx), limits.max_rows).await;
     // End the transaction now, whatever happened: left to the drop, its
     // ROLLBACK would wait for the connection's next use, and meanwhile the
     // connection would sit "idle in transaction" holding locks and a
@@ -239,14 +239,9 @@ async fn postgres(
 
 /// Reads rows until the stream ends or the limit is passed, converting as
 /// it goes so a too-large result is never held whole.
-async fn collect<R, S>(
-    mut stream: S,
-    max_rows: u32,
-    value: fn(&R, usize) -> Result<Value, DbError>,
-) -> Result<Rows, DbError>
+async fn pg_rows<S>(mut stream: S, max_rows: u32) -> Result<Rows, DbError>
 where
-    R: Row,
-    S: futures_util::Stream<Item = Result<R, sqlx::Error>> + Unpin,
+    S: futures_util::Stream<Item = Result<sqlx::postgres::PgRow, sqlx::Error>> + Unpin,
 {
     let mut out = Rows {
         columns: Vec::new(),
@@ -260,7 +255,7 @@ where
             return Err(DbError::TooManyRows(max_rows));
         }
         let values = (0..row.len())
-            .map(|i| value(&row, i))
+            .map(|i| pg_value(&row, i))
             .collect::<Result<Vec<_>, _>>()?;
         out.rows.push(values);
     }
