@@ -138,6 +138,7 @@ async fn run(cli: Cli) -> Result<()> {
             println!("{}", key.issue(user, token::now_s()));
         }
         Verb::LogSink { listen, out } => {
+            let signalled = shutdown::signal();
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
@@ -148,7 +149,7 @@ async fn run(cli: Cli) -> Result<()> {
             );
             let stop = shutdown::Shutdown::new();
             let server = tokio::spawn(logsink::serve(listener, out, stop.clone()));
-            shutdown::signal().await;
+            signalled.await;
             stop.drain().await;
             let _ = server.await;
         }
