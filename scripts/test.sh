@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: builds the WebAssembly plugins (installing the
 # wasm32-wasip2 target if missing), makes sure the local PostgreSQL answers,
-# then runs every unit and integration test.
+# then runs every unit and integration test: the plugin SDK's and handlers'
+# own (natively, in the plugins workspace), then the gateway's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/build-plugins.sh
 scripts/services.sh
+cargo test --manifest-path plugins/Cargo.toml --target-dir plugins/target
 cargo test --all-targets "$@"

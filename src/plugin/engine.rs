@@ -68,6 +68,10 @@ impl PluginEngine {
         let mut config = Config::new();
         config
             .epoch_interruption(true)
+            // No WIT `async func`s or streams: without the component-model
+            // async machinery a call runs on a plain fiber, which halves
+            // the per-call cost (noop plugin 2.06 → 1.30 µs, criterion).
+            .concurrency_support(false)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config)?;
         spawn_ticker(&engine);

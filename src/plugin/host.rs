@@ -12,7 +12,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use super::Presence;
 use super::bindings::otako::gateway::{host, types};
 use super::bindings::{DbError, Level, Rows, Value};
-use super::query::{self, QueryLimits};
+use super::query::{self, CheckedStatements, QueryLimits};
 use super::sandbox::{Capture, Limits};
 use crate::db::Db;
 use crate::ids::UserId;
@@ -62,6 +62,7 @@ pub(crate) struct HostState {
     pub limits: Limits,
     pub call: CallState,
     pub route: Arc<RouteCtx>,
+    checked: CheckedStatements,
     pub stdout: Capture,
     pub stderr: Capture,
 }
@@ -91,6 +92,7 @@ impl HostState {
                 logs: 0,
             },
             route,
+            checked: CheckedStatements::default(),
             stdout,
             stderr,
         }
@@ -139,6 +141,7 @@ impl host::Host for HostState {
                 "no database is open (plugin check)".to_owned(),
             ));
         };
+        self.checked.check(&sql).map_err(DbError::ReadOnly)?;
         let started = Instant::now();
         let result = query::run(&services.db, sql, params, services.query).await;
         let spent = started.elapsed();

@@ -5,7 +5,8 @@ use otako_messages::{MessageRef, check_content_len, load};
 use otako_plugin_sdk::prelude::*;
 
 fn handle(event: Event) -> Result<Vec<Delivery>, HandlerError> {
-    let message = load(event.data_as::<MessageRef>()?)?;
+    let found = load(event.data_as::<MessageRef>()?)?;
+    let message = found.message()?;
     check_content_len(&message)?;
     Ok(vec![deliver_to_channel(
         "MESSAGE_UPDATE",
