@@ -104,7 +104,9 @@ pub async fn serve(
     let (token_secret, dispatch_secret) = config.require_secrets()?;
     let metrics = Metrics::new();
     let db = open_database(&config).await?;
-    let plugin_db = Db::open(
+    // Read-only: plugin queries, and the per-event lookups of idempotency
+    // and membership versions (on SQLite all inline, see `db::reader`).
+    let read_db = Db::open(
         &config.database.url,
         config.database.max_connections.get(),
         Access::ReadOnly,
@@ -138,7 +140,7 @@ pub async fn serve(
     );
     let sessions = Sessions::new(config.sessions.clone(), tokens, metrics.clone());
     let presence: Arc<dyn Presence> = Arc::new(sessions.clone());
-    let plugins = Plugins::load(&config, plugin_db.clone(), presence, metrics.clone()).await?;
+    let plugins = Plugins::load(&config, read_db.clone(), presence, metrics.clone()).await?;
     readiness.set_plugins_loaded();
     if config.plugins.hot_reload {
         let watcher = reload::watch(
@@ -165,8 +167,8 @@ pub async fn serve(
         plugins,
         sessions: sessions.clone(),
         db: db.clone(),
-        members: Members::start(db.clone()),
-        outcomes: Outcomes::start(db.clone(), retention, &background),
+        members: Members::start(db.clone(), read_db.clone()),
+        outcomes: Outcomes::start(db.clone(), read_db.clone(), retention, &background),
         errlog,
         metrics: metrics.clone(),
     };
@@ -199,7 +201,7 @@ pub async fn serve(
     if drained.is_err() {
         tracing::warn!(timeout = ?DRAIN_TIMEOUT, "drain timed out; exiting with work unfinished");
     }
-    plugin_db.close().await;
+    read_db.close().await;
     db.close().await;
     tracing::info!("gateway stopped");
     Ok(())

@@ -1,8 +1,12 @@
-//! Plugin reads on SQLite, run on the calling thread.
+//! Reads on SQLite run on the calling thread: plugin queries, and the
+//! host's own lookups on an event's way to its fan-out (idempotency,
+//! membership versions).
 //!
 //! sqlx gives every SQLite connection a thread of its own, so each query
 //! is two thread hand-offs, which cost more than the point lookups plugins
-//! make (a quarter of the gateway's CPU under load, by profile). Here a
+//! make (a quarter of the gateway's CPU under load, by profile) and, with
+//! the cores busy writing frames, wait for that thread to be scheduled
+//! (milliseconds of delivery latency). Here a
 //! read runs inline on the tokio worker within a short budget; a read that
 //! outgrows it is interrupted and run again on a blocking thread under the
 //! query's real deadline, so a slow plugin query holds a worker for at most
@@ -24,6 +28,12 @@ const PROGRESS_STEPS: i32 = 1000;
 /// Prepared statements kept per connection: plugins send a few fixed SQL
 /// texts, so preparing is paid once per text and connection.
 const STATEMENT_CACHE: usize = 128;
+/// How long one of the host's own lookups ([`SqliteReader::read_keyed`])
+/// may take: as long as sqlx waits for a pooled connection.
+const HOST_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Keys per read in [`SqliteReader::read_keyed`]: an index probe each,
+/// tens of microseconds in all.
+const KEYED_CHUNK: usize = 64;
 /// Largest string or blob a plugin query may produce (SQLite's default is
 /// 1 GB): `randomblob(1e9)` would otherwise allocate that much in the
 /// host before the plugin's own memory limit could refuse it.
@@ -32,18 +42,20 @@ const MAX_VALUE_BYTES: i32 = 64 * 1024 * 1024;
 /// Why a read did not produce the work's own result.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
-    #[error("cannot open {path} for plugin reads: {source}")]
+    #[error("cannot open {path} for inline reads: {source}")]
     Open {
         path: String,
         source: rusqlite::Error,
     },
     #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
-    #[error("the plugin read thread failed: {0}")]
+    #[error("the read thread failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error("cannot encode the lookup's keys: {0}")]
+    Keys(#[from] serde_json::Error),
 }
 
-/// Read-only SQLite connections for plugin queries: cheap to clone.
+/// Read-only SQLite connections for inline reads: cheap to clone.
 #[derive(Clone)]
 pub struct SqliteReader {
     inner: Arc<Inner>,
@@ -107,6 +119,37 @@ impl SqliteReader {
         .await?;
         self.give(conn);
         Ok(out?)
+    }
+
+    /// The rows of `sql` for a batch of keys, mapped by `row`. `sql` takes
+    /// keys as one JSON array in `?1`, as in
+    /// `WHERE id IN (SELECT value FROM json_each(?1))`, so one cached
+    /// statement serves any number of them. Keys go [`KEYED_CHUNK`] per
+    /// read, so a big batch is several short reads, each well inside the
+    /// inline budget, instead of one that outgrows it and runs twice.
+    pub async fn read_keyed<K, T>(
+        &self,
+        sql: &'static str,
+        keys: &[K],
+        row: fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>, ReadError>
+    where
+        K: serde::Serialize,
+        T: Send + 'static,
+    {
+        let mut out = Vec::new();
+        for chunk in keys.chunks(KEYED_CHUNK) {
+            let keys = serde_json::to_string(chunk)?;
+            let rows = self
+                .read(Instant::now() + HOST_READ_TIMEOUT, move |conn| {
+                    conn.prepare_cached(sql)?
+                        .query_map([&keys], row)?
+                        .collect::<rusqlite::Result<Vec<T>>>()
+                })
+                .await?;
+            out.extend(rows);
+        }
+        Ok(out)
     }
 
     fn take(&self) -> Result<ReadConn, ReadError> {
@@ -225,6 +268,42 @@ mod tests {
             .execute("INSERT INTO t VALUES (3)", [])
             .unwrap();
         assert_eq!(reader.read(far, count).await.unwrap(), 3);
+    }
+
+    #[tokio::test]
+    async fn keyed_reads_take_any_number_of_keys() {
+        let (_dir, path) = database();
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                r#"CREATE TABLE k (id TEXT PRIMARY KEY); INSERT INTO k VALUES ('a"b'), ('x''y');"#,
+            )
+            .unwrap();
+        let reader = SqliteReader::open(&path, 1).unwrap();
+        const INTS: &str =
+            "SELECT v FROM t WHERE v IN (SELECT value FROM json_each(?1)) ORDER BY v";
+        let int = |r: &rusqlite::Row<'_>| r.get::<_, i64>(0);
+        assert_eq!(reader.read_keyed(INTS, &[2, 5], int).await.unwrap(), [2]);
+        assert!(
+            reader
+                .read_keyed::<i64, _>(INTS, &[], int)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let many: Vec<i64> = (0..50_000).collect();
+        assert_eq!(reader.read_keyed(INTS, &many, int).await.unwrap(), [1, 2]);
+        // Text keys arrive intact whatever quotes they hold.
+        const TEXTS: &str =
+            "SELECT id FROM k WHERE id IN (SELECT value FROM json_each(?1)) ORDER BY id";
+        let text = |r: &rusqlite::Row<'_>| r.get::<_, String>(0);
+        assert_eq!(
+            reader
+                .read_keyed(TEXTS, &["x'y", "a\"b", "zz"], text)
+                .await
+                .unwrap(),
+            ["a\"b", "x'y"]
+        );
     }
 
     #[tokio::test]

@@ -105,13 +105,15 @@ pub struct Outcomes {
 }
 
 impl Outcomes {
-    /// Starts the reader, the writer and the retention sweeper.
-    pub fn start(db: Db, retention: Duration, shutdown: &Shutdown) -> Outcomes {
+    /// Starts the reader, the writer and the retention sweeper. Lookups go
+    /// through `reads`, the read-only handle: inline on SQLite, so an
+    /// event's duplicate check never waits for a connection thread.
+    pub fn start(db: Db, reads: Db, retention: Duration, shutdown: &Shutdown) -> Outcomes {
         let (lookups, lookup_rx) = mpsc::channel(4096);
         let (records, record_rx) = mpsc::channel(4096);
         // Not tracked: in-flight events need them while shutdown drains,
         // and they end by themselves once the last `Outcomes` is dropped.
-        tokio::spawn(reader(db.clone(), lookup_rx));
+        tokio::spawn(reader(reads, lookup_rx));
         tokio::spawn(writer(db.clone(), record_rx));
         shutdown.spawn(sweeper(db, retention, shutdown.clone()));
         Outcomes {
@@ -264,7 +266,18 @@ async fn insert(db: &Db, keys: &[&str]) -> Result<(), sqlx::Error> {
     })
 }
 
-async fn select(db: &Db, keys: &[&str]) -> Result<HashSet<String>, sqlx::Error> {
+async fn select(db: &Db, keys: &[&str]) -> Result<HashSet<String>, DbError> {
+    if let Some(reader) = db.sqlite_reader() {
+        let found = reader
+            .read_keyed(
+                "SELECT event_id FROM event_outcomes \
+                 WHERE event_id IN (SELECT value FROM json_each(?1))",
+                keys,
+                |row| row.get(0),
+            )
+            .await?;
+        return Ok(found.into_iter().collect());
+    }
     let mut found = HashSet::new();
     for chunk in keys.chunks(CHUNK) {
         let rows: Vec<(String,)> = with_pool!(db, p => {

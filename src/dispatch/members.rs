@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::db::Db;
+use crate::db::{Db, DbError};
 use crate::ids::{ChannelId, UserId};
 use crate::with_pool;
 
@@ -41,9 +41,12 @@ pub struct Members {
 
 impl Members {
     /// Starts the version reader; it ends once `Members` is dropped.
-    pub fn start(db: Db) -> Members {
+    /// Versions, read for every event, go through `reads`, the read-only
+    /// handle (inline on SQLite); member lists, read only when a version
+    /// moved, through `db`.
+    pub fn start(db: Db, reads: Db) -> Members {
         let (versions, rx) = mpsc::channel(4096);
-        tokio::spawn(version_reader(db.clone(), rx));
+        tokio::spawn(version_reader(reads, rx));
         Members {
             db,
             cache: Mutex::default(),
@@ -126,7 +129,18 @@ async fn version_reader(db: Db, mut rx: mpsc::Receiver<(ChannelId, VersionReply)
     }
 }
 
-async fn read_versions(db: &Db, channels: &[i64]) -> Result<HashMap<i64, i64>, sqlx::Error> {
+async fn read_versions(db: &Db, channels: &[i64]) -> Result<HashMap<i64, i64>, DbError> {
+    if let Some(reader) = db.sqlite_reader() {
+        let found = reader
+            .read_keyed(
+                "SELECT channel_id, version FROM channel_member_versions \
+                 WHERE channel_id IN (SELECT value FROM json_each(?1))",
+                channels,
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .await?;
+        return Ok(found.into_iter().collect());
+    }
     let mut found = HashMap::with_capacity(channels.len());
     for chunk in channels.chunks(CHUNK) {
         let rows: Vec<(i64, i64)> = with_pool!(db, p => {
