@@ -4,8 +4,8 @@
 //! Callers write one query and run it on whichever pool is configured with
 //! [`with_pool!`](crate::with_pool); each arm is type-checked against its
 //! own driver, so there is no `Any`-driver conversion on the hot path.
-//! Plugin queries on SQLite go through [`SqliteReader`] instead, which
-//! runs them on the calling thread.
+//! Plugin queries and the per-event host lookups on SQLite go through
+//! [`SqliteReader`] instead, which runs them on the calling thread.
 
 mod reader;
 
@@ -63,7 +63,7 @@ macro_rules! with_pool {
 #[derive(Debug, Clone)]
 pub struct Db {
     pool: Pool,
-    /// Plugin reads, for a read-only handle on SQLite.
+    /// Inline reads, for a read-only handle on SQLite.
     reader: Option<SqliteReader>,
 }
 
@@ -103,7 +103,7 @@ impl Db {
                     .test_before_acquire(false)
                     .acquire_timeout(Duration::from_secs(10));
                 let pool = if access == Access::ReadOnly {
-                    // Plugin reads go through the reader; the sqlx pool is
+                    // Reads go through the reader; the sqlx pool is
                     // only for `with_pool!` callers, so it opens nothing
                     // (no connection thread) until one uses it.
                     let keep = usize::try_from(max_connections).unwrap_or(usize::MAX);
@@ -150,7 +150,7 @@ impl Db {
         &self.pool
     }
 
-    /// The inline plugin-read path: `Some` for a read-only SQLite handle.
+    /// The inline read path: `Some` for a read-only SQLite handle.
     pub fn sqlite_reader(&self) -> Option<&SqliteReader> {
         self.reader.as_ref()
     }
