@@ -59,6 +59,41 @@ macro_rules! with_pool {
     };
 }
 
+/// Runs the async block `$body` with `$c` bound to one connection of the
+/// concrete pool (`&mut SqliteConnection` or `&mut PgConnection`); `$body`
+/// must evaluate to `Result<_, sqlx::Error>`. Use it for writes.
+///
+/// A connection whose work failed is closed instead of going back to the
+/// pool: after a failed write (a full disk, an I/O error) SQLite can keep
+/// the connection's transaction and its write lock, and every later write
+/// would then fail with "database is locked" long after the fault cleared.
+/// A fresh connection starts clean, so writes recover by themselves.
+#[macro_export]
+macro_rules! with_conn {
+    ($db:expr, $c:ident => $body:expr) => {
+        match $db.pool() {
+            $crate::db::Pool::Sqlite(p) => $crate::with_conn!(@on p, $c => $body),
+            $crate::db::Pool::Postgres(p) => $crate::with_conn!(@on p, $c => $body),
+        }
+    };
+    (@on $p:ident, $c:ident => $body:expr) => {
+        match $p.acquire().await {
+            Err(e) => Err(e),
+            Ok(mut conn) => {
+                let result: Result<_, sqlx::Error> = async {
+                    let $c = &mut *conn;
+                    $body
+                }
+                .await;
+                if result.is_err() {
+                    conn.close_on_drop();
+                }
+                result
+            }
+        }
+    };
+}
+
 /// A handle to the database: cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Db {
