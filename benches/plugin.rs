@@ -207,12 +207,12 @@ const MESSAGE: &str = r#"{"id":"3","channel_id":"1","author":{"id":"10","name":"
 
 /// Frames for 1,000 recipients: what one event's fan-out serializes.
 fn serialization(c: &mut Criterion) {
-    use otako_gateway::session::EventFrame;
+    use otako_gateway::session::ClientFrame;
     const RECIPIENTS: u64 = 1000;
     let mut group = c.benchmark_group("fanout_1000_frames");
     group.bench_function("shared_frame_splice_s", |b| {
         b.iter(|| {
-            let frame = EventFrame::new("MESSAGE_CREATE", black_box(MESSAGE));
+            let frame = ClientFrame::new("MESSAGE_CREATE", black_box(MESSAGE));
             let mut bytes = 0;
             for seq in 1..=RECIPIENTS {
                 bytes += frame.encode(seq).len();

@@ -19,6 +19,9 @@ use crate::telemetry::Metrics;
 pub struct Readiness {
     plugins_loaded: AtomicBool,
     draining: AtomicBool,
+    /// Whether event claims can be written: while they can't, every event
+    /// fails with DB_ERROR, so the node is not ready.
+    claims_healthy: std::sync::OnceLock<Arc<AtomicBool>>,
 }
 
 impl Readiness {
@@ -28,6 +31,19 @@ impl Readiness {
 
     pub fn set_draining(&self) {
         self.draining.store(true, Ordering::Release);
+    }
+
+    pub fn watch_claims(&self, healthy: Arc<AtomicBool>) {
+        let _ = self.claims_healthy.set(healthy);
+    }
+
+    /// The last claim write failed. Only a write can tell whether the
+    /// fault cleared, so `/readyz` then tries one itself.
+    fn claims_failing(&self) -> Option<&AtomicBool> {
+        self.claims_healthy
+            .get()
+            .map(|h| h.as_ref())
+            .filter(|h| !h.load(Ordering::Acquire))
     }
 
     fn why_not_ready(&self) -> Option<&'static str> {
@@ -72,6 +88,17 @@ async fn route(path: &str, db: &Db, metrics: &Metrics, readiness: &Readiness) ->
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!("not ready: {why}\n"),
                 );
+            }
+            if let Some(healthy) = readiness.claims_failing() {
+                match crate::dispatch::claims::probe(db).await {
+                    Ok(()) => healthy.store(true, Ordering::Release),
+                    Err(err) => {
+                        return http::text(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("not ready: the database cannot record event claims: {err}\n"),
+                        );
+                    }
+                }
             }
             match db.ping().await {
                 Ok(()) => http::text(StatusCode::OK, "ready\n"),

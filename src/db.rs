@@ -7,6 +7,7 @@
 //! Plugin queries and the per-event host lookups on SQLite go through
 //! [`SqliteReader`] instead, which runs them on the calling thread.
 
+mod batch;
 mod reader;
 
 use std::path::Path;
@@ -18,6 +19,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{PgPool, SqlitePool};
 
 use crate::config::DatabaseUrl;
+pub use batch::Batcher;
 pub use reader::{ReadError, SqliteReader};
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
@@ -39,7 +41,39 @@ pub enum DbError {
     Query(#[from] sqlx::Error),
     #[error(transparent)]
     Reader(#[from] ReadError),
+    /// A grouped operation ([`Batcher`]) failed for its whole group.
+    #[error("{0}")]
+    Grouped(String),
 }
+
+/// A lookup by a set of keys, written once for both backends with
+/// [`keyed_sql!`](crate::keyed_sql): the keys travel as one JSON array
+/// parameter, so one cached statement serves any number of them.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyedSql {
+    pub sqlite: &'static str,
+    pub postgres: &'static str,
+}
+
+/// `keyed_sql!("SELECT id FROM users WHERE id IN", "bigint")`: the keys
+/// become the list after `IN`, cast to the column's PostgreSQL type.
+#[macro_export]
+macro_rules! keyed_sql {
+    ($head:literal, $pg_type:literal) => {
+        $crate::db::KeyedSql {
+            sqlite: concat!($head, " (SELECT value FROM json_each(?1))"),
+            postgres: concat!(
+                $head,
+                " (SELECT value::",
+                $pg_type,
+                " FROM json_array_elements_text($1::json))"
+            ),
+        }
+    };
+}
+
+/// Keys per PostgreSQL keyed read.
+const PG_KEYED_CHUNK: usize = 1000;
 
 /// A connection pool for the configured backend.
 #[derive(Debug, Clone)]
@@ -221,6 +255,36 @@ impl Db {
             .iter()
             .count()
             .saturating_sub(usize::try_from(before).unwrap_or(0)))
+    }
+
+    /// The rows `sql` finds for `keys`. On a read-only SQLite handle the
+    /// read runs inline (see [`SqliteReader`]), mapping rows with
+    /// `sqlite_row`; elsewhere it goes through sqlx.
+    pub async fn read_keyed<K, T>(
+        &self,
+        sql: KeyedSql,
+        keys: &[K],
+        sqlite_row: fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>, DbError>
+    where
+        K: serde::Serialize,
+        T: Send + Unpin + 'static,
+        T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+        T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>,
+    {
+        if let Some(reader) = &self.reader {
+            return Ok(reader.read_keyed(sql.sqlite, keys, sqlite_row).await?);
+        }
+        let mut found = Vec::new();
+        for chunk in keys.chunks(PG_KEYED_CHUNK) {
+            let json = serde_json::to_string(chunk).map_err(ReadError::from)?;
+            let rows: Vec<T> = match &self.pool {
+                Pool::Sqlite(p) => sqlx::query_as(sql.sqlite).bind(json).fetch_all(p).await?,
+                Pool::Postgres(p) => sqlx::query_as(sql.postgres).bind(json).fetch_all(p).await?,
+            };
+            found.extend(rows);
+        }
+        Ok(found)
     }
 
     /// A trivial round trip, for `/readyz`.

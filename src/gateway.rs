@@ -12,9 +12,9 @@ use tokio::net::TcpListener;
 use crate::admin::{self, Readiness};
 use crate::config::Config;
 use crate::db::{Access, Db, DbError};
-use crate::dispatch::idempotency::Outcomes;
+use crate::dispatch::claims::{Claims, SqlClaims};
 use crate::dispatch::members::Members;
-use crate::dispatch::{self, Dispatch, Pipeline};
+use crate::dispatch::{self, Listener, Pipeline};
 use crate::errlog::ErrorLog;
 use crate::ids::UserId;
 use crate::plugin::{PluginError, Plugins, Presence};
@@ -104,8 +104,8 @@ pub async fn serve(
     let (token_secret, dispatch_secret) = config.require_secrets()?;
     let metrics = Metrics::new();
     let db = open_database(&config).await?;
-    // Read-only: plugin queries, and the per-event lookups of idempotency
-    // and membership versions (on SQLite all inline, see `db::reader`).
+    // Read-only: plugin queries, and the host's per-event lookups
+    // (membership versions, user existence; on SQLite inline, see `db::reader`).
     let read_db = Db::open(
         &config.database.url,
         config.database.max_connections.get(),
@@ -163,18 +163,21 @@ pub async fn serve(
             .deliver(config.logging.sink.clone(), background.clone()),
     );
     let retention = Duration::from_secs(config.dispatch.outcome_retention_s.get());
+    let claims = SqlClaims::start(db.clone(), retention, &background);
+    readiness.watch_claims(claims.healthy());
     let pipeline = Pipeline {
         plugins,
         sessions: sessions.clone(),
-        db: db.clone(),
+        fanout: Arc::new(sessions.clone()),
+        reads: read_db.clone(),
         members: Members::start(db.clone(), read_db.clone()),
-        outcomes: Outcomes::start(db.clone(), read_db.clone(), retention, &background),
+        claims: Claims::new(claims),
         errlog,
         metrics: metrics.clone(),
     };
-    let dispatcher = Dispatch::new(pipeline, &dispatch_secret, config.dispatch.clone());
+    let listener = Listener::new(pipeline, &dispatch_secret, config.dispatch.clone());
     front.spawn(dispatch::serve(
-        dispatcher.clone(),
+        listener.clone(),
         dispatch_listener,
         front.clone(),
     ));
@@ -183,7 +186,7 @@ pub async fn serve(
         let clients_stop = clients.clone();
         clients.spawn(async move { sessions.serve(client, clients_stop).await });
     }
-    drop(dispatcher);
+    drop(listener);
 
     tracing::info!(%bound, "gateway listening");
     on_bound(bound);

@@ -9,8 +9,9 @@
 //!
 //! One event's path reads top to bottom through these modules:
 //!
-//! - [`dispatch`]: the dispatch socket: frames in, pipelined events,
-//!   idempotency, acks out.
+//! - [`dispatch`]: the dispatch socket: frames in (parsed once), pipelined
+//!   events, each run by one pipeline to one outcome (claim → plugin →
+//!   fan-out), acks out.
 //! - [`plugin`]: routes, the wasmtime host, the WIT host interface. Event
 //!   in, deliveries out; never sees a socket. [`reload`] watches
 //!   `gateway.toml` and the plugin files and swaps new versions in.
@@ -26,23 +27,25 @@
 //! [`api`] and [`dispatch_client`] (the reference HTTP backend and the
 //! Rust client for the dispatch protocol), [`logsink`] (the reference
 //! logging server), [`http`] (the small hyper server loop the HTTP
-//! listeners share), [`sys`] (OS limits).
+//! listeners share), [`sys`] (OS limits), [`failpoint`] (crash points for
+//! tests).
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod api;
 pub mod config;
 pub mod db;
 pub mod dev;
-pub mod dispatch;
+pub(crate) mod dispatch;
 pub mod dispatch_client;
-pub mod errlog;
+pub(crate) mod errlog;
+pub(crate) mod failpoint;
 pub mod failure;
 pub mod gateway;
-pub mod http;
+pub(crate) mod http;
 pub mod ids;
 pub mod logsink;
 pub mod plugin;
-pub mod reload;
+pub(crate) mod reload;
 pub mod session;
 pub mod shutdown;
 pub mod sys;

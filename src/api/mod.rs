@@ -4,7 +4,7 @@
 //!
 //! - [`routes`]: the HTTP handlers and their JSON errors.
 //! - [`store`]: the SQL behind them.
-//! - [`outbox`]: the dispatcher: pipelined sends, retries, log-and-drop.
+//! - [`outbox`]: the outbox relay: pipelined sends, retries, log-and-drop.
 
 pub mod outbox;
 pub mod routes;
@@ -47,7 +47,7 @@ pub struct AppState {
     pub ids: IdGen,
     pub max_body_bytes: usize,
     pub max_content_len: usize,
-    /// Wakes the dispatcher as soon as an outbox row is committed.
+    /// Wakes the outbox relay as soon as a row is committed.
     pub outbox_ready: Arc<Notify>,
 }
 
@@ -91,7 +91,7 @@ pub async fn run(
             .clone()
             .deliver(config.logging.sink.clone(), background.clone()),
     );
-    let dispatcher = outbox::Dispatcher {
+    let relay = outbox::Relay {
         db: db.clone(),
         url: dispatch_url.unwrap_or_else(|| config.api.dispatch_url.clone()),
         secret: dispatch_secret,
@@ -104,7 +104,7 @@ pub async fn run(
         errlog,
         ready: outbox_ready,
     };
-    shutdown.spawn(dispatcher.run(shutdown.clone()));
+    shutdown.spawn(relay.run(shutdown.clone()));
     shutdown.spawn(routes::serve(listener, state, shutdown.clone()));
     tracing::info!(%bound, "api listening");
     on_bound(bound);

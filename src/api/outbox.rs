@@ -1,4 +1,4 @@
-//! The backend's dispatcher: sends pending outbox rows over one dispatch
+//! The backend's outbox relay: sends pending outbox rows over one dispatch
 //! connection, pipelined, with increasing `s` and each row's own
 //! `event_id`. A row that fails (`success:false`, a timeout, or no
 //! connection) is retried with backoff; after `api.dispatch_attempts`
@@ -26,7 +26,8 @@ const MAX_INFLIGHT: usize = 512;
 /// How often the connection is PINGed.
 const PING_EVERY: Duration = Duration::from_secs(5);
 
-pub struct Dispatcher {
+/// The outbox relay: sends committed `dispatch_outbox` rows to the gateway.
+pub struct Relay {
     pub db: Db,
     pub url: String,
     pub secret: Secret,
@@ -44,7 +45,7 @@ struct Row {
     attempts: i64,
 }
 
-impl Dispatcher {
+impl Relay {
     /// Runs until shutdown, then lets in-flight sends finish.
     pub async fn run(self, shutdown: Shutdown) {
         let this = Arc::new(self);
@@ -60,7 +61,7 @@ impl Dispatcher {
             let due = match this.due_rows().await {
                 Ok(rows) => rows,
                 Err(err) => {
-                    tracing::error!(error = %err, "dispatcher cannot read the outbox");
+                    tracing::error!(error = %err, "outbox relay cannot read the outbox");
                     Vec::new()
                 }
             };

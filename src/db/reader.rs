@@ -1,6 +1,6 @@
 //! Reads on SQLite run on the calling thread: plugin queries, and the
-//! host's own lookups on an event's way to its fan-out (idempotency,
-//! membership versions).
+//! host's own lookups on an event's way to its fan-out (membership
+//! versions, user existence).
 //!
 //! sqlx gives every SQLite connection a thread of its own, so each query
 //! is two thread hand-offs, which cost more than the point lookups plugins

@@ -20,24 +20,50 @@ pub enum Echo {
 }
 
 impl Echo {
-    /// The canonical text form: `"1"` and `1` are the same event id.
+    /// The value as text, as plugins see the event id.
+    pub fn text(&self) -> Cow<'_, str> {
+        match self {
+            Echo::Int(n) => Cow::Owned(n.to_string()),
+            Echo::Str(s) => Cow::Borrowed(s),
+        }
+    }
+
+    /// The canonical key the event id is stored under: `"1"` and `1` are
+    /// the same event id. A NUL byte (which PostgreSQL text can't hold)
+    /// and the escape character itself are escaped, so every id has a key
+    /// and no two ids share one.
     pub fn key(&self) -> String {
         match self {
             Echo::Int(n) => n.to_string(),
-            Echo::Str(s) => s.clone(),
+            Echo::Str(s) if !s.contains(['\0', '\\']) => s.clone(),
+            Echo::Str(s) => s.replace('\\', "\\\\").replace('\0', "\\0"),
         }
     }
 }
 
-/// One dispatch event, as the backend sent it.
+/// One dispatch event with a readable `event_id`. Whether the rest of the
+/// frame is well-formed is in `body`: a malformed event takes the same path
+/// as any other and ends in a failed `EVENT_ROUNDTRIP` (`BAD_EVENT`).
 #[derive(Debug, Clone)]
-pub struct EventFrame {
-    /// The event type, e.g. `EVENT_MESSAGE_CREATE`.
+pub struct DispatchEvent {
+    pub event_id: Echo,
+    /// [`Echo::key`] of `event_id`, computed once.
+    pub key: String,
+    pub s: Option<Echo>,
+    /// The event type, e.g. `EVENT_MESSAGE_CREATE`; empty when the frame
+    /// had none or it was not a string.
     pub t: String,
+    pub body: Result<Body, String>,
+}
+
+/// The well-formed part of an event.
+#[derive(Debug, Clone)]
+pub struct Body {
     /// The `d` object as JSON text, handed to the plugin untouched.
     pub d: Box<RawValue>,
-    pub s: Option<Echo>,
-    pub event_id: Echo,
+    /// `d.channel_id` as text, when it is a string or an integer: events
+    /// with the same channel fan out in dispatch order.
+    pub channel: Option<String>,
 }
 
 /// A parsed inbound frame.
@@ -46,34 +72,23 @@ pub enum Inbound {
     /// op 1: the backend's keepalive; `ts` is echoed in the PONG.
     Ping { ts: serde_json::Value },
     /// op 0: an event to run.
-    Event(EventFrame),
-}
-
-/// Why a frame was refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FrameError {
-    /// Not JSON, not an object, or no readable `event_id`: answered with
-    /// `INVALID_FRAME`.
-    Invalid(String),
-    /// An event whose id can be read but whose other fields are wrong:
-    /// answered with a failed `EVENT_ROUNDTRIP`.
-    BadEvent {
-        event_id: Echo,
-        s: Option<Echo>,
-        t: Option<String>,
-        reason: String,
-    },
+    Event(DispatchEvent),
 }
 
 #[derive(Deserialize)]
 struct Raw<'a> {
     op: Option<serde_json::Value>,
     #[serde(borrow)]
-    t: Option<Cow<'a, str>>,
+    t: Option<&'a RawValue>,
     #[serde(borrow)]
     d: Option<&'a RawValue>,
     s: Option<serde_json::Value>,
     event_id: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct ChannelOf {
+    channel_id: Option<serde_json::Value>,
 }
 
 /// A string or integer, else why not.
@@ -104,26 +119,23 @@ fn kind(v: &serde_json::Value) -> &'static str {
     }
 }
 
-/// Parses one text frame.
-pub fn parse(text: &str) -> Result<Inbound, FrameError> {
+/// Parses one text frame. `Err` is the reason for an `INVALID_FRAME`: the
+/// frame is not JSON, not an object, or an event without a readable
+/// `event_id`.
+pub fn parse(text: &str) -> Result<Inbound, String> {
     let raw: Raw<'_> = serde_json::from_str(text).map_err(|e| {
-        FrameError::Invalid(if e.is_data() {
+        if e.is_data() {
             "frame is not a JSON object".to_owned()
         } else {
             format!("frame is not JSON: {e}")
-        })
+        }
     })?;
     let op = match raw.op {
         None => 0,
         Some(serde_json::Value::Number(n)) => n
             .as_i64()
-            .ok_or_else(|| FrameError::Invalid(format!("op must be an integer, not {n}")))?,
-        Some(other) => {
-            return Err(FrameError::Invalid(format!(
-                "op must be an integer, not {}",
-                kind(&other)
-            )));
-        }
+            .ok_or_else(|| format!("op must be an integer, not {n}"))?,
+        Some(other) => return Err(format!("op must be an integer, not {}", kind(&other))),
     };
     match op {
         1 => {
@@ -136,36 +148,62 @@ pub fn parse(text: &str) -> Result<Inbound, FrameError> {
         }
         0 => {
             let event_id = match raw.event_id {
-                Some(v) => echo("event_id", v).map_err(FrameError::Invalid)?,
-                None => return Err(FrameError::Invalid("event has no event_id".to_owned())),
+                Some(v) => echo("event_id", v)?,
+                None => return Err("event has no event_id".to_owned()),
             };
-            let t = raw.t.map(Cow::into_owned);
-            let bad = |reason: String, s: Option<Echo>, t: Option<String>| FrameError::BadEvent {
-                event_id: event_id.clone(),
+            let t = raw
+                .t
+                .and_then(|t| serde_json::from_str::<String>(t.get()).ok());
+            let s = raw.s.filter(|s| !s.is_null()).map(|v| echo("s", v));
+            let (s, s_error) = match s {
+                None => (None, None),
+                Some(Ok(s)) => (Some(s), None),
+                Some(Err(why)) => (None, Some(why)),
+            };
+            let body = match (s_error, &t, raw.t, raw.d) {
+                (Some(why), ..) => Err(why),
+                (None, None, None, _) => Err("event has no t (event type)".to_owned()),
+                (None, None, Some(t), _) => Err(format!(
+                    "t must be a string, not {}",
+                    serde_json::from_str::<serde_json::Value>(t.get()).map_or("JSON", |v| kind(&v))
+                )),
+                (None, Some(t), ..) if t.is_empty() || t.len() > 128 => {
+                    Err("t must be 1 to 128 bytes".to_owned())
+                }
+                (None, Some(_), _, None) => Err("event has no d".to_owned()),
+                (None, Some(_), _, Some(d)) => body(d),
+            };
+            Ok(Inbound::Event(DispatchEvent {
+                key: event_id.key(),
+                event_id,
                 s,
-                t,
-                reason,
-            };
-            let s = match raw.s {
-                None | Some(serde_json::Value::Null) => None,
-                Some(v) => Some(echo("s", v).map_err(|r| bad(r, None, t.clone()))?),
-            };
-            let t = match t {
-                Some(t) if !t.is_empty() && t.len() <= 128 => t,
-                Some(_) => return Err(bad("t must be 1 to 128 bytes".into(), s, None)),
-                None => return Err(bad("event has no t (event type)".into(), s, None)),
-            };
-            let d = match raw.d {
-                Some(d) if d.get().trim_start().starts_with('{') => d.to_owned(),
-                Some(_) => return Err(bad("d must be a JSON object".into(), s, Some(t))),
-                None => return Err(bad("event has no d".into(), s, Some(t))),
-            };
-            Ok(Inbound::Event(EventFrame { t, d, s, event_id }))
+                t: t.unwrap_or_default(),
+                body,
+            }))
         }
-        other => Err(FrameError::Invalid(format!(
+        other => Err(format!(
             "unknown op {other} (the gateway accepts 0 = event and 1 = PING)"
-        ))),
+        )),
     }
+}
+
+fn body(d: &RawValue) -> Result<Body, String> {
+    if !d.get().trim_start().starts_with('{') {
+        return Err("d must be a JSON object".to_owned());
+    }
+    let channel = match serde_json::from_str::<ChannelOf>(d.get()) {
+        Ok(ChannelOf {
+            channel_id: Some(serde_json::Value::String(s)),
+        }) => Some(s),
+        Ok(ChannelOf {
+            channel_id: Some(serde_json::Value::Number(n)),
+        }) => Some(n.to_string()),
+        _ => None,
+    };
+    Ok(Body {
+        d: d.to_owned(),
+        channel,
+    })
 }
 
 /// `EVENT_ROUNDTRIP`: the ack for one event.
@@ -249,8 +287,10 @@ mod tests {
             panic!("not an event")
         };
         assert_eq!(ev.t, "EVENT_MESSAGE_CREATE");
-        assert_eq!(ev.d.get(), r#"{"id":"3","channel_id":"1"}"#);
-        assert_eq!(ev.event_id.key(), "1");
+        let body = ev.body.as_ref().unwrap();
+        assert_eq!(body.d.get(), r#"{"id":"3","channel_id":"1"}"#);
+        assert_eq!(body.channel.as_deref(), Some("1"));
+        assert_eq!(ev.key, "1");
         let ack = roundtrip(
             &ev.event_id,
             ev.s.as_ref(),
@@ -276,29 +316,92 @@ mod tests {
         );
     }
 
+    fn bad(text: &str) -> (Echo, Option<Echo>, String) {
+        match parse(text) {
+            Ok(Inbound::Event(DispatchEvent {
+                event_id,
+                s,
+                body: Err(why),
+                ..
+            })) => (event_id, s, why),
+            other => panic!("{text}: {other:?}"),
+        }
+    }
+
     #[test]
     fn garbage_is_invalid_and_bad_events_keep_their_id() {
-        assert!(matches!(parse("nope"), Err(FrameError::Invalid(_))));
-        assert!(matches!(parse("[1,2]"), Err(FrameError::Invalid(_))));
-        assert!(matches!(parse(r#"{"op":7}"#), Err(FrameError::Invalid(_))));
-        assert!(matches!(
-            parse(r#"{"op":0,"t":"X","d":{}}"#),
-            Err(FrameError::Invalid(_))
-        ));
-        assert!(matches!(
-            parse(r#"{"op":0,"t":"X","d":{},"event_id":1.5}"#),
-            Err(FrameError::Invalid(_))
-        ));
-        match parse(r#"{"op":0,"t":"X","d":[1],"event_id":"9","s":3}"#) {
-            Err(FrameError::BadEvent { event_id, s, .. }) => {
-                assert_eq!(event_id, Echo::Str("9".into()));
-                assert_eq!(s, Some(Echo::Int(3)));
-            }
-            other => panic!("{other:?}"),
+        for text in [
+            "nope",
+            "[1,2]",
+            r#"{"op":7}"#,
+            r#"{"op":0,"t":"X","d":{}}"#,
+            r#"{"op":0,"t":"X","d":{},"event_id":1.5}"#,
+            r#"{"op":0,"t":"X","d":{},"event_id":[1]}"#,
+        ] {
+            assert!(parse(text).is_err(), "{text}");
         }
+        let (id, s, why) = bad(r#"{"op":0,"t":"X","d":[1],"event_id":"9","s":3}"#);
+        assert_eq!((id, s), (Echo::Str("9".into()), Some(Echo::Int(3))));
+        assert_eq!(why, "d must be a JSON object");
         assert!(matches!(
             parse(r#"{"op":1,"t":"PING","d":{"ts":123}}"#),
             Ok(Inbound::Ping { ts }) if ts == serde_json::json!(123)
         ));
+    }
+
+    #[test]
+    fn a_t_of_any_json_type_is_a_bad_event_not_an_invalid_frame() {
+        for (t, kind) in [
+            ("5", "a number"),
+            ("[1]", "an array"),
+            (r#"{"a":1}"#, "an object"),
+            ("true", "a boolean"),
+        ] {
+            let text = format!(r#"{{"op":0,"t":{t},"d":{{}},"event_id":"e","s":"2"}}"#);
+            let (id, s, why) = bad(&text);
+            assert_eq!(id, Echo::Str("e".into()));
+            assert_eq!(s, Some(Echo::Str("2".into())));
+            assert_eq!(why, format!("t must be a string, not {kind}"), "{t}");
+        }
+        for text in [
+            r#"{"op":0,"d":{},"event_id":1}"#,
+            r#"{"op":0,"t":null,"d":{},"event_id":1}"#,
+        ] {
+            assert_eq!(bad(text).2, "event has no t (event type)");
+        }
+        let (_, s, why) = bad(r#"{"op":0,"t":"X","d":{},"event_id":1,"s":[2]}"#);
+        assert_eq!(
+            (s, why.as_str()),
+            (None, "s must be a string or an integer, not an array")
+        );
+    }
+
+    #[test]
+    fn keys_are_distinct_and_hold_no_nul() {
+        let ids = ["a\0b", "a\\0b", "a\\\0b", "1", "a\\b"];
+        let keys: Vec<String> = ids.iter().map(|i| Echo::Str((*i).into()).key()).collect();
+        assert_eq!(keys[3], Echo::Int(1).key());
+        for (i, key) in keys.iter().enumerate() {
+            assert!(!key.contains('\0'), "{key:?}");
+            for other in &keys[i + 1..] {
+                assert_ne!(key, other);
+            }
+        }
+    }
+
+    #[test]
+    fn channel_ids_may_be_strings_or_integers() {
+        for (d, channel) in [
+            (r#"{"channel_id":"7"}"#, Some("7")),
+            (r#"{"channel_id":7}"#, Some("7")),
+            (r#"{"channel_id":null}"#, None),
+            (r#"{"id":"1"}"#, None),
+        ] {
+            let text = format!(r#"{{"op":0,"t":"X","d":{d},"event_id":1}}"#);
+            let Ok(Inbound::Event(ev)) = parse(&text) else {
+                panic!("{text}")
+            };
+            assert_eq!(ev.body.unwrap().channel.as_deref(), channel, "{d}");
+        }
     }
 }

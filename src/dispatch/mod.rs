@@ -1,19 +1,20 @@
 //! The dispatch side (DESIGN §3): the backend's WebSocket, its frames,
-//! the pipelined event path, idempotency and acks.
+//! the pipelined event path, claims and acks.
 //!
-//! - [`frame`]: typed inbound frames and the ack/PONG/INVALID_FRAME texts.
-//! - [`conn`]: one dispatch connection: auth, PING deadline, backpressure.
-//! - [`pipeline`]: one event from idempotency check to outcome.
-//! - [`order`]: same-channel events fan out in dispatch order.
-//! - [`idempotency`]: event outcomes, grouped writes, in-flight sharing.
-//! - [`members`]: channel member lists, cached until their version changes.
+//! One event reads top to bottom through:
+//! - [`conn`]: frame in (parsed once by [`frame`]), backpressure, the
+//!   channel's turn ([`order`]), ack out.
+//! - [`pipeline`]: claim → plugin → recipients ([`members`]) → fan-out →
+//!   outcome; failures to the error log.
+//! - [`claims`]: an event id is claimed durably before any frame leaves,
+//!   so it is broadcast at most once.
 
+pub mod claims;
 pub mod conn;
 pub mod frame;
-pub mod idempotency;
 pub mod members;
 pub mod order;
 pub mod pipeline;
 
-pub use conn::{Dispatch, serve};
+pub use conn::{Listener, serve};
 pub use pipeline::Pipeline;

@@ -1,5 +1,7 @@
-//! One event's path, in order: idempotency → plugin → recipients →
-//! sessions → outcome (and, on failure, the error log).
+//! One event's path, start to outcome: claim → plugin → recipients →
+//! (claim durable, channel's turn) → fan-out → outcome. Every event with a
+//! readable `event_id`, well-formed or not, goes through [`Pipeline::run`]
+//! and leaves with exactly one [`Outcome`], from which the ack is written.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -10,33 +12,50 @@ use crate::db::Db;
 use crate::errlog::ErrorLog;
 use crate::failure::{ErrorCode, Failure, Trace};
 use crate::ids::UserId;
+use crate::keyed_sql;
 use crate::plugin::{Audience, Event, Plugins};
-use crate::session::{EventFrame as ClientFrame, Sessions};
+use crate::session::{ClientFrame, Sessions};
 use crate::telemetry::Metrics;
-use crate::with_pool;
 
-use super::frame::{Echo, EventFrame, Outcome};
-use super::idempotency::{Begin, Outcomes};
+use super::claims::{Begin, Claim, Claimed, Claims};
+use super::frame::{Body, DispatchEvent, Outcome};
 use super::members::Members;
 use super::order::Turn;
 
 /// Who a resolved delivery goes to.
-enum Recipients {
+pub enum Recipients {
     Users(Vec<UserId>),
     /// A channel's members, shared with the membership cache.
     Members(Arc<[UserId]>),
     Everyone,
 }
 
+/// Hands a frame to its recipients' sessions. Today the local sessions;
+/// cluster mode puts a bus in between.
+pub trait Fanout: Send + Sync {
+    /// Never waits on a socket; returns how many sessions were reached.
+    fn fan_out(&self, frame: &Arc<ClientFrame>, to: &Recipients) -> usize;
+}
+
+impl Fanout for Sessions {
+    fn fan_out(&self, frame: &Arc<ClientFrame>, to: &Recipients) -> usize {
+        match to {
+            Recipients::Users(users) => self.deliver(users, frame),
+            Recipients::Members(users) => self.deliver(users, frame),
+            Recipients::Everyone => self.deliver_all(frame),
+        }
+    }
+}
+
 /// Everything an event needs; shared by every dispatch connection.
 pub struct Pipeline {
     pub plugins: Plugins,
     pub sessions: Sessions,
-    /// The read-write pool, for the host's own lookups (user existence);
-    /// plugins query through their own read-only pool.
-    pub db: Db,
+    pub fanout: Arc<dyn Fanout>,
+    /// The read-only handle, for the host's own lookups (user existence).
+    pub reads: Db,
     pub members: Members,
-    pub outcomes: Outcomes,
+    pub claims: Claims,
     pub errlog: ErrorLog,
     pub metrics: Arc<Metrics>,
 }
@@ -44,95 +63,92 @@ pub struct Pipeline {
 impl Pipeline {
     /// Runs one event to its outcome. `turn` orders its fan-out after the
     /// previous event on the same channel from the same connection.
-    pub async fn run(&self, ev: &EventFrame, turn: Turn) -> Outcome {
-        let key = ev.event_id.key();
-        let span = tracing::info_span!("event", event_id = %key, t = %ev.t);
+    pub async fn run(&self, ev: &DispatchEvent, turn: Turn) -> Outcome {
+        let span = tracing::info_span!("event", event_id = %ev.key, t = %ev.t);
         async {
-            let outcome = match self.outcomes.begin(&key).await {
-                Ok(Begin::Duplicate) => {
-                    self.metrics.duplicates.inc();
-                    Outcome::Success { duplicate: true }
-                }
-                Ok(Begin::Wait(first)) => self.wait_for_first(first).await,
-                Ok(Begin::Run(ticket)) => {
-                    let outcome = match self.execute(ev, &key, turn).await {
-                        Ok(reached) => {
-                            tracing::debug!(reached, "event delivered");
-                            Outcome::Success { duplicate: false }
-                        }
-                        Err(failure) => {
-                            self.log_failure(ev.t.as_str(), &ev.event_id, ev.s.as_ref(), Some(ev.d.get()), &failure)
-                                .await;
-                            Outcome::Failed(failure)
-                        }
-                    };
-                    if let Err(err) = ticket.finish(&outcome).await {
-                        // Delivered, but a retry may deliver again: say so loudly.
-                        tracing::error!(error = %err, "cannot record the event's success; a retry would broadcast it again");
-                    }
-                    outcome
-                }
-                Err(err) => {
-                    let failure = Failure::new(ErrorCode::DbError, "cannot check the event id for duplicates")
-                        .with_trace(Trace {
-                            chain: vec!["idempotency lookup failed".into(), err.to_string()],
-                            ..Trace::default()
-                        });
-                    self.log_failure(ev.t.as_str(), &ev.event_id, ev.s.as_ref(), Some(ev.d.get()), &failure)
-                        .await;
-                    Outcome::Failed(failure)
-                }
+            let outcome = match self.claims.begin(&ev.key) {
+                Begin::Duplicate => Outcome::Success { duplicate: true },
+                Begin::Wait(first) => wait_for_first(first).await,
+                Begin::Run(claim) => self.attempt(ev, claim, turn).await,
             };
-            self.count(&ev.t, &outcome);
+            self.count(ev, &outcome);
             outcome
         }
         .instrument(span)
         .await
     }
 
-    /// Fails an event whose frame was malformed but whose id could be read:
-    /// logged once per id like any other failure.
-    pub async fn reject(
-        &self,
-        event_id: &Echo,
-        s: Option<&Echo>,
-        t: Option<&str>,
-        reason: &str,
-    ) -> Outcome {
-        let failure = Failure::new(ErrorCode::BadEvent, reason);
-        self.log_failure(t.unwrap_or(""), event_id, s, None, &failure)
-            .await;
-        self.metrics
-            .event_outcome("invalid", ErrorCode::BadEvent.as_str());
-        Outcome::Failed(failure)
-    }
-
-    async fn wait_for_first(
-        &self,
-        mut first: tokio::sync::watch::Receiver<Option<Outcome>>,
-    ) -> Outcome {
-        match first.wait_for(Option::is_some).await {
-            Ok(outcome) => match outcome.as_ref() {
-                Some(Outcome::Success { .. }) => {
-                    self.metrics.duplicates.inc();
-                    Outcome::Success { duplicate: true }
+    /// The first attempt at an id in this process.
+    async fn attempt(&self, ev: &DispatchEvent, claim: Claim, turn: Turn) -> Outcome {
+        let result = match &ev.body {
+            Ok(body) => self.deliver(ev, body, &claim, turn).await,
+            Err(why) => Err((Failure::new(ErrorCode::BadEvent, why.clone()), false)),
+        };
+        match result {
+            Ok(Claimed::New) => {
+                claim.delivered(true);
+                Outcome::Success { duplicate: false }
+            }
+            Ok(claimed) => {
+                if claimed == Claimed::Abandoned {
+                    tracing::warn!(
+                        "event id claimed by an attempt that never finished (its process stopped); \
+                         acked as a duplicate, not broadcast again"
+                    );
                 }
-                Some(failed) => failed.clone(),
-                None => abandoned(),
-            },
-            Err(_) => abandoned(),
+                claim.delivered(false);
+                Outcome::Success { duplicate: true }
+            }
+            Err((failure, held)) => {
+                let failure = self.log_failure(ev, failure).await;
+                let outcome = Outcome::Failed(failure);
+                if let Err(err) = claim.failed(&outcome, held).await {
+                    tracing::error!(error = %err, "cannot release the failed event's claim; it is retried in this process only");
+                }
+                outcome
+            }
         }
     }
 
-    /// The event proper: plugin, recipients, fan-out. Returns how many
-    /// sessions were reached.
-    async fn execute(&self, ev: &EventFrame, key: &str, mut turn: Turn) -> Result<usize, Failure> {
+    /// Plugin and recipients run while the claim commits; frames go out
+    /// only once the claim is durable and the channel's previous event has
+    /// fanned out. The error carries whether the claim is held.
+    async fn deliver(
+        &self,
+        ev: &DispatchEvent,
+        body: &Body,
+        claim: &Claim,
+        mut turn: Turn,
+    ) -> Result<Claimed, (Failure, bool)> {
+        let (claimed, resolved) = tokio::join!(claim.commit(), self.resolve(ev, body));
+        let claimed =
+            claimed.map_err(|err| (db_failure("cannot claim the event id", &err), false))?;
+        if claimed != Claimed::New {
+            return Ok(claimed);
+        }
+        let resolved = resolved.map_err(|failure| (failure, true))?;
+        turn.wait().await;
+        let reached: usize = resolved
+            .iter()
+            .map(|(frame, to)| self.fanout.fan_out(frame, to))
+            .sum();
+        tracing::debug!(reached, "event delivered");
+        crate::failpoint::hit("dispatch-after-fanout");
+        Ok(Claimed::New)
+    }
+
+    /// The plugin's deliveries with their recipients resolved.
+    async fn resolve(
+        &self,
+        ev: &DispatchEvent,
+        body: &Body,
+    ) -> Result<Vec<(Arc<ClientFrame>, Recipients)>, Failure> {
         let deliveries = self
             .plugins
             .handle(&Event {
                 name: &ev.t,
-                id: key,
-                data: ev.d.get(),
+                id: &ev.event_id.text(),
+                data: body.d.get(),
             })
             .await?;
         let mut resolved = Vec::with_capacity(deliveries.len());
@@ -143,18 +159,7 @@ impl Pipeline {
                 to,
             ));
         }
-        // Everything that can fail has; now take our place in the
-        // channel's order and hand the frames over.
-        turn.wait().await;
-        let mut reached = 0;
-        for (frame, to) in &resolved {
-            reached += match to {
-                Recipients::Users(users) => self.sessions.deliver(users, frame),
-                Recipients::Members(users) => self.sessions.deliver(users, frame),
-                Recipients::Everyone => self.sessions.deliver_all(frame),
-            };
-        }
-        Ok(reached)
+        Ok(resolved)
     }
 
     async fn recipients(&self, audience: Audience) -> Result<Recipients, Failure> {
@@ -165,7 +170,7 @@ impl Pipeline {
                 .of(channel)
                 .await
                 .map(Recipients::Members)
-                .map_err(|e| db_failure("cannot read the channel's members", e)),
+                .map_err(|e| db_failure("cannot read the channel's members", &e)),
             Audience::Users(users) => {
                 self.check_users_exist(&users).await?;
                 Ok(Recipients::Users(users))
@@ -186,20 +191,18 @@ impl Pipeline {
         if offline.is_empty() {
             return Ok(());
         }
-        let mut found = HashSet::with_capacity(offline.len());
-        for chunk in offline.chunks(256) {
-            let rows: Vec<(i64,)> = with_pool!(self.db, p => {
-                let mut q = sqlx::QueryBuilder::new("SELECT id FROM users WHERE id IN (");
-                let mut list = q.separated(", ");
-                for id in chunk {
-                    list.push_bind(*id);
-                }
-                q.push(")");
-                q.build_query_as().fetch_all(p).await
-            })
-            .map_err(|e| db_failure("cannot check the delivery's users", e))?;
-            found.extend(rows.into_iter().map(|(id,)| id));
-        }
+        let found: HashSet<i64> = self
+            .reads
+            .read_keyed(
+                keyed_sql!("SELECT id FROM users WHERE id IN", "bigint"),
+                &offline,
+                |row| Ok((row.get(0)?,)),
+            )
+            .await
+            .map_err(|e| db_failure("cannot check the delivery's users", &e))?
+            .into_iter()
+            .map(|(id,): (i64,)| id)
+            .collect();
         match offline.iter().find(|id| !found.contains(id)) {
             None => Ok(()),
             Some(missing) => Err(Failure::new(
@@ -209,42 +212,67 @@ impl Pipeline {
         }
     }
 
-    /// Records the failure for the logging server (once per event id).
-    async fn log_failure(
-        &self,
-        t: &str,
-        event_id: &Echo,
-        s: Option<&Echo>,
-        d: Option<&str>,
-        failure: &Failure,
-    ) {
+    /// Records the failure for the logging server (once per event id)
+    /// before its ack goes out. If the record can't be written, the ack
+    /// says so (`DB_ERROR`) and the event stays retryable.
+    async fn log_failure(&self, ev: &DispatchEvent, failure: Failure) -> Failure {
         tracing::warn!(code = %failure.code, error = %failure.message, "event failed");
-        let d: serde_json::Value = d
-            .and_then(|d| serde_json::from_str(d).ok())
+        let d: serde_json::Value = ev
+            .body
+            .as_ref()
+            .ok()
+            .and_then(|b| serde_json::from_str(b.d.get()).ok())
             .unwrap_or(serde_json::Value::Null);
         let record = serde_json::json!({
-            "event_id": event_id,
-            "t": t,
-            "s": s,
+            "event_id": ev.event_id,
+            "t": ev.t,
+            "s": ev.s,
             "d": d,
             "error": { "code": failure.code.as_str(), "message": failure.message },
             "trace": failure.trace,
             "gateway": { "version": env!("CARGO_PKG_VERSION"), "pid": std::process::id() },
             "at": crate::db::rfc3339(crate::db::now_ms()),
         });
-        match self.errlog.record(&event_id.key(), &record).await {
-            Ok(true) => {}
-            Ok(false) => tracing::debug!("failure already logged for this event id"),
+        match self.errlog.record(&ev.key, &record).await {
+            Ok(true) => failure,
+            Ok(false) => {
+                tracing::debug!("failure already logged for this event id");
+                failure
+            }
             Err(err) => {
-                tracing::error!(error = %err, record = %record, "cannot record the failed event for the logging server")
+                tracing::error!(error = %err, "cannot record the failed event for the logging server");
+                let mut chain = vec![
+                    "cannot record the failure for the logging server".to_owned(),
+                    err.to_string(),
+                ];
+                chain.extend(failure.trace.chain.iter().cloned());
+                Failure::new(
+                    ErrorCode::DbError,
+                    format!(
+                        "{} (and the failure could not be recorded: retry)",
+                        failure.message
+                    ),
+                )
+                .with_trace(Trace {
+                    chain,
+                    ..failure.trace
+                })
             }
         }
     }
 
-    fn count(&self, t: &str, outcome: &Outcome) {
+    fn count(&self, ev: &DispatchEvent, outcome: &Outcome) {
+        let t = if ev.body.is_ok() {
+            ev.t.as_str()
+        } else {
+            "invalid"
+        };
         let (event, result) = match outcome {
             Outcome::Success { duplicate: false } => (t, "success"),
-            Outcome::Success { duplicate: true } => (t, "duplicate"),
+            Outcome::Success { duplicate: true } => {
+                self.metrics.duplicates.inc();
+                (t, "duplicate")
+            }
             // Unrouted types come from the backend, not gateway.toml: keep
             // them out of label values.
             Outcome::Failed(f) if f.code == ErrorCode::NoRoute => ("unrouted", "NO_ROUTE"),
@@ -254,16 +282,26 @@ impl Pipeline {
     }
 }
 
-fn db_failure(what: &str, err: sqlx::Error) -> Failure {
+async fn wait_for_first(mut first: tokio::sync::watch::Receiver<Option<Outcome>>) -> Outcome {
+    let abandoned = || {
+        Outcome::Failed(Failure::new(
+            ErrorCode::Internal,
+            "the first attempt with this event id ended without an outcome; retry",
+        ))
+    };
+    match first.wait_for(Option::is_some).await {
+        Ok(outcome) => match outcome.as_ref() {
+            Some(Outcome::Success { .. }) => Outcome::Success { duplicate: true },
+            Some(failed) => failed.clone(),
+            None => abandoned(),
+        },
+        Err(_) => abandoned(),
+    }
+}
+
+fn db_failure(what: &str, err: &dyn std::fmt::Display) -> Failure {
     Failure::new(ErrorCode::DbError, what).with_trace(Trace {
         chain: vec![what.to_owned(), err.to_string()],
         ..Trace::default()
     })
-}
-
-fn abandoned() -> Outcome {
-    Outcome::Failed(Failure::new(
-        ErrorCode::Internal,
-        "the first attempt with this event id ended without an outcome; retry",
-    ))
 }

@@ -1,6 +1,6 @@
 //! One client connection, start to finish, in one task: the handshake
 //! (auth, path), registration under the per-user limit, HELLO, then a
-//! single loop that selects over the socket, the outbox and the heartbeat
+//! single loop that selects over the socket, the queue and the heartbeat
 //! timer, and finally the close handshake.
 
 use std::future::Future;
@@ -23,7 +23,7 @@ use tracing::Instrument;
 
 use super::Inner;
 use super::frame;
-use super::outbox::{REPLACED, SLOW_CONSUMER};
+use super::queue::{REPLACED, SLOW_CONSUMER};
 use super::registry::Slot;
 use crate::ids::UserId;
 use crate::shutdown::Shutdown;
@@ -153,7 +153,7 @@ pub(super) async fn handle(inner: Arc<Inner>, mut stream: TcpStream, shutdown: S
 
     let slot = Arc::new(Slot {
         id: inner.ids.next(),
-        outbox: super::outbox::Outbox::new(inner.config.outbound_queue.get()),
+        queue: super::queue::Queue::new(inner.config.outbound_queue.get()),
     });
     // Debug level: an enabled span keeps its fields on the heap for the
     // session's life, which at the default `info` level would cost every
@@ -162,8 +162,9 @@ pub(super) async fn handle(inner: Arc<Inner>, mut stream: TcpStream, shutdown: S
     async {
         let max = usize::try_from(inner.config.max_per_user.get()).unwrap_or(usize::MAX);
         match inner
-            .registry
-            .register(user, slot.clone(), max, inner.config.on_limit)
+            .admission
+            .admit(user, slot.clone(), max, inner.config.on_limit)
+            .await
         {
             Err(_) => {
                 tracing::debug!("session limit reached; closing with 4010");
@@ -181,7 +182,7 @@ pub(super) async fn handle(inner: Arc<Inner>, mut stream: TcpStream, shutdown: S
         tracing::debug!("session open");
 
         let exit = run(&inner, &mut ws, &slot, user, &shutdown).await;
-        inner.registry.unregister(user, slot.id);
+        inner.admission.release(user, slot.id);
         finish(&mut ws, exit).await;
 
         inner.metrics.sessions_open.dec();
@@ -274,7 +275,7 @@ enum Wake {
     Shutdown,
     Tick,
     Inbound(Option<Result<Message, WsError>>),
-    Outbox,
+    Queue,
 }
 
 /// The open session: HELLO, then frames out, pings out, pongs in, until
@@ -306,7 +307,7 @@ async fn run(
             _ = shutdown.cancelled() => Wake::Shutdown,
             _ = timer.as_mut() => Wake::Tick,
             msg = ws.next() => Wake::Inbound(msg),
-            _ = slot.outbox.ready() => Wake::Outbox,
+            _ = slot.queue.ready() => Wake::Queue,
         };
         match wake {
             Wake::Shutdown => return Exit::Close(code::GOING_AWAY),
@@ -329,8 +330,8 @@ async fn run(
                 Inbound::Ignore => {}
                 Inbound::End(exit) => return exit,
             },
-            Wake::Outbox => {
-                if let Some(code) = slot.outbox.close_code() {
+            Wake::Queue => {
+                if let Some(code) = slot.queue.close_code() {
                     return Exit::Close(code);
                 }
                 let batch = write_batch(inner, ws, slot, &mut seq);
@@ -391,7 +392,7 @@ async fn write_batch(
 ) -> Result<(), WsError> {
     let (mut frames, mut bytes) = (0u64, 0usize);
     while frames < MAX_BATCH as u64 && bytes < MAX_BATCH_BYTES {
-        let Some(frame) = slot.outbox.pop() else {
+        let Some(frame) = slot.queue.pop() else {
             break;
         };
         *seq += 1;
@@ -421,7 +422,7 @@ async fn guarded(
             Exit::Dropped
         }),
         _ = shutdown.cancelled() => Err(Exit::Close(code::GOING_AWAY)),
-        code = slot.outbox.closed() => Err(Exit::Close(code)),
+        code = slot.queue.closed() => Err(Exit::Close(code)),
         _ = sleep(stall) => Err(Exit::Close(code::HEARTBEAT)),
     }
 }

@@ -11,14 +11,14 @@ use crate::ids::{Snowflake, UserId};
 /// point where each session's sequence number goes, so a recipient costs
 /// one copy of the text and never a JSON serialization.
 #[derive(Debug)]
-pub struct EventFrame {
+pub struct ClientFrame {
     text: String,
     split: usize,
 }
 
-impl EventFrame {
+impl ClientFrame {
     /// `payload` is already-validated JSON text (the `d` object).
-    pub fn new(event: &str, payload: &str) -> EventFrame {
+    pub fn new(event: &str, payload: &str) -> ClientFrame {
         // Serializing a &str cannot fail; the fallback only keeps the frame JSON.
         let event = serde_json::to_string(event).unwrap_or_else(|_| String::from("\"\""));
         let mut text = String::with_capacity(payload.len() + event.len() + 24);
@@ -29,7 +29,7 @@ impl EventFrame {
         text.push_str(",\"d\":");
         text.push_str(payload);
         text.push('}');
-        EventFrame { text, split }
+        ClientFrame { text, split }
     }
 
     /// The frame as one session sees it, with sequence number `seq`.
@@ -66,7 +66,7 @@ mod tests {
 
     #[test]
     fn splices_the_sequence_number() {
-        let frame = EventFrame::new("MESSAGE_CREATE", r#"{"id":"3","content":"hi \"x\""}"#);
+        let frame = ClientFrame::new("MESSAGE_CREATE", r#"{"id":"3","content":"hi \"x\""}"#);
         let one: serde_json::Value = serde_json::from_str(&frame.encode(1)).unwrap();
         assert_eq!(
             one,
@@ -78,7 +78,7 @@ mod tests {
 
     #[test]
     fn event_names_are_escaped() {
-        let frame = EventFrame::new("A\"B", "{}");
+        let frame = ClientFrame::new("A\"B", "{}");
         let v: serde_json::Value = serde_json::from_str(&frame.encode(2)).unwrap();
         assert_eq!(v["t"], "A\"B");
     }

@@ -3,17 +3,17 @@
 //! pings, and fed through bounded per-session queues.
 //!
 //! - [`frame`]: the client frames; an event is serialized once per delivery.
-//! - `outbox`: one session's bounded queue and close request.
+//! - `queue`: one session's bounded queue and close request.
 //! - `registry`: user id → sessions; the per-user limit lives here.
 //! - `conn`: one connection's task: handshake, HELLO, the select loop, close.
 //!
 //! The delivering side ([`Sessions::deliver`]) never waits on a socket: it
-//! pushes into outboxes, and a session that can't keep up is closed (4009)
+//! pushes into queues, and a session that can't keep up is closed (4009)
 //! instead of slowing anyone else down.
 
 mod conn;
 pub mod frame;
-mod outbox;
+mod queue;
 mod registry;
 
 use std::sync::Arc;
@@ -22,14 +22,14 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-pub use frame::EventFrame;
+pub use frame::ClientFrame;
 
 use crate::config::SessionsConfig;
 use crate::ids::{IdGen, UserId};
 use crate::shutdown::Shutdown;
 use crate::telemetry::Metrics;
 use crate::token::TokenKey;
-use registry::{Delivered, Registry};
+use registry::{Admission, Delivered, Registry};
 
 /// Largest client frame or message accepted. Clients only send control
 /// frames (at most 125 bytes by RFC 6455); anything bigger is data and is
@@ -56,7 +56,10 @@ struct Inner {
     heartbeat: Duration,
     tokens: TokenKey,
     metrics: Arc<Metrics>,
-    registry: Registry,
+    /// Delivery's view of the open sessions.
+    registry: Arc<Registry>,
+    /// Connect's view: the same registry today (see [`Admission`]).
+    admission: Arc<dyn Admission>,
     ids: IdGen,
     ws_config: WebSocketConfig,
 }
@@ -78,13 +81,15 @@ impl std::fmt::Debug for Sessions {
 impl Sessions {
     pub fn new(config: SessionsConfig, tokens: TokenKey, metrics: Arc<Metrics>) -> Sessions {
         let heartbeat = Duration::from_millis(config.heartbeat_interval_ms.get());
+        let registry = Arc::new(Registry::default());
         Sessions {
             inner: Arc::new(Inner {
                 config,
                 heartbeat,
                 tokens,
                 metrics,
-                registry: Registry::default(),
+                admission: registry.clone(),
+                registry,
                 // Node 0 until cluster mode assigns node ids.
                 ids: IdGen::new(0),
                 ws_config: ws_config(),
@@ -104,12 +109,12 @@ impl Sessions {
     /// Hands one frame to every session of these (distinct) users; returns
     /// sessions reached. Never blocks or awaits: it enqueues into bounded
     /// per-session queues, and a full queue closes that session with 4009.
-    pub fn deliver(&self, users: &[UserId], frame: &Arc<EventFrame>) -> usize {
+    pub fn deliver(&self, users: &[UserId], frame: &Arc<ClientFrame>) -> usize {
         self.count(self.inner.registry.deliver(users, frame))
     }
 
     /// [`deliver`](Self::deliver) to every open session.
-    pub fn deliver_all(&self, frame: &Arc<EventFrame>) -> usize {
+    pub fn deliver_all(&self, frame: &Arc<ClientFrame>) -> usize {
         self.count(self.inner.registry.deliver_all(frame))
     }
 

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dashmap::DashMap;
+use futures_util::future::BoxFuture;
 
-use super::frame::EventFrame;
-use super::outbox::{Outbox, Pushed, REPLACED};
+use super::frame::ClientFrame;
+use super::queue::{Pushed, Queue, REPLACED};
 use crate::config::OnLimit;
 use crate::ids::{Snowflake, UserId};
 
@@ -18,7 +19,7 @@ use crate::ids::{Snowflake, UserId};
 #[derive(Debug)]
 pub(crate) struct Slot {
     pub(crate) id: Snowflake,
-    pub(crate) outbox: Outbox,
+    pub(crate) queue: Queue,
 }
 
 /// `register` refused: the user is at `max_per_user` and the policy is reject.
@@ -40,6 +41,39 @@ impl Delivered {
             Pushed::Overflowed => self.overflowed += 1,
             Pushed::Closing => {}
         }
+    }
+}
+
+/// Counting and limiting a user's sessions (DESIGN §2: `max_per_user`,
+/// `on_limit`). The local registry is today's implementation; cluster mode
+/// puts a cluster-wide count in front of it, hence the future.
+pub(crate) trait Admission: Send + Sync {
+    /// Registers `slot` for `user` within `max` sessions; with
+    /// `EvictOldest`, returns the evicted session (already told to close).
+    fn admit(
+        &self,
+        user: UserId,
+        slot: Arc<Slot>,
+        max: usize,
+        on_limit: OnLimit,
+    ) -> BoxFuture<'_, Result<Option<Arc<Slot>>, LimitReached>>;
+    /// Frees the session's place; a no-op if it was evicted.
+    fn release(&self, user: UserId, id: Snowflake);
+}
+
+impl Admission for Registry {
+    fn admit(
+        &self,
+        user: UserId,
+        slot: Arc<Slot>,
+        max: usize,
+        on_limit: OnLimit,
+    ) -> BoxFuture<'_, Result<Option<Arc<Slot>>, LimitReached>> {
+        Box::pin(std::future::ready(self.register(user, slot, max, on_limit)))
+    }
+
+    fn release(&self, user: UserId, id: Snowflake) {
+        self.unregister(user, id);
     }
 }
 
@@ -69,7 +103,7 @@ impl Registry {
                 OnLimit::Reject => return Err(LimitReached),
                 OnLimit::EvictOldest => {
                     let oldest = slots.remove(0);
-                    oldest.outbox.close(REPLACED);
+                    oldest.queue.close(REPLACED);
                     self.count.fetch_sub(1, Ordering::Relaxed);
                     evicted = Some(oldest);
                 }
@@ -95,23 +129,23 @@ impl Registry {
     /// `users` must be distinct (a user named twice gets the frame twice):
     /// plugin audiences are deduplicated when parsed, member lists are
     /// distinct by the table's key.
-    pub(crate) fn deliver(&self, users: &[UserId], frame: &Arc<EventFrame>) -> Delivered {
+    pub(crate) fn deliver(&self, users: &[UserId], frame: &Arc<ClientFrame>) -> Delivered {
         let mut done = Delivered::default();
         for user in users {
             if let Some(slots) = self.users.get(user) {
                 for slot in slots.iter() {
-                    done.add(slot.outbox.push(frame));
+                    done.add(slot.queue.push(frame));
                 }
             }
         }
         done
     }
 
-    pub(crate) fn deliver_all(&self, frame: &Arc<EventFrame>) -> Delivered {
+    pub(crate) fn deliver_all(&self, frame: &Arc<ClientFrame>) -> Delivered {
         let mut done = Delivered::default();
         for entry in self.users.iter() {
             for slot in entry.value() {
-                done.add(slot.outbox.push(frame));
+                done.add(slot.queue.push(frame));
             }
         }
         done
@@ -145,7 +179,7 @@ mod tests {
     fn slot(ids: &IdGen) -> Arc<Slot> {
         Arc::new(Slot {
             id: ids.next(),
-            outbox: Outbox::new(8),
+            queue: Queue::new(8),
         })
     }
 
@@ -223,7 +257,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(evicted.id, first.id);
-        assert_eq!(first.outbox.close_code(), Some(REPLACED));
+        assert_eq!(first.queue.close_code(), Some(REPLACED));
         assert_eq!(registry.user_count(user(1)), 2);
         assert_eq!(registry.count(), 2);
         // Its task unregistering later is a no-op.
@@ -240,7 +274,7 @@ mod tests {
                 .register(user(u), slot(&ids), 5, OnLimit::Reject)
                 .unwrap();
         }
-        let frame = Arc::new(EventFrame::new("E", "{}"));
+        let frame = Arc::new(ClientFrame::new("E", "{}"));
         let done = registry.deliver(&[user(1), user(3), user(2)], &frame);
         assert_eq!(done.reached, 3);
         assert_eq!(registry.deliver(&[user(2)], &frame).reached, 1);

@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{EventFrame, Sessions};
+use super::{ClientFrame, Sessions};
 use crate::config::{OnLimit, SessionsConfig};
 use crate::ids::UserId;
 use crate::shutdown::Shutdown;
@@ -113,8 +113,8 @@ async fn deliver_reaches_every_session_with_s_counting_per_session() {
         vec![user(2), user(1)]
     );
 
-    let only_a = Arc::new(EventFrame::new("MESSAGE_CREATE", r#"{"id":"1"}"#));
-    let everyone = Arc::new(EventFrame::new("MESSAGE_DELETE", r#"{"id":"2"}"#));
+    let only_a = Arc::new(ClientFrame::new("MESSAGE_CREATE", r#"{"id":"1"}"#));
+    let everyone = Arc::new(ClientFrame::new("MESSAGE_DELETE", r#"{"id":"2"}"#));
     assert_eq!(h.sessions.deliver(&[user(1), user(9)], &only_a), 2);
     assert_eq!(h.sessions.deliver_all(&everyone), 3);
     assert_eq!(h.sessions.deliver(&[], &only_a), 0);
@@ -170,7 +170,7 @@ async fn a_client_that_never_reads_is_closed_4009_without_slowing_others() {
     // 16 KiB frames until the kernel buffers toward `slow` fill and its
     // queue overflows; deliver() itself never waits.
     let payload = format!(r#"{{"pad":"{}"}}"#, "x".repeat(16 * 1024));
-    let frame = Arc::new(EventFrame::new("MESSAGE_CREATE", &payload));
+    let frame = Arc::new(ClientFrame::new("MESSAGE_CREATE", &payload));
     let mut sent_to_fast = 0u64;
     let mut reached_slow_until_overflow = 0;
     for _ in 0..20_000 {
@@ -200,7 +200,7 @@ async fn a_client_that_never_reads_is_closed_4009_without_slowing_others() {
     // After the overflow only `fast` is reached.
     assert_eq!(h.sessions.deliver(&[user(1), user(2)], &frame), 1);
     sent_to_fast += 1;
-    let end = Arc::new(EventFrame::new("END", "{}"));
+    let end = Arc::new(ClientFrame::new("END", "{}"));
     assert_eq!(h.sessions.deliver(&[user(2)], &end), 1);
     sent_to_fast += 1;
     let (last, _fast) = reader.await.unwrap();

@@ -119,6 +119,8 @@ pub struct Setup {
     pub db: TestDb,
     sections: BTreeMap<String, BTreeMap<String, String>>,
     routes: Vec<String>,
+    /// Extra environment for the processes it starts.
+    env: Vec<(String, String)>,
 }
 
 impl Setup {
@@ -142,6 +144,7 @@ impl Setup {
             db,
             sections: BTreeMap::new(),
             routes: Vec::new(),
+            env: Vec::new(),
         };
         for (key, value) in [
             ("client_listen", "\"127.0.0.1:0\""),
@@ -166,6 +169,14 @@ impl Setup {
             .entry(section.to_owned())
             .or_default()
             .insert(key.to_owned(), value.to_owned());
+        self
+    }
+
+    /// Sets an environment variable for the processes started from now on
+    /// (e.g. `OTAKO_FAILPOINT`).
+    pub fn env(&mut self, key: &str, value: &str) -> &mut Self {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_owned(), value.to_owned()));
         self
     }
 
@@ -245,7 +256,7 @@ impl Setup {
     /// Writes the config and starts `otako-gateway <verb>`.
     pub fn start_verb(&self, verb: &str) -> Gateway {
         self.write_config();
-        Gateway::spawn(&self.config_path(), self.dir.path(), verb)
+        Gateway::spawn(&self.config_path(), self.dir.path(), verb, &self.env)
     }
 }
 
@@ -275,7 +286,7 @@ fn announced(line: &str, key: &str) -> Option<SocketAddr> {
 impl Gateway {
     /// Starts `verb` and waits until it has announced its listeners:
     /// `serve` prints one line, `api` another, `dev` both.
-    pub fn spawn(config: &Path, dir: &Path, verb: &str) -> Gateway {
+    pub fn spawn(config: &Path, dir: &Path, verb: &str, env: &[(String, String)]) -> Gateway {
         static RUN: AtomicU32 = AtomicU32::new(0);
         let stderr_path = dir.join(format!(
             "{verb}-{}.log",
@@ -290,6 +301,7 @@ impl Gateway {
             .env_remove("OTAKO_DISPATCH_SECRET")
             .env_remove("OTAKO_DATABASE_URL")
             .env("RUST_LOG", "info,otako_gateway=debug")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
@@ -364,14 +376,24 @@ impl Gateway {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 
-    /// SIGTERM, then wait (up to 30 s) for a clean exit.
-    pub fn stop(mut self) -> ExitStatus {
+    /// Sends SIGTERM and returns at once (the process starts draining).
+    pub fn terminate(&self) {
         let pid = libc::pid_t::try_from(self.child.id()).unwrap();
         // SAFETY-free: kill(2) through libc has no memory effects.
         #[allow(unsafe_code)]
         unsafe {
             libc::kill(pid, libc::SIGTERM);
         }
+    }
+
+    /// SIGTERM, then wait (up to 30 s) for a clean exit.
+    pub fn stop(self) -> ExitStatus {
+        self.terminate();
+        self.wait()
+    }
+
+    /// Waits (up to 30 s) for the process to exit by itself.
+    pub fn wait(mut self) -> ExitStatus {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -588,4 +610,51 @@ pub async fn read_close_within(ws: &mut WsClient, within: Duration) -> Option<u1
 /// [`read_close_within`] with 10 s.
 pub async fn read_close(ws: &mut WsClient) -> Option<u16> {
     read_close_within(ws, Duration::from_secs(10)).await
+}
+
+/// A small tmpfs mounted over a folder for the life of the value, to give
+/// a test a disk that can fill up. Needs root (tests run as root here).
+pub struct Tmpfs {
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(path: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(path).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "cannot mount a tmpfs at {}",
+            path.display()
+        );
+        Tmpfs {
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// Writes a filler file until the disk is full.
+    pub fn fill(&self) {
+        use std::io::Write;
+        let mut file = std::fs::File::create(self.path.join("filler")).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while file.write_all(&block).is_ok() {}
+        let small = [0u8; 512];
+        while file.write_all(&small).is_ok() {}
+        let _ = file.write_all(&[0u8; 1]);
+    }
+
+    /// Frees what [`fill`](Self::fill) took.
+    pub fn free(&self) {
+        std::fs::remove_file(self.path.join("filler")).unwrap();
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
-use super::frame::EventFrame;
+use super::frame::ClientFrame;
 
 /// Why a session was told to close from outside its task.
 pub(crate) const SLOW_CONSUMER: u16 = 4009;
@@ -15,7 +15,7 @@ pub(crate) const REPLACED: u16 = 4011;
 /// Capacity kept after a burst drains; beyond it the queue gives memory back.
 const KEEP_CAPACITY: usize = 16;
 
-/// What [`Outbox::push`] did with a frame.
+/// What [`Queue::push`] did with a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Pushed {
     Queued,
@@ -27,7 +27,7 @@ pub(crate) enum Pushed {
 
 #[derive(Debug, Default)]
 struct State {
-    frames: VecDeque<Arc<EventFrame>>,
+    frames: VecDeque<Arc<ClientFrame>>,
     /// Set once; the session's task closes with this code.
     close: Option<u16>,
 }
@@ -36,7 +36,7 @@ struct State {
 /// push or a pop (never across an await). Lighter than a tokio channel,
 /// which matters at tens of thousands of idle sessions.
 #[derive(Debug)]
-pub(crate) struct Outbox {
+pub(crate) struct Queue {
     state: Mutex<State>,
     /// Wakes the session's task for new frames or a close request. A
     /// `notify_one` with no waiter leaves a permit, so no wake-up is lost.
@@ -44,9 +44,9 @@ pub(crate) struct Outbox {
     capacity: usize,
 }
 
-impl Outbox {
+impl Queue {
     pub(crate) fn new(capacity: usize) -> Self {
-        Outbox {
+        Queue {
             state: Mutex::new(State::default()),
             wake: Notify::new(),
             capacity,
@@ -61,7 +61,7 @@ impl Outbox {
 
     /// Enqueues without waiting; a full queue turns into a 4009 close
     /// request and its frames are dropped at once.
-    pub(crate) fn push(&self, frame: &Arc<EventFrame>) -> Pushed {
+    pub(crate) fn push(&self, frame: &Arc<ClientFrame>) -> Pushed {
         let mut state = self.lock();
         if state.close.is_some() {
             return Pushed::Closing;
@@ -94,7 +94,7 @@ impl Outbox {
         self.lock().close
     }
 
-    pub(crate) fn pop(&self) -> Option<Arc<EventFrame>> {
+    pub(crate) fn pop(&self) -> Option<Arc<ClientFrame>> {
         let mut state = self.lock();
         let frame = state.frames.pop_front();
         if state.frames.is_empty() && state.frames.capacity() > KEEP_CAPACITY {
@@ -137,33 +137,33 @@ mod tests {
 
     #[test]
     fn overflow_requests_4009_and_drops_frames() {
-        let outbox = Outbox::new(2);
-        let frame = Arc::new(EventFrame::new("E", "{}"));
-        assert_eq!(outbox.push(&frame), Pushed::Queued);
-        assert_eq!(outbox.push(&frame), Pushed::Queued);
-        assert_eq!(outbox.push(&frame), Pushed::Overflowed);
-        assert_eq!(outbox.close_code(), Some(SLOW_CONSUMER));
-        assert_eq!(outbox.len(), 0);
-        assert_eq!(outbox.push(&frame), Pushed::Closing);
+        let queue = Queue::new(2);
+        let frame = Arc::new(ClientFrame::new("E", "{}"));
+        assert_eq!(queue.push(&frame), Pushed::Queued);
+        assert_eq!(queue.push(&frame), Pushed::Queued);
+        assert_eq!(queue.push(&frame), Pushed::Overflowed);
+        assert_eq!(queue.close_code(), Some(SLOW_CONSUMER));
+        assert_eq!(queue.len(), 0);
+        assert_eq!(queue.push(&frame), Pushed::Closing);
         // The first close request wins.
-        outbox.close(REPLACED);
-        assert_eq!(outbox.close_code(), Some(SLOW_CONSUMER));
+        queue.close(REPLACED);
+        assert_eq!(queue.close_code(), Some(SLOW_CONSUMER));
     }
 
     #[tokio::test]
     async fn ready_sees_a_push_made_before_waiting() {
-        let outbox = Arc::new(Outbox::new(4));
-        outbox.push(&Arc::new(EventFrame::new("E", "{}")));
-        tokio::time::timeout(std::time::Duration::from_secs(1), outbox.ready())
+        let queue = Arc::new(Queue::new(4));
+        queue.push(&Arc::new(ClientFrame::new("E", "{}")));
+        tokio::time::timeout(std::time::Duration::from_secs(1), queue.ready())
             .await
             .unwrap();
-        assert!(outbox.pop().is_some());
+        assert!(queue.pop().is_some());
         let waiter = tokio::spawn({
-            let outbox = outbox.clone();
-            async move { outbox.closed().await }
+            let queue = queue.clone();
+            async move { queue.closed().await }
         });
         tokio::task::yield_now().await;
-        outbox.close(REPLACED);
+        queue.close(REPLACED);
         assert_eq!(waiter.await.unwrap(), REPLACED);
     }
 }

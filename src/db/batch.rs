@@ -1,0 +1,110 @@
+//! Grouped database work. Callers submit one item and await its answer;
+//! one task runs every item queued meanwhile in a single round trip, so
+//! under load one query or transaction carries hundreds of events and the
+//! database is not the event rate's ceiling.
+
+use std::future::Future;
+
+use tokio::sync::{mpsc, oneshot};
+
+/// Most items one round trip carries.
+const GROUP_MAX: usize = 512;
+
+type Reply<V> = oneshot::Sender<Result<V, String>>;
+
+/// A queue in front of one grouped operation; cheap to clone. Its task
+/// ends once the last clone is dropped.
+pub struct Batcher<K, V> {
+    tx: mpsc::Sender<(K, Reply<V>)>,
+}
+
+impl<K, V> Clone for Batcher<K, V> {
+    fn clone(&self) -> Self {
+        Batcher {
+            tx: self.tx.clone(),
+        }
+    }
+}
+
+impl<K: Send + 'static, V: Send + 'static> Batcher<K, V> {
+    /// Starts the task. `run` gets the queued items in arrival order and
+    /// returns one answer per item, in the same order; its error answers
+    /// every item of the group.
+    pub fn start<F, Fut>(run: F) -> Batcher<K, V>
+    where
+        F: Fn(Vec<K>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Vec<V>, String>> + Send,
+    {
+        let (tx, mut rx) = mpsc::channel::<(K, Reply<V>)>(4 * GROUP_MAX);
+        tokio::spawn(async move {
+            let mut queued = Vec::with_capacity(GROUP_MAX);
+            while rx.recv_many(&mut queued, GROUP_MAX).await > 0 {
+                let (items, replies): (Vec<K>, Vec<Reply<V>>) = queued.drain(..).unzip();
+                let n = items.len();
+                match run(items).await {
+                    Ok(answers) if answers.len() == n => {
+                        for (reply, answer) in replies.into_iter().zip(answers) {
+                            let _ = reply.send(Ok(answer));
+                        }
+                    }
+                    Ok(answers) => {
+                        let err = format!("grouped query answered {} of {n} items", answers.len());
+                        for reply in replies {
+                            let _ = reply.send(Err(err.clone()));
+                        }
+                    }
+                    Err(err) => {
+                        for reply in replies {
+                            let _ = reply.send(Err(err.clone()));
+                        }
+                    }
+                }
+            }
+        });
+        Batcher { tx }
+    }
+
+    /// Queues `item` and waits for its answer.
+    pub async fn submit(&self, item: K) -> Result<V, String> {
+        let (reply, answer) = oneshot::channel();
+        let gone = || "the database task has stopped".to_owned();
+        self.tx.send((item, reply)).await.map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn items_queued_together_share_one_round_trip() {
+        let rounds = Arc::new(AtomicUsize::new(0));
+        let counted = rounds.clone();
+        let double = Batcher::start(move |items: Vec<u32>| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            async move { Ok(items.into_iter().map(|i| i * 2).collect()) }
+        });
+        let answers = futures_util::future::join_all((0..100u32).map(|i| double.submit(i))).await;
+        let answers: Vec<u32> = answers.into_iter().map(Result::unwrap).collect();
+        assert_eq!(answers, (0..100u32).map(|i| i * 2).collect::<Vec<_>>());
+        assert!(rounds.load(Ordering::Relaxed) < 100);
+    }
+
+    #[tokio::test]
+    async fn an_error_or_a_short_answer_fails_every_item_of_the_group() {
+        let failing =
+            Batcher::start(|_: Vec<u32>| async { Err::<Vec<u32>, _>("disk full".into()) });
+        assert_eq!(failing.submit(1).await, Err("disk full".to_owned()));
+        let short = Batcher::start(|_: Vec<u32>| async { Ok(Vec::<u32>::new()) });
+        assert!(
+            short
+                .submit(1)
+                .await
+                .unwrap_err()
+                .contains("answered 0 of 1")
+        );
+    }
+}
