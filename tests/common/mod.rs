@@ -215,13 +215,7 @@ impl Setup {
 
     /// The JSON lines the file log sink has written so far.
     pub fn error_log(&self) -> Vec<serde_json::Value> {
-        let path = self.dir.path().join("data/event-errors.jsonl");
-        std::fs::read_to_string(path)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        read_json_lines(&self.dir.path().join("data/event-errors.jsonl"))
     }
 
     /// Runs the binary with `args` (after `--config`) to completion.
@@ -244,9 +238,52 @@ impl Setup {
 
     /// Writes the config and starts `otako-gateway <verb>`.
     pub fn start_verb(&self, verb: &str) -> Gateway {
-        self.write_config();
-        Gateway::spawn(&self.config_path(), self.dir.path(), verb)
+        self.start_verb_env(verb, &[])
     }
+
+    /// [`start_verb`](Self::start_verb) with extra environment variables
+    /// (test hooks such as `OTAKO_FAILPOINT`).
+    pub fn start_verb_env(&self, verb: &str, env: &[(&str, &str)]) -> Gateway {
+        self.write_config();
+        Gateway::spawn(&self.config_path(), self.dir.path(), verb, env)
+    }
+}
+
+/// Every complete line of a JSON-lines file (none if it doesn't exist;
+/// a last line still being written is left out); panics on a line that is
+/// not JSON.
+pub fn read_json_lines(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Starts `otako-gateway log-sink` on `port`, appending to `out`.
+pub fn start_log_sink(port: u16, out: &Path) -> Child {
+    Command::new(bin())
+        .args([
+            "log-sink",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--out",
+        ])
+        .arg(out)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// A port free right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn bin() -> &'static str {
@@ -275,7 +312,7 @@ fn announced(line: &str, key: &str) -> Option<SocketAddr> {
 impl Gateway {
     /// Starts `verb` and waits until it has announced its listeners:
     /// `serve` prints one line, `api` another, `dev` both.
-    pub fn spawn(config: &Path, dir: &Path, verb: &str) -> Gateway {
+    pub fn spawn(config: &Path, dir: &Path, verb: &str, env: &[(&str, &str)]) -> Gateway {
         static RUN: AtomicU32 = AtomicU32::new(0);
         let stderr_path = dir.join(format!(
             "{verb}-{}.log",
@@ -290,6 +327,7 @@ impl Gateway {
             .env_remove("OTAKO_DISPATCH_SECRET")
             .env_remove("OTAKO_DATABASE_URL")
             .env("RUST_LOG", "info,otako_gateway=debug")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
@@ -353,6 +391,22 @@ impl Gateway {
     pub fn kill(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Waits (up to `within`) for the process to exit by itself.
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still running; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn pid(&self) -> u32 {
