@@ -2,7 +2,8 @@
 //!
 //! A failure is first written to the `event_errors` table, whose primary key
 //! is the event id: a retried event that fails again inserts nothing.
-//! [`ErrorLog::record`] returns only once that row is committed, retrying a
+//! [`ErrorLog::record`] returns only once that row is committed (on SQLite
+//! with the WAL synced, so a power loss keeps it too), retrying a
 //! failed write a few times on a fresh connection; if it still fails the
 //! caller gets the error (and the backend's retry records the event later).
 //!
@@ -11,7 +12,8 @@
 //! file, or an HTTP endpoint with an `Idempotency-Key: <event id>` header.
 //! A deliverer first claims a batch in one atomic statement (PostgreSQL:
 //! `FOR UPDATE SKIP LOCKED`; SQLite: a write-locking `UPDATE … RETURNING`),
-//! holding it for a lease so a dead deliverer's rows are taken over; it
+//! holding it for a lease (timed by each node's clock, so clocks must agree
+//! to well within it) so a dead deliverer's rows are taken over; it
 //! marks delivered only the rows it still holds, and only after the sink
 //! has them (the file: whole lines written and fsynced). A sink that fails
 //! (down, a short write, a full disk, a failed fsync) is retried with
@@ -70,6 +72,12 @@ const GAUGE_REFRESH: Duration = Duration::from_secs(1);
 /// Writes of a record: the first and the retries on a fresh connection.
 const RECORD_ATTEMPTS: u32 = 4;
 const FAILPOINT_AFTER_SINK_WRITE: &str = "errlog-after-sink-write";
+/// SQLite runs WAL with `synchronous = NORMAL`, which syncs only at
+/// checkpoints: a power loss can undo the last commits. A failed event's
+/// row and a delivery claim must survive it, so those writes switch their
+/// connection to FULL (the WAL synced at commit) and back.
+const SYNC_FULL: &str = "PRAGMA synchronous = FULL";
+const SYNC_NORMAL: &str = "PRAGMA synchronous = NORMAL";
 
 /// Why a record could not reach the sink (it stays queued and is retried).
 #[derive(Debug, thiserror::Error)]
@@ -115,16 +123,27 @@ impl ErrorLog {
         let now = now_ms();
         let mut attempt = 1;
         let inserted = loop {
-            let result = with_conn!(self.db, c => sqlx::query(
-                "INSERT INTO event_errors (event_id, record, created_at) VALUES ($1, $2, $3) \
-                 ON CONFLICT (event_id) DO NOTHING",
-            )
-            .bind(event_id)
-            .bind(&text)
-            .bind(now)
-            .execute(c)
-            .await
-            .map(|r| r.rows_affected() > 0));
+            let sqlite = self.db.backend() == "sqlite";
+            let result = with_conn!(self.db, c => {
+                if sqlite {
+                    sqlx::query(SYNC_FULL).execute(&mut *c).await?;
+                }
+                let inserted = sqlx::query(
+                    "INSERT INTO event_errors (event_id, record, created_at) VALUES ($1, $2, $3) \
+                     ON CONFLICT (event_id) DO NOTHING",
+                )
+                .bind(event_id)
+                .bind(&text)
+                .bind(now)
+                .execute(&mut *c)
+                .await?
+                .rows_affected()
+                    > 0;
+                if sqlite {
+                    sqlx::query(SYNC_NORMAL).execute(&mut *c).await?;
+                }
+                Ok(inserted)
+            });
             match result {
                 Ok(inserted) => break inserted,
                 Err(err) if attempt < RECORD_ATTEMPTS => {
@@ -338,14 +357,26 @@ impl Deliverer {
                  RETURNING event_id, record, created_at, attempts, sink_offset"
             }
         };
-        let rows: Vec<(String, String, i64, i64, Option<i64>)> = with_conn!(self.log.db, c => sqlx::query_as(sql)
-            .bind(&self.me)
-            .bind(now.saturating_add(lease_ms))
-            .bind(offset)
-            .bind(now)
-            .bind(BATCH)
-            .fetch_all(c)
-            .await)?;
+        // Durable before anything is written to the sink: a later claimant
+        // relies on `attempts` and `sink_offset` to find a crashed write.
+        let sqlite = self.log.db.backend() == "sqlite";
+        let rows: Vec<(String, String, i64, i64, Option<i64>)> = with_conn!(self.log.db, c => {
+            if sqlite {
+                sqlx::query(SYNC_FULL).execute(&mut *c).await?;
+            }
+            let rows = sqlx::query_as(sql)
+                .bind(&self.me)
+                .bind(now.saturating_add(lease_ms))
+                .bind(offset)
+                .bind(now)
+                .bind(BATCH)
+                .fetch_all(&mut *c)
+                .await?;
+            if sqlite {
+                sqlx::query(SYNC_NORMAL).execute(&mut *c).await?;
+            }
+            Ok(rows)
+        })?;
         let mut rows: Vec<Claimed> = rows
             .into_iter()
             .map(
@@ -436,14 +467,21 @@ pub(crate) async fn blocking<T: Send + 'static>(
 /// process appending to it takes the lock, so appends never interleave and
 /// a torn tail is never someone else's write in progress.
 pub(crate) fn open_locked(path: &Path) -> std::io::Result<File> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    if let Some(dir) = dir {
         std::fs::create_dir_all(dir)?;
     }
+    let created = !path.try_exists()?;
     let file = std::fs::OpenOptions::new()
         .read(true)
         .append(true)
         .create(true)
         .open(path)?;
+    if created {
+        // The new name must be durable too, or fsynced lines can vanish
+        // with the file in a power loss.
+        File::open(dir.unwrap_or(Path::new(".")))?.sync_all()?;
+    }
     file.lock()?;
     Ok(file)
 }

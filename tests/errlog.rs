@@ -51,6 +51,14 @@ async fn eventually(within: Duration, what: &str, mut check: impl AsyncFnMut() -
     }
 }
 
+/// Waits until the gateway has counted a failed sink delivery.
+async fn wait_sink_failure(gateway: &Gateway) {
+    eventually(Duration::from_secs(10), "a failed sink write", async || {
+        gateway.metric("otako_errlog_sink_failures_total", "").await >= 1.0
+    })
+    .await;
+}
+
 /// Asserts every id in `ids` is in the sink file exactly once, and that no
 /// id is there twice; waits for them first.
 async fn assert_each_once(path: &Path, ids: &HashSet<String>) {
@@ -73,9 +81,9 @@ async fn assert_each_once(path: &Path, ids: &HashSet<String>) {
     assert!(missing.is_empty(), "missing: {missing:?}");
 }
 
-/// Sends failing (unrouted) events `prefix-0..n`, `window` in flight, and
-/// returns their acks by id.
-async fn fail_events(addr: std::net::SocketAddr, prefix: &str, n: usize) -> HashMap<String, Value> {
+/// Sends failing (unrouted) events `prefix-0..n`, 32 in flight, checks
+/// each is acked `success:false` and returns their ids.
+async fn fail_events(addr: std::net::SocketAddr, prefix: &str, n: usize) -> HashSet<String> {
     let mut backend = DispatchClient::connect(addr).await;
     let mut acks = HashMap::new();
     for chunk in (0..n).collect::<Vec<_>>().chunks(32) {
@@ -94,7 +102,7 @@ async fn fail_events(addr: std::net::SocketAddr, prefix: &str, n: usize) -> Hash
     for (id, ack) in &acks {
         assert_eq!(ack["success"], false, "{id}: {ack}");
     }
-    acks
+    acks.into_keys().collect()
 }
 
 /// Streams failing events until `until` or until the connection dies (the
@@ -185,19 +193,13 @@ async fn two_processes_share_the_file_sink(mut setup: Setup) {
     let blocker = setup.dir.path().join("sink");
     std::fs::write(&blocker, "not a folder").unwrap();
     let gateway = setup.start();
-    let mut ids: HashSet<String> = fail_events(gateway.dispatch, "early", 400)
-        .await
-        .into_keys()
-        .collect();
-    eventually(Duration::from_secs(10), "a failed sink write", async || {
-        gateway.metric("otako_errlog_sink_failures_total", "").await >= 1.0
-    })
-    .await;
+    let mut ids: HashSet<String> = fail_events(gateway.dispatch, "early", 400).await;
+    wait_sink_failure(&gateway).await;
     assert!(gateway.stop().success());
     std::fs::remove_file(&blocker).unwrap();
 
     let (serve, api) = start_both(&setup);
-    ids.extend(fail_events(serve.dispatch, "late", 200).await.into_keys());
+    ids.extend(fail_events(serve.dispatch, "late", 200).await);
     assert_each_once(&blocker.join("event-errors.jsonl"), &ids).await;
     eventually(Duration::from_secs(10), "an empty backlog", async || {
         serve.metric("otako_errlog_backlog", "").await == 0.0
@@ -250,22 +252,14 @@ async fn counting_server() -> (
 async fn serve_and_api_on_postgres_post_each_failure_once() {
     let mut setup = Setup::postgres().await;
     let port = free_port();
-    setup.set("logging", "sink", "\"http\"");
-    setup.set(
-        "logging",
-        "url",
-        &format!("\"http://127.0.0.1:{port}/events\""),
-    );
+    setup.http_sink(&format!("http://127.0.0.1:{port}/events"));
     // Nothing listens yet: failures accumulate.
     let gateway = setup.start();
-    let ids: HashSet<String> = fail_events(gateway.dispatch, "http", 300)
-        .await
-        .into_keys()
-        .collect();
+    let ids: HashSet<String> = fail_events(gateway.dispatch, "http", 300).await;
     assert!(gateway.stop().success());
 
     let (addr, posts) = counting_server().await;
-    setup.set("logging", "url", &format!("\"http://{addr}/events\""));
+    setup.http_sink(&format!("http://{addr}/events"));
     let (serve, api) = start_both(&setup);
     eventually(Duration::from_secs(30), "every record POSTed", async || {
         let posts = posts.lock().unwrap();
@@ -405,23 +399,14 @@ async fn a_full_disk_under_the_file_sink_delays_records_and_loses_none() {
     let mount = Tmpfs::mount(setup.dir.path().join("sinkfs"), "64k");
     let sink = mount.0.join("event-errors.jsonl");
     let gateway = setup.start();
-    let mut ids: HashSet<String> = fail_events(gateway.dispatch, "roomy", 5)
-        .await
-        .into_keys()
-        .collect();
+    let mut ids: HashSet<String> = fail_events(gateway.dispatch, "roomy", 5).await;
     assert_each_once(&sink, &ids).await;
 
     let filler = mount.0.join("filler");
     fill(&filler);
-    let full: HashSet<String> = fail_events(gateway.dispatch, "full", 40)
-        .await
-        .into_keys()
-        .collect();
+    let full: HashSet<String> = fail_events(gateway.dispatch, "full", 40).await;
     // Small batches may still fit in the file's last page; then writes fail.
-    eventually(Duration::from_secs(10), "a failed sink write", async || {
-        gateway.metric("otako_errlog_sink_failures_total", "").await >= 1.0
-    })
-    .await;
+    wait_sink_failure(&gateway).await;
     let undelivered = count_rows(&setup, "delivered_at IS NULL").await;
     assert!(undelivered > 0);
     eventually(Duration::from_secs(10), "the backlog shown", async || {

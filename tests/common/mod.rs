@@ -169,6 +169,12 @@ impl Setup {
         self
     }
 
+    /// Sends failed events to an HTTP logging server at `url`.
+    pub fn http_sink(&mut self, url: &str) -> &mut Self {
+        self.set("logging", "sink", "\"http\"")
+            .set("logging", "url", &format!("\"{url}\""))
+    }
+
     /// Adds a `[[routes]]` entry; `extra` is more TOML lines for it
     /// (e.g. `timeout_ms = 20` or a `[routes.config]` table).
     pub fn route(&mut self, event: &str, plugin: &Path, extra: &str) -> &mut Self {
