@@ -41,7 +41,7 @@ pub(crate) mod errlog;
 pub(crate) mod failpoint;
 pub mod failure;
 pub mod gateway;
-pub(crate) mod http;
+pub mod http;
 pub mod ids;
 pub mod logsink;
 pub mod plugin;

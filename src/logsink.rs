@@ -1,18 +1,24 @@
 //! `otako-gateway log-sink`: the reference logging server. It appends each
 //! JSON document POSTed to it as one line of a file, and honours
 //! `Idempotency-Key` so a gateway's retry after a lost response doesn't
-//! write a record twice.
+//! write a record twice, across restarts too: the keys are kept in a side
+//! file, `FILE.keys`, one `OFFSET "KEY"` line (the key as a JSON string) per
+//! record, each written (and fsynced) before its record. A key counts only
+//! if the record file reaches past its offset, so a crash between the two
+//! writes forgets the key rather than the record.
 
 use std::collections::HashSet;
+use std::fs::File;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use http_body_util::{BodyExt, Limited};
 use hyper::{Method, StatusCode};
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 
+use crate::errlog::{append_durably, blocking, open_locked, repair_tail};
 use crate::http;
 use crate::shutdown::Shutdown;
 
@@ -26,14 +32,67 @@ struct State {
     seen: Mutex<HashSet<String>>,
 }
 
-/// Keys already in the file, so a restarted sink still deduplicates.
-fn keys_in(path: &Path) -> HashSet<String> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter_map(|v| v.get("event_id").map(key_of))
-        .collect()
+fn keys_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".keys");
+    PathBuf::from(name)
+}
+
+/// Keys already in the file, so a restarted sink still deduplicates. Key
+/// lines past the record file's end (a crash between the two writes) are
+/// cut off: they are the last ones, offsets only grow.
+fn load_keys(path: &Path) -> std::io::Result<HashSet<String>> {
+    let records = open_locked(path)?;
+    let len = repair_tail(&records)?;
+    let keys = open_locked(&keys_path(path))?;
+    let keys_len = repair_tail(&keys)?;
+    let mut seen = HashSet::new();
+    let mut valid = 0u64;
+    for line in BufReader::new(&keys).split(b'\n') {
+        let line = line?;
+        let text = String::from_utf8_lossy(&line);
+        let Some((offset, key)) = text.split_once(' ') else {
+            break;
+        };
+        match (offset.parse::<u64>(), serde_json::from_str::<String>(key)) {
+            (Ok(offset), Ok(key)) if offset < len => {
+                seen.insert(key);
+                valid += line.len() as u64 + 1;
+            }
+            _ => break,
+        }
+    }
+    if valid < keys_len {
+        tracing::warn!(
+            path = %keys_path(path).display(),
+            "log sink: dropping keys whose records were never written"
+        );
+        keys.set_len(valid)?;
+        keys.sync_data()?;
+    }
+    Ok(seen)
+}
+
+/// Appends one record (and first its key, if any), durably; on failure
+/// neither stays.
+fn append(path: &Path, key: Option<&str>, line: &[u8]) -> std::io::Result<()> {
+    let records = open_locked(path)?;
+    let len = repair_tail(&records)?;
+    let Some(key) = key else {
+        return append_durably(&records, len, line);
+    };
+    let keys: File = open_locked(&keys_path(path))?;
+    let keys_len = repair_tail(&keys)?;
+    append_durably(
+        &keys,
+        keys_len,
+        format!("{len} {}\n", serde_json::Value::from(key)).as_bytes(),
+    )?;
+    let result = append_durably(&records, len, line);
+    if result.is_err() {
+        let _ = keys.set_len(keys_len).and_then(|()| keys.sync_data());
+    }
+    result
 }
 
 fn key_of(v: &serde_json::Value) -> String {
@@ -45,8 +104,13 @@ fn key_of(v: &serde_json::Value) -> String {
 
 /// Serves until shutdown.
 pub async fn serve(listener: TcpListener, out: PathBuf, shutdown: Shutdown) {
+    let owned = out.clone();
+    let seen = blocking(move || load_keys(&owned)).await.unwrap_or_else(|err| {
+        tracing::error!(path = %out.display(), error = %err, "log sink cannot read its keys; deduplicating only new records");
+        HashSet::new()
+    });
     let state = Arc::new(State {
-        seen: Mutex::new(keys_in(&out)),
+        seen: Mutex::new(seen),
         path: out,
     });
     http::serve(listener, shutdown, move |req| {
@@ -77,7 +141,10 @@ pub async fn serve(listener: TcpListener, out: PathBuf, shutdown: Shutdown) {
             {
                 return http::text(StatusCode::OK, "duplicate\n");
             }
-            match append(&state.path, &value).await {
+            let mut line = value.to_string();
+            line.push('\n');
+            let (path, k) = (state.path.clone(), key.clone());
+            match blocking(move || append(&path, k.as_deref(), line.as_bytes())).await {
                 Ok(()) => {
                     if let Some(key) = key {
                         seen.insert(key);
@@ -92,19 +159,4 @@ pub async fn serve(listener: TcpListener, out: PathBuf, shutdown: Shutdown) {
         }
     })
     .await
-}
-
-async fn append(path: &Path, value: &serde_json::Value) -> std::io::Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        tokio::fs::create_dir_all(dir).await?;
-    }
-    let mut file = tokio::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .await?;
-    let mut line = value.to_string();
-    line.push('\n');
-    file.write_all(line.as_bytes()).await?;
-    file.sync_data().await
 }

@@ -64,6 +64,7 @@ pub struct Metrics {
     pub duplicates: Counter,
     pub invalid_frames: Counter,
     pub errlog_backlog: Gauge,
+    pub errlog_oldest_undelivered_seconds: Gauge,
     pub errlog_delivered: Counter,
     pub errlog_sink_failures: Counter,
     pub plugin_reloads: Family<PluginLabels, Counter>,
@@ -89,6 +90,7 @@ impl Metrics {
             duplicates: Counter::default(),
             invalid_frames: Counter::default(),
             errlog_backlog: Gauge::default(),
+            errlog_oldest_undelivered_seconds: Gauge::default(),
             errlog_delivered: Counter::default(),
             errlog_sink_failures: Counter::default(),
             plugin_reloads: Family::default(),
@@ -162,8 +164,13 @@ impl Metrics {
         );
         registry.register(
             "errlog_backlog",
-            "Failed-event records not yet delivered to the logging sink",
+            "Failed-event records not yet delivered to the logging sink (counted in the database)",
             m.errlog_backlog.clone(),
+        );
+        registry.register(
+            "errlog_oldest_undelivered_seconds",
+            "Age of the oldest failed-event record not yet delivered (0 when none)",
+            m.errlog_oldest_undelivered_seconds.clone(),
         );
         registry.register(
             "errlog_delivered",

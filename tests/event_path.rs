@@ -12,23 +12,10 @@ use std::time::{Duration, Instant};
 
 use common::client::Client;
 use common::dispatch::{DispatchClient, Seed};
-use common::{Setup, Tmpfs, test_plugin};
+use common::{Setup, Tmpfs, eventually, test_plugin};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
-
-/// Polls `check` every 20 ms until it holds, or fails after `within`.
-async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 fn echo_setup() -> Setup {
     let mut setup = Setup::sqlite();
@@ -107,7 +94,8 @@ async fn sigterm_acks_every_event_it_read_before_sessions_close() {
         }
     };
     let (acked, code, dispatch_closed) = acks.await.unwrap();
-    assert!(gateway.wait().success());
+    let mut gateway = gateway;
+    assert!(gateway.wait_exit(Duration::from_secs(30)).success());
     sender.abort();
 
     assert_eq!(
@@ -138,15 +126,15 @@ async fn sigterm_acks_every_event_it_read_before_sessions_close() {
 
 #[tokio::test]
 async fn a_crash_between_fanout_and_ack_makes_the_retry_a_duplicate() {
-    let mut setup = echo_setup();
-    setup.env("OTAKO_FAILPOINT", "dispatch-after-fanout");
-    let gateway = setup.start();
+    let setup = echo_setup();
+    let mut gateway =
+        setup.start_verb_env("serve", &[("OTAKO_FAILPOINT", "dispatch-after-fanout")]);
     let mut first = Client::connect(gateway.client, 5).await;
     let mut backend = DispatchClient::connect(gateway.dispatch).await;
     backend.send_text(&echo_event(42)).await;
     // The process aborts right after the fan-out, before the ack (the
     // frame may or may not have left its session's queue).
-    assert!(!gateway.wait().success());
+    assert!(!gateway.wait_exit(Duration::from_secs(30)).success());
     while let Some(Ok(message)) = first.ws.next().await {
         assert!(
             !matches!(message, Message::Close(_)),
@@ -158,7 +146,6 @@ async fn a_crash_between_fanout_and_ack_makes_the_retry_a_duplicate() {
         "no ack after a crash"
     );
 
-    setup.env("OTAKO_FAILPOINT", "");
     let gateway = setup.start();
     let mut second = Client::connect(gateway.client, 5).await;
     let mut backend = DispatchClient::connect(gateway.dispatch).await;
@@ -229,7 +216,7 @@ async fn a_full_disk_delivers_nothing_says_db_error_and_recovers_by_itself() {
     assert!(body.contains("cannot record event claims"), "{body}");
 
     disk.free();
-    eventually(Duration::from_secs(10), "/readyz to recover", || async {
+    eventually(Duration::from_secs(10), "/readyz to recover", async || {
         gateway.admin_get("/readyz").await.0 == 200
     })
     .await;
@@ -298,16 +285,18 @@ async fn a_peer_that_stops_reading_acks_is_closed_and_the_gateway_keeps_serving(
     eventually(
         Duration::from_secs(30),
         "the stall to be noticed",
-        || async {
+        async || {
             gateway
                 .log()
                 .contains("the dispatch peer stopped reading acks")
         },
     )
     .await;
-    eventually(Duration::from_secs(15), "the connection to end", || async {
-        gateway.metric("otako_dispatch_connections", "").await == 0.0
-    })
+    eventually(
+        Duration::from_secs(15),
+        "the connection to end",
+        async || gateway.metric("otako_dispatch_connections", "").await == 0.0,
+    )
     .await;
     writer.abort();
     // Still serving: a new backend connection gets its ack.
@@ -344,7 +333,7 @@ async fn nul_ids_on(mut setup: Setup) {
     eventually(
         Duration::from_secs(10),
         "the record in the sink",
-        || async {
+        async || {
             setup
                 .error_log()
                 .iter()

@@ -328,7 +328,11 @@ struct Acks {
 }
 
 impl Acks {
-    fn start<S>(mut sink: SplitSink<WebSocketStream<S>, Message>, depth: usize, stall: Duration) -> Acks
+    fn start<S>(
+        mut sink: SplitSink<WebSocketStream<S>, Message>,
+        depth: usize,
+        stall: Duration,
+    ) -> Acks
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {

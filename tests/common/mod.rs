@@ -119,8 +119,6 @@ pub struct Setup {
     pub db: TestDb,
     sections: BTreeMap<String, BTreeMap<String, String>>,
     routes: Vec<String>,
-    /// Extra environment for the processes it starts.
-    env: Vec<(String, String)>,
 }
 
 impl Setup {
@@ -144,7 +142,6 @@ impl Setup {
             db,
             sections: BTreeMap::new(),
             routes: Vec::new(),
-            env: Vec::new(),
         };
         for (key, value) in [
             ("client_listen", "\"127.0.0.1:0\""),
@@ -172,12 +169,10 @@ impl Setup {
         self
     }
 
-    /// Sets an environment variable for the processes started from now on
-    /// (e.g. `OTAKO_FAILPOINT`).
-    pub fn env(&mut self, key: &str, value: &str) -> &mut Self {
-        self.env.retain(|(k, _)| k != key);
-        self.env.push((key.to_owned(), value.to_owned()));
-        self
+    /// Sends failed events to an HTTP logging server at `url`.
+    pub fn http_sink(&mut self, url: &str) -> &mut Self {
+        self.set("logging", "sink", "\"http\"")
+            .set("logging", "url", &format!("\"{url}\""))
     }
 
     /// Adds a `[[routes]]` entry; `extra` is more TOML lines for it
@@ -226,13 +221,7 @@ impl Setup {
 
     /// The JSON lines the file log sink has written so far.
     pub fn error_log(&self) -> Vec<serde_json::Value> {
-        let path = self.dir.path().join("data/event-errors.jsonl");
-        std::fs::read_to_string(path)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        read_json_lines(&self.dir.path().join("data/event-errors.jsonl"))
     }
 
     /// Runs the binary with `args` (after `--config`) to completion.
@@ -255,9 +244,52 @@ impl Setup {
 
     /// Writes the config and starts `otako-gateway <verb>`.
     pub fn start_verb(&self, verb: &str) -> Gateway {
-        self.write_config();
-        Gateway::spawn(&self.config_path(), self.dir.path(), verb, &self.env)
+        self.start_verb_env(verb, &[])
     }
+
+    /// [`start_verb`](Self::start_verb) with extra environment variables
+    /// (test hooks such as `OTAKO_FAILPOINT`).
+    pub fn start_verb_env(&self, verb: &str, env: &[(&str, &str)]) -> Gateway {
+        self.write_config();
+        Gateway::spawn(&self.config_path(), self.dir.path(), verb, env)
+    }
+}
+
+/// Every complete line of a JSON-lines file (none if it doesn't exist;
+/// a last line still being written is left out); panics on a line that is
+/// not JSON.
+pub fn read_json_lines(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Starts `otako-gateway log-sink` on `port`, appending to `out`.
+pub fn start_log_sink(port: u16, out: &Path) -> Child {
+    Command::new(bin())
+        .args([
+            "log-sink",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--out",
+        ])
+        .arg(out)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// A port free right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn bin() -> &'static str {
@@ -286,7 +318,7 @@ fn announced(line: &str, key: &str) -> Option<SocketAddr> {
 impl Gateway {
     /// Starts `verb` and waits until it has announced its listeners:
     /// `serve` prints one line, `api` another, `dev` both.
-    pub fn spawn(config: &Path, dir: &Path, verb: &str, env: &[(String, String)]) -> Gateway {
+    pub fn spawn(config: &Path, dir: &Path, verb: &str, env: &[(&str, &str)]) -> Gateway {
         static RUN: AtomicU32 = AtomicU32::new(0);
         let stderr_path = dir.join(format!(
             "{verb}-{}.log",
@@ -301,7 +333,7 @@ impl Gateway {
             .env_remove("OTAKO_DISPATCH_SECRET")
             .env_remove("OTAKO_DATABASE_URL")
             .env("RUST_LOG", "info,otako_gateway=debug")
-            .envs(env.iter().map(|(k, v)| (k, v)))
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
@@ -367,6 +399,22 @@ impl Gateway {
         let _ = self.child.wait();
     }
 
+    /// Waits (up to `within`) for the process to exit by itself.
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still running; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -387,13 +435,8 @@ impl Gateway {
     }
 
     /// SIGTERM, then wait (up to 30 s) for a clean exit.
-    pub fn stop(self) -> ExitStatus {
+    pub fn stop(mut self) -> ExitStatus {
         self.terminate();
-        self.wait()
-    }
-
-    /// Waits (up to 30 s) for the process to exit by itself.
-    pub fn wait(mut self) -> ExitStatus {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -656,5 +699,15 @@ impl Tmpfs {
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+/// Polls `check` until it holds; fails the test after `within`, naming
+/// `what`. Poll the real signal instead of sleeping.
+pub async fn eventually(within: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
