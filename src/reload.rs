@@ -401,10 +401,7 @@ mod tests {
     }
 
     fn pointer(path: &str) -> String {
-        format!(
-            "/{}",
-            path.replace('.', "/").replace('[', "/").replace(']', "")
-        )
+        format!("/{}", path.replace(['.', '['], "/").replace(']', ""))
     }
 
     #[test]
@@ -430,7 +427,7 @@ mod tests {
             // Seen, so either applied or named in the restart warning.
             assert_eq!(
                 changed_keys(&tree, &changed).unwrap(),
-                [key.clone()],
+                std::slice::from_ref(key),
                 "changing {key}"
             );
         }

@@ -354,7 +354,7 @@ async fn load_through_swap(
         }
         if swap.is_none()
             && landed_at.is_none()
-            && acks % 50 == 0
+            && acks.is_multiple_of(50)
             && reloads(gateway, "ok").await == 2.0
         {
             landed_at = Some(sent.load(Ordering::Relaxed));
