@@ -12,7 +12,12 @@ use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use base64::Engine as _;
+use serde::ser::SerializeStruct;
+use serde::{Deserialize, Serialize, Serializer};
+use sha2::{Digest, Sha256};
+
+use crate::ids::NodeId;
 
 /// Environment variable that overrides `auth.token_secret`.
 pub const ENV_TOKEN_SECRET: &str = "OTAKO_TOKEN_SECRET";
@@ -61,6 +66,23 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// A digest, never the value: comparing two configs (hot reload) sees a
+/// changed secret while the secret itself stays in this type.
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&digest(&self.0))
+    }
+}
+
+/// A one-way digest of a value that may hold a credential.
+fn digest(value: &str) -> String {
+    let hash = Sha256::digest(value.as_bytes());
+    format!(
+        "sha256:{}",
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(hash)
+    )
+}
+
 /// Which database backs the gateway.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DatabaseUrl {
@@ -79,6 +101,16 @@ impl fmt::Display for DatabaseUrl {
                 Some((_, host)) => write!(f, "postgres://…@{host}"),
                 None => f.write_str(url),
             },
+        }
+    }
+}
+
+/// A PostgreSQL url may carry a password: serialized as a digest.
+impl Serialize for DatabaseUrl {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            DatabaseUrl::Sqlite(_) => s.collect_str(self),
+            DatabaseUrl::Postgres(url) => s.serialize_str(&digest(url)),
         }
     }
 }
@@ -107,7 +139,7 @@ impl DatabaseUrl {
 }
 
 /// What to do with a connection over `sessions.max_per_user`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnLimit {
     /// Close the new session with 4010.
@@ -125,14 +157,14 @@ pub enum SinkConfig {
     Http(String),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct ServerConfig {
     pub client_listen: SocketAddr,
     pub dispatch_listen: SocketAddr,
     pub admin_listen: SocketAddr,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct AuthConfig {
     pub token_secret: Option<Secret>,
     pub dispatch_secret: Option<Secret>,
@@ -140,13 +172,13 @@ pub struct AuthConfig {
     pub token_ttl_s: Option<NonZeroU64>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct DatabaseConfig {
     pub url: DatabaseUrl,
     pub max_connections: NonZeroU32,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct SessionsConfig {
     pub max_per_user: NonZeroU32,
     pub on_limit: OnLimit,
@@ -154,7 +186,7 @@ pub struct SessionsConfig {
     pub outbound_queue: NonZeroUsize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct DispatchConfig {
     pub ping_timeout_ms: NonZeroU64,
     pub max_inflight: NonZeroUsize,
@@ -169,7 +201,39 @@ pub struct LoggingConfig {
     pub sink: SinkConfig,
 }
 
-#[derive(Debug, Clone)]
+/// Serialized with the file's keys (`sink`, then `path` or `url`), so a
+/// changed setting is named as the user wrote it. An http url may carry
+/// credentials: a digest.
+impl Serialize for LoggingConfig {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut out = s.serialize_struct("LoggingConfig", 2)?;
+        match &self.sink {
+            SinkConfig::File(path) => {
+                out.serialize_field("sink", "file")?;
+                out.serialize_field("path", path)?;
+            }
+            SinkConfig::Http(url) => {
+                out.serialize_field("sink", "http")?;
+                out.serialize_field("url", &digest(url))?;
+            }
+        }
+        out.end()
+    }
+}
+
+/// `[cluster]` (DESIGN §9). Only `node_id` is used in this version; the
+/// other keys are validated so a file written for cluster mode is checked.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterConfig {
+    /// The id generator's node bits, unique per process minting ids into
+    /// one database.
+    pub node_id: NodeId,
+    pub subject_prefix: String,
+    /// How long a node's lease (also its id lease) outlives its last renewal.
+    pub lease_ms: NonZeroU64,
+}
+
+#[derive(Debug, Clone, Serialize)]
 pub struct PluginsConfig {
     pub hot_reload: bool,
     /// Where compiled plugin code is cached between runs.
@@ -180,7 +244,7 @@ pub struct PluginsConfig {
     pub query_max_rows: NonZeroU32,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RouteConfig {
     pub event: String,
     pub plugin: PathBuf,
@@ -189,7 +253,7 @@ pub struct RouteConfig {
     pub config: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct ApiConfig {
     pub listen: SocketAddr,
     pub dispatch_url: String,
@@ -201,11 +265,17 @@ pub struct ApiConfig {
     pub max_content_len: NonZeroUsize,
 }
 
-/// A validated `gateway.toml`.
-#[derive(Debug, Clone)]
+/// A validated `gateway.toml`. `Serialize` gives the tree hot reload
+/// compares key by key (see `reload`): a field added here is compared too.
+#[derive(Debug, Clone, Serialize)]
 pub struct Config {
     /// The file it was read from (for messages and the watcher).
+    #[serde(skip)]
     pub path: PathBuf,
+    /// SHA-256 of the text it was parsed from: hot reload skips a save that
+    /// changed nothing.
+    #[serde(skip)]
+    pub text_sha256: [u8; 32],
     pub server: ServerConfig,
     pub auth: AuthConfig,
     pub database: DatabaseConfig,
@@ -214,6 +284,7 @@ pub struct Config {
     pub logging: LoggingConfig,
     pub plugins: PluginsConfig,
     pub routes: Vec<RouteConfig>,
+    pub cluster: ClusterConfig,
     pub api: ApiConfig,
 }
 
@@ -227,7 +298,14 @@ impl Config {
         })?;
         // Absolute, so the hot-reload watcher's event paths match it.
         let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-        let mut config = Self::parse(&text, &path)?;
+        Self::from_text(&text, &path)
+    }
+
+    /// Parses and validates text already read from `path`, then applies
+    /// the environment overrides (what [`load`](Self::load) does after
+    /// reading).
+    pub fn from_text(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut config = Self::parse(text, path)?;
         config.apply_env(|key| std::env::var(key).ok())?;
         Ok(config)
     }
@@ -242,7 +320,9 @@ impl Config {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
         let base = std::path::absolute(&base).unwrap_or(base);
-        raw.compile(path, &base, text)
+        let mut config = raw.compile(path, &base, text)?;
+        config.text_sha256 = Sha256::digest(text.as_bytes()).into();
+        Ok(config)
     }
 
     /// Applies `OTAKO_*` overrides; `lookup` is the environment (a parameter
@@ -383,6 +463,7 @@ mod raw {
         logging: Logging,
         plugins: Plugins,
         routes: Vec<Route>,
+        cluster: Cluster,
         api: Api,
     }
 
@@ -536,6 +617,26 @@ mod raw {
 
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields, default)]
+    struct Cluster {
+        nats_url: Option<Spanned<String>>,
+        node_id: Spanned<u16>,
+        subject_prefix: Spanned<String>,
+        lease_ms: NonZeroU64,
+    }
+
+    impl Default for Cluster {
+        fn default() -> Self {
+            Cluster {
+                nats_url: None,
+                node_id: Spanned::new(0..0, 0),
+                subject_prefix: Spanned::new(0..0, "otako".to_owned()),
+                lease_ms: nz64(10_000),
+            }
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields, default)]
     struct Api {
         listen: SocketAddr,
         dispatch_url: Spanned<String>,
@@ -654,12 +755,48 @@ mod raw {
             }
 
             let dispatch_url = self.api.dispatch_url.get_ref();
-            if !(dispatch_url.starts_with("ws://") || dispatch_url.starts_with("wss://")) {
+            if dispatch_url.starts_with("wss://") {
                 errors.push((
                     at(self.api.dispatch_url.span()),
                     format!(
-                        "in [api]: dispatch_url '{dispatch_url}' must start with ws:// or wss://"
+                        "in [api]: dispatch_url '{dispatch_url}': TLS for the dispatch client is not supported yet; use ws://"
                     ),
+                ));
+            } else if !dispatch_url.starts_with("ws://") {
+                errors.push((
+                    at(self.api.dispatch_url.span()),
+                    format!("in [api]: dispatch_url '{dispatch_url}' must start with ws://"),
+                ));
+            }
+
+            let node_id = NodeId::new(*self.cluster.node_id.get_ref());
+            if node_id.is_none() {
+                errors.push((
+                    at(self.cluster.node_id.span()),
+                    format!(
+                        "in [cluster]: node_id {} is out of range (0-{})",
+                        self.cluster.node_id.get_ref(),
+                        NodeId::MAX
+                    ),
+                ));
+            }
+            if let Some(url) = &self.cluster.nats_url {
+                let message = if url.get_ref().starts_with("nats://") {
+                    "nats_url is set, but cluster mode is not available in this version yet; remove cluster.nats_url to run a single node".to_owned()
+                } else {
+                    format!("nats_url '{}' must start with nats://", url.get_ref())
+                };
+                errors.push((at(url.span()), format!("in [cluster]: {message}")));
+            }
+            let prefix = self.cluster.subject_prefix.get_ref();
+            if prefix.is_empty()
+                || !prefix
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                errors.push((
+                    at(self.cluster.subject_prefix.span()),
+                    format!("in [cluster]: subject_prefix '{prefix}' must be letters, digits, '_' or '-'"),
                 ));
             }
 
@@ -675,7 +812,7 @@ mod raw {
                     message: format!("{message}{}", rest.concat()),
                 });
             }
-            let (Some(url), Some(sink)) = (url, sink) else {
+            let (Some(url), Some(sink), Some(node_id)) = (url, sink, node_id) else {
                 return Err(ConfigError::Semantic {
                     path: shown,
                     message: "invalid configuration".to_owned(),
@@ -684,6 +821,7 @@ mod raw {
 
             Ok(Config {
                 path: path.to_path_buf(),
+                text_sha256: [0; 32],
                 server: ServerConfig {
                     client_listen: self.server.client_listen,
                     dispatch_listen: self.server.dispatch_listen,
@@ -722,6 +860,11 @@ mod raw {
                     query_max_rows: self.plugins.query_max_rows,
                 },
                 routes,
+                cluster: ClusterConfig {
+                    node_id,
+                    subject_prefix: self.cluster.subject_prefix.into_inner(),
+                    lease_ms: self.cluster.lease_ms,
+                },
                 api: ApiConfig {
                     listen: self.api.listen,
                     dispatch_url: self.api.dispatch_url.into_inner(),
@@ -807,6 +950,55 @@ mod tests {
         let err = parse(text).unwrap_err().to_string();
         assert!(
             err.contains(":5: in [[routes]]: event 'A' is routed twice"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn cluster_node_id_defaults_to_zero_and_is_checked() {
+        assert_eq!(parse("").unwrap().cluster.node_id.get(), 0);
+        let config = parse("[cluster]\nnode_id = 1023\nlease_ms = 500\n").unwrap();
+        assert_eq!(config.cluster.node_id.get(), 1023);
+        assert_eq!(config.cluster.lease_ms.get(), 500);
+        let err = parse("[cluster]\n\nnode_id = 1024\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(":3: in [cluster]: node_id 1024 is out of range (0-1023)"),
+            "{err}"
+        );
+        let err = parse("[cluster]\nsubject_prefix = \"a.b\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(":2: in [cluster]: subject_prefix 'a.b'"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn cluster_mode_is_refused_naming_the_key() {
+        let err = parse("[cluster]\nnats_url = \"nats://127.0.0.1:4222\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(":2: in [cluster]: nats_url is set, but cluster mode is not available in this version yet"),
+            "{err}"
+        );
+        assert!(err.contains("cluster.nats_url"), "{err}");
+        let err = parse("[cluster]\nnats_url = \"http://x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("must start with nats://"), "{err}");
+    }
+
+    #[test]
+    fn a_tls_dispatch_url_is_refused() {
+        let err = parse("[api]\ndispatch_url = \"wss://gw:7071/dispatch\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(":2: in [api]: dispatch_url 'wss://gw:7071/dispatch': TLS for the dispatch client is not supported yet; use ws://"),
             "{err}"
         );
     }

@@ -138,7 +138,12 @@ pub async fn serve(
         token_secret.expose().as_bytes(),
         config.auth.token_ttl_s.map(|t| t.get()),
     );
-    let sessions = Sessions::new(config.sessions.clone(), tokens, metrics.clone());
+    let sessions = Sessions::new(
+        config.sessions.clone(),
+        config.cluster.node_id.get(),
+        tokens,
+        metrics.clone(),
+    );
     let presence: Arc<dyn Presence> = Arc::new(sessions.clone());
     let plugins = Plugins::load(&config, read_db.clone(), presence, metrics.clone()).await?;
     readiness.set_plugins_loaded();

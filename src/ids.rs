@@ -105,6 +105,32 @@ id_type!(
 /// 2026-01-01T00:00:00Z in unix milliseconds: ids stay small for decades.
 const EPOCH_MS: u64 = 1_767_225_600_000;
 
+/// The 10 node bits of every id a process mints (`cluster.node_id`):
+/// processes minting ids into one database need different ones, or two of
+/// them can mint the same id in the same millisecond.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize)]
+pub struct NodeId(u16);
+
+impl NodeId {
+    /// Largest node id: ten bits.
+    pub const MAX: u16 = 0x3ff;
+
+    /// `None` above [`NodeId::MAX`].
+    pub fn new(v: u16) -> Option<Self> {
+        (v <= Self::MAX).then_some(NodeId(v))
+    }
+
+    pub fn get(self) -> u16 {
+        self.0
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
 /// Mints unique, time-ordered ids: 41 bits of milliseconds, 10 bits of
 /// node, 12 bits of sequence. Lock-free; monotonic within one process even
 /// if the clock steps back.
@@ -115,9 +141,10 @@ pub struct IdGen {
 }
 
 impl IdGen {
+    /// `node` is masked to its low ten bits; pass `NodeId::get()`.
     pub fn new(node: u16) -> Self {
         IdGen {
-            node: u64::from(node & 0x3ff),
+            node: u64::from(node & NodeId::MAX),
             last: AtomicU64::new(0),
         }
     }
@@ -174,5 +201,13 @@ mod tests {
             assert!(id > last);
             last = id;
         }
+    }
+
+    #[test]
+    fn node_bits_sit_between_time_and_sequence() {
+        assert!(NodeId::new(1024).is_none());
+        let node = NodeId::new(NodeId::MAX).unwrap();
+        let id = IdGen::new(node.get()).next().get();
+        assert_eq!((id >> 12) & 0x3ff, u64::from(NodeId::MAX));
     }
 }

@@ -5,9 +5,21 @@
 
 mod common;
 
+use common::dispatch::Seed;
 use common::{Setup, TOKEN_SECRET, bin, repo};
 use otako_gateway::token::TokenKey;
 use std::process::Command;
+use std::time::Duration;
+
+/// The one-line reason a verb that must fail gave: its last line on
+/// stderr (log lines may come before it).
+fn failure(out: &std::process::Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "it succeeded: {stderr}");
+    let reason = stderr.trim().lines().last().unwrap_or_default().to_owned();
+    assert!(reason.starts_with("otako-gateway: "), "{stderr}");
+    reason
+}
 
 #[test]
 fn check_accepts_the_shipped_config() {
@@ -177,4 +189,106 @@ async fn admin_endpoints_and_graceful_shutdown() {
     assert_eq!(gateway.admin_get("/nope").await.0, 404);
     let status = gateway.stop();
     assert!(status.success(), "exit status {status:?}");
+}
+
+#[test]
+fn a_tls_dispatch_url_is_refused_by_check_and_every_verb() {
+    let mut setup = Setup::sqlite();
+    setup.set("api", "dispatch_url", "\"wss://127.0.0.1:7071/dispatch\"");
+    setup.write_config();
+    let expected = "in [api]: dispatch_url 'wss://127.0.0.1:7071/dispatch': TLS for the dispatch client is not supported yet; use ws://";
+    for verb in ["check", "api", "serve"] {
+        let err = failure(&setup.run_expecting_exit(&[verb], Duration::from_secs(30)));
+        assert!(err.contains(expected), "{verb}: {err}");
+    }
+}
+
+#[test]
+fn cluster_keys_are_checked_and_cluster_mode_is_not_available_yet() {
+    let mut setup = Setup::sqlite();
+    setup.set("cluster", "node_id", "1023");
+    setup.set("cluster", "subject_prefix", "\"otako-test\"");
+    setup.set("cluster", "lease_ms", "5000");
+    setup.write_config();
+    let out = setup.run(&["check"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    setup.set("cluster", "node_id", "1024");
+    setup.write_config();
+    let err = failure(&setup.run(&["check"]));
+    assert!(
+        err.contains("in [cluster]: node_id 1024 is out of range (0-1023)"),
+        "{err}"
+    );
+
+    setup.set("cluster", "node_id", "1");
+    setup.set("cluster", "nats_url", "\"nats://127.0.0.1:4222\"");
+    setup.write_config();
+    let err = failure(&setup.run(&["check"]));
+    assert!(
+        err.contains("cluster mode is not available in this version yet"),
+        "{err}"
+    );
+    assert!(err.contains("cluster.nats_url"), "{err}");
+}
+
+/// Two `api` processes with one node id on one database: the second
+/// refuses to start, naming the first; another node id runs alongside;
+/// the id is free at once after a clean stop or a crash of its holder on
+/// this host, and a holder elsewhere keeps it until its lease expires.
+async fn assert_node_ids_are_leased(mut setup: Setup) {
+    const LEASE_MS: u64 = 1000;
+    setup.set("cluster", "node_id", "7");
+    setup.set("cluster", "lease_ms", &LEASE_MS.to_string());
+    let first = setup.start_verb("api");
+    let err = failure(&setup.run_expecting_exit(&["api"], Duration::from_secs(30)));
+    let holder = format!("by pid {} on ", first.pid());
+    assert!(err.contains("cluster.node_id 7 is in use"), "{err}");
+    assert!(err.contains(&holder), "{err}");
+    assert!(err.contains(" since 20"), "{err}");
+
+    // Renewed, not just taken: still refused after the lease time.
+    std::thread::sleep(Duration::from_millis(LEASE_MS * 3 / 2));
+    let err = failure(&setup.run_expecting_exit(&["api"], Duration::from_secs(30)));
+    assert!(err.contains(&holder), "{err}");
+
+    setup.set("cluster", "node_id", "8");
+    let other = setup.start_verb("api");
+    assert!(other.stop().success());
+
+    setup.set("cluster", "node_id", "7");
+    assert!(first.stop().success());
+    let second = setup.start_verb("api");
+    second.kill();
+    let third = setup.start_verb("api");
+    assert!(third.stop().success());
+
+    // A holder on another host: refused until its lease has expired.
+    let seed = Seed::open(&setup).await;
+    seed.execute("INSERT INTO id_nodes (node_id, host, pid, since_ms, expires_at_ms) VALUES (9, 'elsewhere', 1, 0, 9999999999999)").await;
+    setup.set("cluster", "node_id", "9");
+    setup.write_config();
+    let err = failure(&setup.run_expecting_exit(&["api"], Duration::from_secs(30)));
+    assert!(
+        err.contains("by pid 1 on elsewhere since 1970-01-01"),
+        "{err}"
+    );
+    seed.execute("UPDATE id_nodes SET expires_at_ms = 0 WHERE node_id = 9")
+        .await;
+    let fourth = setup.start_verb("api");
+    assert!(fourth.stop().success());
+}
+
+#[tokio::test]
+async fn a_second_api_with_the_same_node_id_refuses_to_start_on_sqlite() {
+    assert_node_ids_are_leased(Setup::sqlite()).await;
+}
+
+#[tokio::test]
+async fn a_second_api_with_the_same_node_id_refuses_to_start_on_postgres() {
+    assert_node_ids_are_leased(Setup::postgres().await).await;
 }

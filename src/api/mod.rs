@@ -5,7 +5,10 @@
 //! - [`routes`]: the HTTP handlers and their JSON errors.
 //! - [`store`]: the SQL behind them.
 //! - [`outbox`]: the outbox relay: pipelined sends, retries, log-and-drop.
+//! - [`lease`]: the lease on `cluster.node_id`, the node bits of the ids
+//!   it mints.
 
+pub mod lease;
 pub mod outbox;
 pub mod routes;
 pub mod store;
@@ -33,6 +36,8 @@ pub enum ApiError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Db(#[from] DbError),
+    #[error(transparent)]
+    Lease(#[from] lease::LeaseError),
     #[error("cannot listen on {addr} (api.listen): {source}")]
     Bind {
         addr: SocketAddr,
@@ -69,6 +74,14 @@ pub async fn run(
             source,
         })?;
     let bound = listener.local_addr().unwrap_or(config.api.listen);
+    // After binding, so a start that fails there leaves no lease behind.
+    let node = config.cluster.node_id;
+    let lease = lease::NodeLease::take(
+        &db,
+        node,
+        Duration::from_millis(config.cluster.lease_ms.get()),
+    )
+    .await?;
     let shutdown = Shutdown::new();
     let background = Shutdown::new();
     let metrics = Metrics::new();
@@ -79,12 +92,14 @@ pub async fn run(
             token_secret.expose().as_bytes(),
             config.auth.token_ttl_s.map(|t| t.get()),
         ),
-        ids: IdGen::new(1),
+        ids: IdGen::new(node.get()),
         max_body_bytes: config.api.max_body_bytes.get(),
         max_content_len: config.api.max_content_len.get(),
         outbox_ready: outbox_ready.clone(),
     });
 
+    // Released only after the handlers and the dispatcher have stopped.
+    background.spawn(lease.keep(background.clone()));
     let errlog = ErrorLog::new(db.clone(), metrics);
     background.spawn(
         errlog

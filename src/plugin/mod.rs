@@ -28,6 +28,7 @@ mod query;
 mod routes;
 mod sandbox;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -42,6 +43,7 @@ use crate::failure::{ErrorCode, Failure};
 use crate::ids::{ChannelId, UserId};
 use crate::telemetry::{Metrics, PluginLabels};
 pub use engine::INSTANCES_PER_ROUTE;
+pub(crate) use engine::content_hash;
 use engine::{MAX_MEMORY_MB, MAX_ROUTES, PluginEngine};
 use host::{RouteCtx, Services};
 use query::QueryLimits;
@@ -222,9 +224,10 @@ impl Plugins {
         route.call(event, reuse).instrument(span).await
     }
 
-    /// Replaces the route table atomically from a new config (hot reload);
-    /// on error the old table keeps serving. Unchanged plugin files are
-    /// not recompiled.
+    /// Replaces the route table atomically from a new config (hot reload):
+    /// routes, plugin versions and the plugin settings (query limits) are
+    /// one value, switched together; on error nothing changes and the old
+    /// table keeps serving. Unchanged plugin files are not recompiled.
     pub async fn reload(&self, config: &Config) -> Result<(), PluginError> {
         let _one_at_a_time = self.inner.reloading.lock().await;
         let current = self.inner.table.load_full();
@@ -232,6 +235,18 @@ impl Plugins {
         tracing::info!(routes = table.routes.len(), "plugins reloaded");
         self.inner.table.store(Arc::new(table));
         Ok(())
+    }
+
+    /// Each route's plugin version serving now (hex SHA-256 of the file
+    /// as loaded), by event: what hot reload compares a save against.
+    pub fn versions(&self) -> BTreeMap<String, String> {
+        self.inner
+            .table
+            .load()
+            .routes
+            .iter()
+            .map(|(event, route)| (event.clone(), route.compiled.hash.clone()))
+            .collect()
     }
 
     /// What `otako-gateway check` prints: each route's event, plugin file,

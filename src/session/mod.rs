@@ -79,7 +79,13 @@ impl std::fmt::Debug for Sessions {
 }
 
 impl Sessions {
-    pub fn new(config: SessionsConfig, tokens: TokenKey, metrics: Arc<Metrics>) -> Sessions {
+    /// `node` is `cluster.node_id`: the node bits of the session ids.
+    pub fn new(
+        config: SessionsConfig,
+        node: u16,
+        tokens: TokenKey,
+        metrics: Arc<Metrics>,
+    ) -> Sessions {
         let heartbeat = Duration::from_millis(config.heartbeat_interval_ms.get());
         let registry = Arc::new(Registry::default());
         Sessions {
@@ -90,8 +96,7 @@ impl Sessions {
                 metrics,
                 admission: registry.clone(),
                 registry,
-                // Node 0 until cluster mode assigns node ids.
-                ids: IdGen::new(0),
+                ids: IdGen::new(node),
                 ws_config: ws_config(),
             }),
         }

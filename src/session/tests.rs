@@ -36,7 +36,7 @@ async fn start(outbound_queue: usize) -> Harness {
         outbound_queue: NonZeroUsize::new(outbound_queue).unwrap(),
     };
     let metrics = Metrics::new();
-    let sessions = Sessions::new(config, TokenKey::new(SECRET, None), metrics.clone());
+    let sessions = Sessions::new(config, 0, TokenKey::new(SECRET, None), metrics.clone());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = Shutdown::new();

@@ -224,17 +224,47 @@ impl Setup {
         read_json_lines(&self.dir.path().join("data/event-errors.jsonl"))
     }
 
-    /// Runs the binary with `args` (after `--config`) to completion.
-    pub fn run(&self, args: &[&str]) -> std::process::Output {
-        Command::new(bin())
+    /// The binary with `--config` and `args`, without the `OTAKO_*`
+    /// environment.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(bin());
+        command
             .arg("--config")
             .arg(self.config_path())
             .args(args)
             .env_remove("OTAKO_TOKEN_SECRET")
             .env_remove("OTAKO_DISPATCH_SECRET")
-            .env_remove("OTAKO_DATABASE_URL")
-            .output()
-            .unwrap()
+            .env_remove("OTAKO_DATABASE_URL");
+        command
+    }
+
+    /// Runs the binary with `args` (after `--config`) to completion.
+    pub fn run(&self, args: &[&str]) -> std::process::Output {
+        self.command(args).output().unwrap()
+    }
+
+    /// Runs a verb that must exit by itself (e.g. refuse to start) and
+    /// returns its output; fails the test if it still runs after `within`.
+    pub fn run_expecting_exit(&self, args: &[&str], within: Duration) -> std::process::Output {
+        let mut child = self
+            .command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + within;
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "{args:?} still ran after {within:?}; stderr:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.wait_with_output().unwrap()
     }
 
     /// Writes the config and starts `otako-gateway serve`.
