@@ -203,14 +203,15 @@ async fn rebuild_on_save(config: Config, stop: CancellationToken) {
             let Ok(events) = result else { return };
             // Writes only: cargo reads every source while it builds.
             let source_changed = events.iter().any(|e| {
-                crate::reload::is_change(&e.kind) && e.paths.iter().any(|p| {
-                    let in_target = p.components().any(|c| c.as_os_str() == "target");
-                    let source = matches!(
-                        p.extension().and_then(|x| x.to_str()),
-                        Some("rs" | "toml" | "wit")
-                    );
-                    source && !in_target
-                })
+                crate::reload::is_change(&e.kind)
+                    && e.paths.iter().any(|p| {
+                        let in_target = p.components().any(|c| c.as_os_str() == "target");
+                        let source = matches!(
+                            p.extension().and_then(|x| x.to_str()),
+                            Some("rs" | "toml" | "wit")
+                        );
+                        source && !in_target
+                    })
             });
             if source_changed {
                 let _ = tx.try_send(());

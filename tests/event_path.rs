@@ -8,6 +8,8 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::client::Client;
@@ -53,10 +55,17 @@ async fn sigterm_acks_every_event_it_read_before_sessions_close() {
         0
     });
 
-    // Acks, until the gateway's close frame.
+    // Acks, until the gateway's close frame. When the stop begins the
+    // backend looks away for a moment, as a busy one would: acks pile up
+    // unread, and a close that reset the socket would discard them.
+    let look_away = Arc::new(AtomicBool::new(false));
+    let looking_away = look_away.clone();
     let acks = tokio::spawn(async move {
         let mut acked = HashMap::new();
         loop {
+            if looking_away.swap(false, Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+            }
             match tokio::time::timeout(Duration::from_secs(30), acks_in.next()).await {
                 Ok(Some(Ok(Message::Text(text)))) => {
                     let ack: Value = serde_json::from_str(&text).unwrap();
@@ -78,6 +87,7 @@ async fn sigterm_acks_every_event_it_read_before_sessions_close() {
         let frame = client.next().await;
         delivered.insert(frame["d"]["event_id"].as_str().unwrap().to_owned());
     }
+    look_away.store(true, Ordering::Relaxed);
     gateway.terminate();
     let client_closed = loop {
         match tokio::time::timeout(Duration::from_secs(30), client.ws.next()).await {

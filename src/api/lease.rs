@@ -168,9 +168,18 @@ impl NodeLease {
 
     /// Extends the lease; `false` if this process no longer holds it.
     async fn renew(&self) -> Result<bool, sqlx::Error> {
-        let expires = now_ms().saturating_add(self.ttl_ms());
+        self.expire_at(now_ms().saturating_add(self.ttl_ms())).await
+    }
+
+    /// Gives the lease up: an expired lease is free to take.
+    async fn release(&self) -> Result<(), sqlx::Error> {
+        self.expire_at(0).await.map(|_| ())
+    }
+
+    /// Sets our lease's expiry; `false` if this process no longer holds it.
+    async fn expire_at(&self, expires: i64) -> Result<bool, sqlx::Error> {
         let me = &self.holder;
-        let renewed = with_conn!(self.db, c => sqlx::query(
+        let updated = with_conn!(self.db, c => sqlx::query(
             "UPDATE id_nodes SET expires_at_ms = $1 WHERE node_id = $2 AND host = $3 AND pid = $4 AND since_ms = $5")
             .bind(expires)
             .bind(i64::from(self.node.get()))
@@ -180,20 +189,7 @@ impl NodeLease {
             .execute(&mut *c)
             .await
             .map(|r| r.rows_affected()))?;
-        Ok(renewed == 1)
-    }
-
-    async fn release(&self) -> Result<(), sqlx::Error> {
-        let me = &self.holder;
-        with_conn!(self.db, c => sqlx::query(
-            "DELETE FROM id_nodes WHERE node_id = $1 AND host = $2 AND pid = $3 AND since_ms = $4")
-            .bind(i64::from(self.node.get()))
-            .bind(&me.host)
-            .bind(me.pid)
-            .bind(me.since_ms)
-            .execute(&mut *c)
-            .await
-            .map(|_| ()))
+        Ok(updated == 1)
     }
 
     fn ttl_ms(&self) -> i64 {

@@ -280,6 +280,18 @@ impl ClaimStore for SqlClaims {
     }
 }
 
+/// Pushes `(k1, k2, …)` with every key bound, closing an `IN (` the query
+/// ends with.
+macro_rules! push_keys {
+    ($q:expr, $keys:expr) => {{
+        let mut list = $q.separated(", ");
+        for key in $keys {
+            list.push_bind(key.as_str());
+        }
+        $q.push(")");
+    }};
+}
+
 /// Claims every key it can in one transaction; for the others, reads who
 /// holds them.
 async fn insert_claims(db: &Db, owner: &str, keys: &[String]) -> Result<Vec<Claimed>, sqlx::Error> {
@@ -304,11 +316,7 @@ async fn insert_claims(db: &Db, owner: &str, keys: &[String]) -> Result<Vec<Clai
             let mut q = sqlx::QueryBuilder::new(
                 "SELECT event_id, owner, done FROM event_outcomes WHERE event_id IN (",
             );
-            let mut list = q.separated(", ");
-            for key in chunk {
-                list.push_bind(key.as_str());
-            }
-            q.push(")");
+            push_keys!(q, chunk);
             let rows: Vec<(String, String, i64)> = q.build_query_as().fetch_all(&mut *tx).await?;
             held.extend(rows.into_iter().map(|(k, o, d)| (k, (o, d))));
         }
@@ -339,11 +347,7 @@ async fn delete_claims(db: &Db, owner: &str, keys: &[String]) -> Result<(), sqlx
         for chunk in keys.chunks(CHUNK) {
             let mut q = sqlx::QueryBuilder::new("DELETE FROM event_outcomes WHERE done = 0 AND owner = ");
             q.push_bind(owner).push(" AND event_id IN (");
-            let mut list = q.separated(", ");
-            for key in chunk {
-                list.push_bind(key.as_str());
-            }
-            q.push(")");
+            push_keys!(q, chunk);
             q.build().execute(&mut *tx).await?;
         }
         tx.commit().await
@@ -355,11 +359,7 @@ async fn mark_done(db: &Db, keys: &[String]) -> Result<(), sqlx::Error> {
         let mut tx = sqlx::Connection::begin(&mut *c).await?;
         for chunk in keys.chunks(CHUNK) {
             let mut q = sqlx::QueryBuilder::new("UPDATE event_outcomes SET done = 1 WHERE event_id IN (");
-            let mut list = q.separated(", ");
-            for key in chunk {
-                list.push_bind(key.as_str());
-            }
-            q.push(")");
+            push_keys!(q, chunk);
             q.build().execute(&mut *tx).await?;
         }
         tx.commit().await
