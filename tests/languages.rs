@@ -1,0 +1,216 @@
+//! The JavaScript and Python plugins end to end: the MESSAGE_CREATE
+//! handlers and the misbehaving test plugins, built from source by
+//! `scripts/build-lang-plugins.sh` (componentize-js, componentize-py),
+//! routed in a real `serve` process and driven through the dispatch socket
+//! exactly like the Rust handler.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::client::Client;
+use common::dispatch::{DispatchClient, Seed};
+use common::{Gateway, Setup, plugin, plugin_cache, test_plugin};
+use serde_json::{Value, json};
+
+/// A guest language other than Rust, with the route settings the shipped
+/// `gateway.toml` recommends for it.
+#[derive(Clone, Copy)]
+enum Lang {
+    Js,
+    Python,
+}
+
+impl Lang {
+    fn handler(self) -> &'static str {
+        match self {
+            Lang::Js => "message_create_js",
+            Lang::Python => "message_create_py",
+        }
+    }
+
+    fn misbehave(self) -> &'static str {
+        match self {
+            Lang::Js => "misbehave_js",
+            Lang::Python => "misbehave_py",
+        }
+    }
+
+    /// `timeout_ms`/`memory_mb` as gateway.toml's comments advise.
+    fn limits(self) -> &'static str {
+        match self {
+            Lang::Js => "timeout_ms = 200\nmemory_mb = 64",
+            Lang::Python => "timeout_ms = 200\nmemory_mb = 96",
+        }
+    }
+}
+
+/// A setup sharing the compiled-code cache, so only the first test to load
+/// a multi-megabyte component pays its compile.
+fn setup() -> Setup {
+    let mut setup = Setup::sqlite();
+    setup.set("plugins", "cache_dir", &format!("\"{}\"", plugin_cache()));
+    setup
+}
+
+/// `EVENT_MESSAGE_CREATE` on `lang`'s handler and `EVENT_MESSAGE_CREATE_RUST`
+/// on the Rust one, over the seed's example data.
+async fn both_handlers(lang: Lang) -> (Setup, Gateway) {
+    let mut setup = setup();
+    setup
+        .route(
+            "EVENT_MESSAGE_CREATE",
+            &plugin(lang.handler()),
+            lang.limits(),
+        )
+        .route("EVENT_MESSAGE_CREATE_RUST", &plugin("message_create"), "");
+    let gateway = setup.start();
+    Seed::open(&setup).await.example().await;
+    (setup, gateway)
+}
+
+async fn serves_the_seed_example_like_rust(lang: Lang) {
+    let (_setup, gateway) = both_handlers(lang).await;
+    let mut alice = Client::connect(gateway.client, 10).await;
+    let mut bob = Client::connect(gateway.client, 11).await;
+    let mut mallory = Client::connect(gateway.client, 13).await;
+    let mut backend = DispatchClient::connect(gateway.dispatch).await;
+
+    backend
+        .send_text(r#"{"t":"EVENT_MESSAGE_CREATE","d":{"id":"3","channel_id":"1"},"op":0,"s":"14","event_id":"1"}"#)
+        .await;
+    assert_eq!(
+        backend.recv_text().await,
+        r#"{"t":"EVENT_ROUNDTRIP","event_id":"1","success":true,"op":0,"s":"14"}"#
+    );
+    let expected = json!({
+        "id": "3",
+        "channel_id": "1",
+        "author": {"id": "10", "name": "alice"},
+        "content": "Hello! This is a message from the Otako client!",
+        "nonce": "87654GFGDS7544567FD",
+        "timestamp": "2026-11-28T00:00:00.000Z",
+    });
+    for client in [&mut alice, &mut bob] {
+        let frame = client.next().await;
+        assert_eq!(frame["t"], "MESSAGE_CREATE");
+        assert_eq!(frame["d"], expected);
+    }
+
+    // The Rust handler sends the very same frame body.
+    let ack = backend
+        .roundtrip(
+            "EVENT_MESSAGE_CREATE_RUST",
+            json!({"id": 3, "channel_id": 1}),
+            json!("2"),
+        )
+        .await;
+    assert_eq!(ack["success"], true, "{ack}");
+    assert_eq!(bob.next().await["d"], expected);
+    mallory.expect_silence(Duration::from_millis(200)).await;
+
+    // A missing message and bad `d`s fail with the Rust handler's errors.
+    for (n, d) in [
+        json!({"id": "999", "channel_id": "1"}),
+        json!({"id": "3", "channel_id": "9"}),
+        json!({"id": "x", "channel_id": "1"}),
+        json!({"channel_id": "1"}),
+        json!([]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let theirs = backend
+            .roundtrip("EVENT_MESSAGE_CREATE", d.clone(), json!(format!("m{n}")))
+            .await;
+        let rust = backend
+            .roundtrip(
+                "EVENT_MESSAGE_CREATE_RUST",
+                d.clone(),
+                json!(format!("r{n}")),
+            )
+            .await;
+        assert_eq!(theirs["success"], false, "{d}: {theirs}");
+        assert_eq!(
+            theirs["error"]["code"], rust["error"]["code"],
+            "{d}: {theirs} vs {rust}"
+        );
+        if n < 2 {
+            assert_eq!(theirs["error"]["code"], "NOT_FOUND");
+            assert_eq!(theirs["error"], rust["error"], "{d}");
+        }
+    }
+    assert!(gateway.stop().success());
+}
+
+#[tokio::test]
+async fn js_handler_serves_the_seed_example_like_rust() {
+    serves_the_seed_example_like_rust(Lang::Js).await;
+}
+
+#[tokio::test]
+async fn python_handler_serves_the_seed_example_like_rust() {
+    serves_the_seed_example_like_rust(Lang::Python).await;
+}
+
+/// The error-log record of `event_id`, once the sink has written it.
+async fn logged(setup: &Setup, event_id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(record) = setup
+            .error_log()
+            .into_iter()
+            .find(|r| r["event_id"] == event_id)
+        {
+            return record;
+        }
+        assert!(Instant::now() < deadline, "{event_id} never logged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A looping, an endlessly allocating and a throwing guest each fail
+/// their event with the right code, and the route serves the next event.
+async fn sandbox_holds(lang: Lang) {
+    let mut setup = setup();
+    setup.route(
+        "EVENT_MISBEHAVE",
+        &test_plugin(lang.misbehave()),
+        lang.limits(),
+    );
+    let gateway = setup.start();
+    let mut backend = DispatchClient::connect(gateway.dispatch).await;
+    for (what, code) in [
+        ("loop", "PLUGIN_TIMEOUT"),
+        ("alloc", "PLUGIN_MEMORY"),
+        ("throw", "PLUGIN_TRAP"),
+        ("nothing", ""),
+    ] {
+        let ack = backend
+            .roundtrip("EVENT_MISBEHAVE", json!({"do": what}), json!(what))
+            .await;
+        if code.is_empty() {
+            assert_eq!(ack["success"], true, "{ack}");
+        } else {
+            assert_eq!(ack["error"]["code"], code, "{what}: {ack}");
+        }
+    }
+    // The thrown error's stack reaches the log, naming the guest function.
+    let record = logged(&setup, "throw").await;
+    let text = record.to_string();
+    assert!(text.contains(lang.misbehave()), "{text}");
+    assert!(text.contains("deeper"), "{text}");
+    assert!(gateway.stop().success());
+}
+
+#[tokio::test]
+async fn js_sandbox_limits_hold() {
+    sandbox_holds(Lang::Js).await;
+}
+
+#[tokio::test]
+async fn python_sandbox_limits_hold() {
+    sandbox_holds(Lang::Python).await;
+}
