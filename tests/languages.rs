@@ -214,3 +214,90 @@ async fn js_sandbox_limits_hold() {
 async fn python_sandbox_limits_hold() {
     sandbox_holds(Lang::Python).await;
 }
+
+/// A project folder for `new-plugin`: the harness's `gateway.toml` plus the
+/// real build script and JS/Python toolchain (linked, so nothing reinstalls).
+fn project() -> Setup {
+    let setup = setup();
+    setup.write_config();
+    let root = setup.dir.path();
+    std::fs::create_dir_all(root.join("plugins")).unwrap();
+    for (link, target) in [
+        ("scripts", "scripts"),
+        ("plugins/toolchain", "plugins/toolchain"),
+        ("plugins/.toolchain", "plugins/.toolchain"),
+        ("wit", "wit"),
+    ] {
+        std::os::unix::fs::symlink(common::repo().join(target), root.join(link)).unwrap();
+    }
+    setup
+}
+
+#[tokio::test]
+async fn new_plugin_scaffolds_builds_and_routes_a_js_handler() {
+    let setup = project();
+    let config = setup.config_path();
+    let before = std::fs::read_to_string(&config).unwrap();
+    let out = setup.run(&[
+        "new-plugin",
+        "typing_js",
+        "--event",
+        "EVENT_TYPING",
+        "--lang",
+        "js",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("next: otako-gateway dev"), "{stdout}");
+    let after = std::fs::read_to_string(&config).unwrap();
+    assert!(after.starts_with(&before), "the old text stays as it was");
+    assert!(after.contains("event      = \"EVENT_TYPING\"\nplugin     = \"plugins/typing_js.wasm\"\ntimeout_ms = 200\nmemory_mb  = 64\n"), "{after}");
+    let root = setup.dir.path();
+    assert!(root.join("plugins/typing_js/handler.js").is_file());
+
+    // The new route loads, and the handler delivers `d` to the channel
+    // (started on the edited file: `Setup::start` would rewrite it).
+    let gateway = Gateway::spawn(&config, setup.dir.path(), "serve");
+    Seed::open(&setup).await.example().await;
+    let mut bob = Client::connect(gateway.client, 11).await;
+    let mut backend = DispatchClient::connect(gateway.dispatch).await;
+    let d = json!({"channel_id": "1", "user_id": "10"});
+    let ack = backend
+        .roundtrip("EVENT_TYPING", d.clone(), json!("t1"))
+        .await;
+    assert_eq!(ack["success"], true, "{ack}");
+    let frame = bob.next().await;
+    assert_eq!((frame["t"].as_str(), &frame["d"]), (Some("TYPING"), &d));
+    assert!(gateway.stop().success());
+
+    // A taken name, a routed event or a bad name changes nothing.
+    let routed = std::fs::read_to_string(&config).unwrap();
+    for (args, says) in [
+        (
+            vec!["new-plugin", "typing_js", "--lang", "js"],
+            "already exists",
+        ),
+        (
+            vec!["new-plugin", "other", "--event", "EVENT_TYPING"],
+            "already routed",
+        ),
+        (vec!["new-plugin", "Bad-Name"], "invalid plugin name"),
+        (
+            vec!["new-plugin", "ok_name", "--event", "lower"],
+            "invalid event name",
+        ),
+        (vec!["new-plugin", "sdk"], "reserved"),
+    ] {
+        let out = setup.run(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert_eq!(std::fs::read_to_string(&config).unwrap(), routed);
+    }
+    assert!(!root.join("plugins/other").exists());
+    assert!(!root.join("plugins/ok_name").exists());
+}
