@@ -301,3 +301,58 @@ async fn new_plugin_scaffolds_builds_and_routes_a_js_handler() {
     assert!(!root.join("plugins/other").exists());
     assert!(!root.join("plugins/ok_name").exists());
 }
+
+/// Copies a folder, leaving out build outputs and toolchains.
+fn copy_sources(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if ["target", ".toolchain", "wasm", "node_modules"].contains(&name.as_ref())
+            || name.ends_with(".wasm")
+        {
+            continue;
+        }
+        if entry.file_type().unwrap().is_dir() {
+            copy_sources(&entry.path(), &to.join(&*name));
+        } else {
+            std::fs::copy(entry.path(), to.join(&*name)).unwrap();
+        }
+    }
+}
+
+#[test]
+fn new_plugin_adds_a_rust_crate_to_the_workspace() {
+    let setup = setup();
+    setup.write_config();
+    let root = setup.dir.path();
+    copy_sources(&common::repo().join("plugins"), &root.join("plugins"));
+    std::os::unix::fs::symlink(common::repo().join("wit"), root.join("wit")).unwrap();
+    // Shares the repository's guest build cache: only the new crate compiles.
+    std::os::unix::fs::symlink(
+        common::repo().join("plugins/target"),
+        root.join("plugins/target"),
+    )
+    .unwrap();
+    let out = setup.run(&["new-plugin", "channel_typing"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let members = std::fs::read_to_string(root.join("plugins/Cargo.toml")).unwrap();
+    assert!(members.contains("    \"channel_typing\",\n]"), "{members}");
+    assert!(root.join("plugins/channel_typing.wasm").is_file());
+    let config = std::fs::read_to_string(setup.config_path()).unwrap();
+    assert!(
+        config.contains("event      = \"EVENT_CHANNEL_TYPING\"\nplugin     = \"plugins/channel_typing.wasm\"\ntimeout_ms = 50\nmemory_mb  = 16\n"),
+        "{config}"
+    );
+    let check = setup.run(&["check"]);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+}
