@@ -1,7 +1,8 @@
 //! Per-event cost of the plugin host: a trivial plugin and the
 //! MESSAGE_CREATE handler (two-table lookup on SQLite), each on a reused
 //! instance, on a fresh instance per event, and as a native Rust function
-//! doing the same work. Plugin minus native is the host's overhead.
+//! doing the same work. Plugin minus native is the host's overhead. The
+//! same handler in JavaScript and Python shows what a guest language costs.
 //! Also the fan-out's serialization: one shared frame with each session's
 //! `s` spliced in, against serializing the whole frame per recipient.
 //!
@@ -98,7 +99,11 @@ async fn setup(dir: &Path) -> (Plugins, Db) {
         "[database]\nurl = \"sqlite://{db}\"\n[plugins]\ncache_dir = \"{cache}\"\n\
          [[routes]]\nevent = \"NOOP\"\nplugin = \"{noop}\"\n\
          [[routes]]\nevent = \"EVENT_MESSAGE_CREATE\"\nplugin = \"{create}\"\n\
-         [[routes]]\nevent = \"WRITE\"\nplugin = \"{write}\"\n",
+         [[routes]]\nevent = \"WRITE\"\nplugin = \"{write}\"\n\
+         [[routes]]\nevent = \"EVENT_MESSAGE_CREATE_JS\"\nplugin = \"{create_js}\"\n\
+         timeout_ms = 1000\nmemory_mb = 64\n\
+         [[routes]]\nevent = \"EVENT_MESSAGE_CREATE_PY\"\nplugin = \"{create_py}\"\n\
+         timeout_ms = 1000\nmemory_mb = 96\n",
         db = dir.join("otako.db").display(),
         cache = repo.join("target/plugin-bench-cache").display(),
         noop = repo.join("plugins/testing/wasm/noop_plugin.wasm").display(),
@@ -106,6 +111,8 @@ async fn setup(dir: &Path) -> (Plugins, Db) {
         write = repo
             .join("plugins/testing/wasm/write_plugin.wasm")
             .display(),
+        create_js = repo.join("plugins/message_create_js.wasm").display(),
+        create_py = repo.join("plugins/message_create_py.wasm").display(),
     );
     let config = Config::parse(&text, &dir.join("gateway.toml")).unwrap();
     let rw = Db::open(&config.database.url, 1, Access::ReadWrite)
@@ -199,6 +206,29 @@ fn bench(c: &mut Criterion) {
             black_box(otako_gateway::plugin::bench_query(&db, LOAD_MESSAGE, &[3, 1]).await)
         })
     });
+    group.finish();
+
+    // The same handler in each guest language (the Rust one is above).
+    let mut group = c.benchmark_group("message_create_by_language");
+    for (lang, name) in [
+        ("js", "EVENT_MESSAGE_CREATE_JS"),
+        ("python", "EVENT_MESSAGE_CREATE_PY"),
+    ] {
+        let event = Event {
+            name,
+            id: "1",
+            data: CREATE_D,
+        };
+        group.bench_function(format!("{lang}_reused_instance"), |b| {
+            b.to_async(&rt)
+                .iter(|| async { black_box(plugins.handle(&event).await.unwrap()) })
+        });
+        group.bench_function(format!("{lang}_fresh_instance"), |b| {
+            b.to_async(&rt).iter(|| async {
+                black_box(plugins.handle_on_fresh_instance(&event).await.unwrap())
+            })
+        });
+    }
     group.finish();
 }
 

@@ -3,6 +3,8 @@
 # wasm32-wasip2 in release, then puts each component where it is used:
 #   plugins/<handler>.wasm            the real handlers gateway.toml routes to
 #   plugins/testing/wasm/<name>.wasm  the misbehaving plugins the host tests load
+# and then, through scripts/build-lang-plugins.sh, the JavaScript and Python
+# ones (plugins/<name>/handler.js or app.py).
 # Works from any directory. Extra arguments go to `cargo build`.
 set -euo pipefail
 
@@ -40,3 +42,6 @@ for name in "${test_plugins[@]}"; do copy "$name" "$plugins/testing/wasm"; done
 
 total=$((${#handlers[@]} + ${#test_plugins[@]}))
 (IFS=','; echo "built $total plugins: ${summary[*]}" | sed 's/,/, /g')
+
+# The JavaScript and Python plugins (incremental: skipped when unchanged).
+"$root/scripts/build-lang-plugins.sh"

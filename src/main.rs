@@ -6,12 +6,15 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use newplugin::Lang;
 
 use otako_gateway::config::Config;
 use otako_gateway::ids::UserId;
 use otako_gateway::plugin::Plugins;
 use otako_gateway::token::{self, TokenKey};
 use otako_gateway::{api, dev, gateway, logsink, shutdown, sys, telemetry};
+
+mod newplugin;
 
 #[derive(Parser)]
 #[command(
@@ -43,6 +46,17 @@ enum Verb {
     Token {
         #[command(subcommand)]
         action: TokenAction,
+    },
+    /// Scaffold a plugin under plugins/, build it and route it in gateway.toml.
+    NewPlugin {
+        /// The plugin's name: its folder and `plugins/NAME.wasm`.
+        name: String,
+        /// The dispatch event it handles (default: EVENT_<NAME>).
+        #[arg(long)]
+        event: Option<String>,
+        /// The guest language.
+        #[arg(long, value_enum, default_value = "rust")]
+        lang: Lang,
     },
     /// A reference logging server: appends each POSTed JSON document to a file.
     LogSink {
@@ -162,6 +176,13 @@ async fn run(cli: Cli) -> Result<()> {
             })
             .await?;
             db.close().await;
+        }
+        Verb::NewPlugin { name, event, lang } => {
+            let created = tokio::task::spawn_blocking(move || {
+                newplugin::run(&cli.config, &name, event.as_deref(), lang)
+            })
+            .await??;
+            println!("{created}");
         }
         Verb::Dev => {
             let config = Config::load(&cli.config)?;

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Setup, plugin, repo, test_plugin};
+use common::{Setup, plugin, plugin_cache, test_plugin};
 use otako_gateway::config::Config;
 use otako_gateway::db::{Access, Db};
 use otako_gateway::failure::{ErrorCode, Failure};
@@ -41,15 +41,6 @@ fn online() -> Arc<dyn Presence> {
             .map(|u| UserId::new(u).unwrap())
             .collect(),
     ))
-}
-
-/// A compiled-code cache shared by the tests, so each test doesn't
-/// recompile every plugin (the cache test uses a folder of its own).
-fn shared_cache() -> String {
-    repo()
-        .join("target/plugin-test-cache")
-        .display()
-        .to_string()
 }
 
 /// A loaded plugin host plus a writable pool for test data.
@@ -115,7 +106,7 @@ impl Host {
 async fn host(mut setup: Setup) -> Host {
     setup.route("NOOP", &test_plugin("noop_plugin"), "");
     if !setup.config_text().contains("cache_dir") {
-        setup.set("plugins", "cache_dir", &format!("\"{}\"", shared_cache()));
+        setup.set("plugins", "cache_dir", &format!("\"{}\"", plugin_cache()));
     }
     let config = Config::parse(&setup.config_text(), &setup.config_path()).unwrap();
     let rw = Db::open(&config.database.url, 2, Access::ReadWrite)
@@ -440,7 +431,7 @@ async fn a_garbage_wasm_fails_load_naming_the_file() {
     let garbage = setup.dir.path().join("garbage.wasm");
     std::fs::write(&garbage, b"\0asm but not really").unwrap();
     setup.route("EVENT_GARBAGE", &garbage, "");
-    setup.set("plugins", "cache_dir", &format!("\"{}\"", shared_cache()));
+    setup.set("plugins", "cache_dir", &format!("\"{}\"", plugin_cache()));
     let config = Config::parse(&setup.config_text(), &setup.config_path()).unwrap();
     let db = Db::open(&config.database.url, 1, Access::ReadOnly)
         .await
@@ -710,7 +701,7 @@ async fn concurrent_events_share_a_route() {
 #[test]
 fn check_prints_each_plugin_and_fails_on_a_bad_one() {
     let mut setup = Setup::sqlite();
-    setup.set("plugins", "cache_dir", &format!("\"{}\"", shared_cache()));
+    setup.set("plugins", "cache_dir", &format!("\"{}\"", plugin_cache()));
     setup.message_routes();
     setup.write_config();
     let out = setup.run(&["check"]);

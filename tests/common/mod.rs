@@ -33,6 +33,16 @@ pub fn plugin(name: &str) -> PathBuf {
     repo().join("plugins").join(format!("{name}.wasm"))
 }
 
+/// A compiled-plugin cache shared by the tests, so each test doesn't
+/// recompile every plugin (multi-megabyte JS/Python components take
+/// seconds); a test of the cache itself uses a folder of its own.
+pub fn plugin_cache() -> String {
+    repo()
+        .join("target/plugin-test-cache")
+        .display()
+        .to_string()
+}
+
 /// A built test plugin from `plugins/testing/wasm/`.
 pub fn test_plugin(name: &str) -> PathBuf {
     repo()

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Builds the JavaScript and Python plugins to components (called by
+# scripts/build-plugins.sh; runs on its own too):
+#   plugins/<name>/handler.js          -> plugins/<name>.wasm             (componentize-js)
+#   plugins/<name>/app.py              -> plugins/<name>.wasm             (componentize-py)
+#   plugins/testing/<name>/handler.js|app.py -> plugins/testing/wasm/<name>.wasm
+# The toolchains come from the npm registry and PyPI only, at the exact
+# versions in plugins/toolchain/ (package-lock.json, requirements.txt), into
+# plugins/.toolchain/ (gitignored). Everything is incremental: a toolchain is
+# reinstalled only when its manifest changes, and a plugin is rebuilt only
+# when its sources, the WIT world or the toolchain changed (a JS/Python build
+# takes 10-20 s, so the test suite must not pay it on every run).
+# Arguments: plugin folder names to build only those (default: all).
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+plugins="$root/plugins"
+manifests="$plugins/toolchain"
+tools="$plugins/.toolchain"
+stamps="$tools/stamps"
+mkdir -p "$stamps"
+
+# Hash of files' names and contents: what a build or an install depends on.
+digest() {
+    for f in "$@"; do printf '%s\n' "${f#"$root"/}"; cat "$f"; done | sha256sum | cut -d' ' -f1
+}
+
+# Runs "$@" only when the stamp named $1 differs from digest $2; records it
+# after success, so a failed step is retried next time.
+when_changed() {
+    local name="$1" sum="$2"
+    shift 2
+    if [[ -f "$stamps/$name" && "$(cat "$stamps/$name")" == "$sum" ]]; then
+        return 0
+    fi
+    "$@"
+    echo "$sum" >"$stamps/$name"
+}
+
+js_tool_sum="$(digest "$manifests/package.json" "$manifests/package-lock.json")"
+py_tool_sum="$(digest "$manifests/requirements.txt")"
+
+install_js() {
+    echo "installing the JavaScript plugin toolchain (npm) into ${tools#"$root"/}/js"
+    rm -rf "$tools/js"
+    mkdir -p "$tools/js"
+    cp "$manifests/package.json" "$manifests/package-lock.json" "$tools/js/"
+    npm ci --prefix "$tools/js" --no-audit --no-fund --loglevel=error
+}
+
+install_py() {
+    echo "installing the Python plugin toolchain (pip) into ${tools#"$root"/}/py"
+    rm -rf "$tools/py"
+    python3 -m venv "$tools/py"
+    "$tools/py/bin/pip" install --quiet --disable-pip-version-check -r "$manifests/requirements.txt"
+}
+
+componentize_js() { # source dir, output file
+    # No wasi:http: the gateway links WASI p2 without it (a plugin gets no
+    # network), and a component importing it would not link.
+    node "$tools/js/node_modules/@bytecodealliance/componentize-js/src/cli.js" \
+        "$1/handler.js" --wit "$root/wit" --world-name plugin \
+        --disable http fetch-event --out "$2.tmp"
+    mv "$2.tmp" "$2"
+}
+
+componentize_py() { # source dir, output file
+    # Bytecode caches would otherwise land in the source folder.
+    PYTHONDONTWRITEBYTECODE=1 "$tools/py/bin/componentize-py" \
+        --quiet --wit-path "$root/wit" --world plugin componentize app \
+        --python-path "$1" --output "$2.tmp"
+    mv "$2.tmp" "$2"
+}
+
+# Every JS/Python plugin folder: plugins/* (handlers) and plugins/testing/*.
+sources=()
+for dir in "$plugins"/*/ "$plugins"/testing/*/; do
+    dir="${dir%/}"
+    [[ -f "$dir/handler.js" || -f "$dir/app.py" ]] && sources+=("$dir")
+done
+if (($# > 0)); then
+    wanted=" $* "
+    picked=()
+    for dir in "${sources[@]}"; do
+        [[ "$wanted" == *" $(basename "$dir") "* ]] && picked+=("$dir")
+    done
+    sources=("${picked[@]}")
+fi
+
+summary=()
+for dir in "${sources[@]}"; do
+    name="$(basename "$dir")"
+    if [[ "$dir" == "$plugins/testing/"* ]]; then
+        out="$plugins/testing/wasm/$name.wasm"
+    else
+        out="$plugins/$name.wasm"
+    fi
+    mkdir -p "$(dirname "$out")"
+    mapfile -t files < <(find "$dir" -type f \( -name '*.js' -o -name '*.py' \) | LC_ALL=C sort)
+    if [[ -f "$dir/handler.js" ]]; then
+        when_changed toolchain-js "$js_tool_sum" install_js
+        lang=js tool_sum="$js_tool_sum" build=componentize_js
+    else
+        when_changed toolchain-py "$py_tool_sum" install_py
+        lang=py tool_sum="$py_tool_sum" build=componentize_py
+    fi
+    # This script is in the sum too: a changed build recipe rebuilds.
+    sum="$(digest "${files[@]}" "$root"/wit/*.wit "$root/scripts/build-lang-plugins.sh")-$tool_sum"
+    [[ -f "$out" ]] || rm -f "$stamps/$name.$lang"
+    when_changed "$name.$lang" "$sum" "$build" "$dir" "$out"
+    summary+=("$name $(($(stat -c %s "$out") / 1024))K")
+done
+
+if ((${#summary[@]} > 0)); then
+    (IFS=','; echo "JS/Python plugins up to date: ${summary[*]}" | sed 's/,/, /g')
+fi

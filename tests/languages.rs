@@ -1,0 +1,358 @@
+//! The JavaScript and Python plugins end to end: the MESSAGE_CREATE
+//! handlers and the misbehaving test plugins, built from source by
+//! `scripts/build-lang-plugins.sh` (componentize-js, componentize-py),
+//! routed in a real `serve` process and driven through the dispatch socket
+//! exactly like the Rust handler.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::client::Client;
+use common::dispatch::{DispatchClient, Seed};
+use common::{Gateway, Setup, plugin, plugin_cache, test_plugin};
+use serde_json::{Value, json};
+
+/// A guest language other than Rust, with the route settings the shipped
+/// `gateway.toml` recommends for it.
+#[derive(Clone, Copy)]
+enum Lang {
+    Js,
+    Python,
+}
+
+impl Lang {
+    fn handler(self) -> &'static str {
+        match self {
+            Lang::Js => "message_create_js",
+            Lang::Python => "message_create_py",
+        }
+    }
+
+    fn misbehave(self) -> &'static str {
+        match self {
+            Lang::Js => "misbehave_js",
+            Lang::Python => "misbehave_py",
+        }
+    }
+
+    /// `timeout_ms`/`memory_mb` as gateway.toml's comments advise.
+    fn limits(self) -> &'static str {
+        match self {
+            Lang::Js => "timeout_ms = 200\nmemory_mb = 64",
+            Lang::Python => "timeout_ms = 200\nmemory_mb = 96",
+        }
+    }
+}
+
+/// A setup sharing the compiled-code cache, so only the first test to load
+/// a multi-megabyte component pays its compile.
+fn setup() -> Setup {
+    let mut setup = Setup::sqlite();
+    setup.set("plugins", "cache_dir", &format!("\"{}\"", plugin_cache()));
+    setup
+}
+
+/// `EVENT_MESSAGE_CREATE` on `lang`'s handler and `EVENT_MESSAGE_CREATE_RUST`
+/// on the Rust one, over the seed's example data.
+async fn both_handlers(lang: Lang) -> (Setup, Gateway) {
+    let mut setup = setup();
+    setup
+        .route(
+            "EVENT_MESSAGE_CREATE",
+            &plugin(lang.handler()),
+            lang.limits(),
+        )
+        .route("EVENT_MESSAGE_CREATE_RUST", &plugin("message_create"), "");
+    let gateway = setup.start();
+    Seed::open(&setup).await.example().await;
+    (setup, gateway)
+}
+
+async fn serves_the_seed_example_like_rust(lang: Lang) {
+    let (_setup, gateway) = both_handlers(lang).await;
+    let mut alice = Client::connect(gateway.client, 10).await;
+    let mut bob = Client::connect(gateway.client, 11).await;
+    let mut mallory = Client::connect(gateway.client, 13).await;
+    let mut backend = DispatchClient::connect(gateway.dispatch).await;
+
+    backend
+        .send_text(r#"{"t":"EVENT_MESSAGE_CREATE","d":{"id":"3","channel_id":"1"},"op":0,"s":"14","event_id":"1"}"#)
+        .await;
+    assert_eq!(
+        backend.recv_text().await,
+        r#"{"t":"EVENT_ROUNDTRIP","event_id":"1","success":true,"op":0,"s":"14"}"#
+    );
+    let expected = json!({
+        "id": "3",
+        "channel_id": "1",
+        "author": {"id": "10", "name": "alice"},
+        "content": "Hello! This is a message from the Otako client!",
+        "nonce": "87654GFGDS7544567FD",
+        "timestamp": "2026-11-28T00:00:00.000Z",
+    });
+    for client in [&mut alice, &mut bob] {
+        let frame = client.next().await;
+        assert_eq!(frame["t"], "MESSAGE_CREATE");
+        assert_eq!(frame["d"], expected);
+    }
+
+    // The Rust handler sends the very same frame body.
+    let ack = backend
+        .roundtrip(
+            "EVENT_MESSAGE_CREATE_RUST",
+            json!({"id": 3, "channel_id": 1}),
+            json!("2"),
+        )
+        .await;
+    assert_eq!(ack["success"], true, "{ack}");
+    assert_eq!(bob.next().await["d"], expected);
+    mallory.expect_silence(Duration::from_millis(200)).await;
+
+    // A missing message and bad `d`s fail with the Rust handler's errors.
+    for (n, d) in [
+        json!({"id": "999", "channel_id": "1"}),
+        json!({"id": "3", "channel_id": "9"}),
+        json!({"id": "x", "channel_id": "1"}),
+        json!({"channel_id": "1"}),
+        json!([]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let theirs = backend
+            .roundtrip("EVENT_MESSAGE_CREATE", d.clone(), json!(format!("m{n}")))
+            .await;
+        let rust = backend
+            .roundtrip(
+                "EVENT_MESSAGE_CREATE_RUST",
+                d.clone(),
+                json!(format!("r{n}")),
+            )
+            .await;
+        assert_eq!(theirs["success"], false, "{d}: {theirs}");
+        assert_eq!(
+            theirs["error"]["code"], rust["error"]["code"],
+            "{d}: {theirs} vs {rust}"
+        );
+        if n < 2 {
+            assert_eq!(theirs["error"]["code"], "NOT_FOUND");
+            assert_eq!(theirs["error"], rust["error"], "{d}");
+        }
+    }
+    assert!(gateway.stop().success());
+}
+
+#[tokio::test]
+async fn js_handler_serves_the_seed_example_like_rust() {
+    serves_the_seed_example_like_rust(Lang::Js).await;
+}
+
+#[tokio::test]
+async fn python_handler_serves_the_seed_example_like_rust() {
+    serves_the_seed_example_like_rust(Lang::Python).await;
+}
+
+/// The error-log record of `event_id`, once the sink has written it.
+async fn logged(setup: &Setup, event_id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(record) = setup
+            .error_log()
+            .into_iter()
+            .find(|r| r["event_id"] == event_id)
+        {
+            return record;
+        }
+        assert!(Instant::now() < deadline, "{event_id} never logged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A looping, an endlessly allocating and a throwing guest each fail
+/// their event with the right code, and the route serves the next event.
+async fn sandbox_holds(lang: Lang) {
+    let mut setup = setup();
+    setup.route(
+        "EVENT_MISBEHAVE",
+        &test_plugin(lang.misbehave()),
+        lang.limits(),
+    );
+    let gateway = setup.start();
+    let mut backend = DispatchClient::connect(gateway.dispatch).await;
+    for (what, code) in [
+        ("loop", "PLUGIN_TIMEOUT"),
+        ("alloc", "PLUGIN_MEMORY"),
+        ("throw", "PLUGIN_TRAP"),
+        ("nothing", ""),
+    ] {
+        let ack = backend
+            .roundtrip("EVENT_MISBEHAVE", json!({"do": what}), json!(what))
+            .await;
+        if code.is_empty() {
+            assert_eq!(ack["success"], true, "{ack}");
+        } else {
+            assert_eq!(ack["error"]["code"], code, "{what}: {ack}");
+        }
+    }
+    // The thrown error's stack reaches the log, naming the guest function.
+    let record = logged(&setup, "throw").await;
+    let text = record.to_string();
+    assert!(text.contains(lang.misbehave()), "{text}");
+    assert!(text.contains("deeper"), "{text}");
+    assert!(gateway.stop().success());
+}
+
+#[tokio::test]
+async fn js_sandbox_limits_hold() {
+    sandbox_holds(Lang::Js).await;
+}
+
+#[tokio::test]
+async fn python_sandbox_limits_hold() {
+    sandbox_holds(Lang::Python).await;
+}
+
+/// A project folder for `new-plugin`: the harness's `gateway.toml` plus the
+/// real build script and JS/Python toolchain (linked, so nothing reinstalls).
+fn project() -> Setup {
+    let setup = setup();
+    setup.write_config();
+    let root = setup.dir.path();
+    std::fs::create_dir_all(root.join("plugins")).unwrap();
+    for (link, target) in [
+        ("scripts", "scripts"),
+        ("plugins/toolchain", "plugins/toolchain"),
+        ("plugins/.toolchain", "plugins/.toolchain"),
+        ("wit", "wit"),
+    ] {
+        std::os::unix::fs::symlink(common::repo().join(target), root.join(link)).unwrap();
+    }
+    setup
+}
+
+#[tokio::test]
+async fn new_plugin_scaffolds_builds_and_routes_a_js_handler() {
+    let setup = project();
+    let config = setup.config_path();
+    let before = std::fs::read_to_string(&config).unwrap();
+    let out = setup.run(&[
+        "new-plugin",
+        "typing_js",
+        "--event",
+        "EVENT_TYPING",
+        "--lang",
+        "js",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("next: otako-gateway dev"), "{stdout}");
+    let after = std::fs::read_to_string(&config).unwrap();
+    assert!(after.starts_with(&before), "the old text stays as it was");
+    assert!(after.contains("event      = \"EVENT_TYPING\"\nplugin     = \"plugins/typing_js.wasm\"\ntimeout_ms = 200\nmemory_mb  = 64\n"), "{after}");
+    let root = setup.dir.path();
+    assert!(root.join("plugins/typing_js/handler.js").is_file());
+
+    // The new route loads, and the handler delivers `d` to the channel
+    // (started on the edited file: `Setup::start` would rewrite it).
+    let gateway = Gateway::spawn(&config, setup.dir.path(), "serve");
+    Seed::open(&setup).await.example().await;
+    let mut bob = Client::connect(gateway.client, 11).await;
+    let mut backend = DispatchClient::connect(gateway.dispatch).await;
+    let d = json!({"channel_id": "1", "user_id": "10"});
+    let ack = backend
+        .roundtrip("EVENT_TYPING", d.clone(), json!("t1"))
+        .await;
+    assert_eq!(ack["success"], true, "{ack}");
+    let frame = bob.next().await;
+    assert_eq!((frame["t"].as_str(), &frame["d"]), (Some("TYPING"), &d));
+    assert!(gateway.stop().success());
+
+    // A taken name, a routed event or a bad name changes nothing.
+    let routed = std::fs::read_to_string(&config).unwrap();
+    for (args, says) in [
+        (
+            vec!["new-plugin", "typing_js", "--lang", "js"],
+            "already exists",
+        ),
+        (
+            vec!["new-plugin", "other", "--event", "EVENT_TYPING"],
+            "already routed",
+        ),
+        (vec!["new-plugin", "Bad-Name"], "invalid plugin name"),
+        (
+            vec!["new-plugin", "ok_name", "--event", "lower"],
+            "invalid event name",
+        ),
+        (vec!["new-plugin", "sdk"], "reserved"),
+    ] {
+        let out = setup.run(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert_eq!(std::fs::read_to_string(&config).unwrap(), routed);
+    }
+    assert!(!root.join("plugins/other").exists());
+    assert!(!root.join("plugins/ok_name").exists());
+}
+
+/// Copies a folder, leaving out build outputs and toolchains.
+fn copy_sources(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if ["target", ".toolchain", "wasm", "node_modules"].contains(&name.as_ref())
+            || name.ends_with(".wasm")
+        {
+            continue;
+        }
+        if entry.file_type().unwrap().is_dir() {
+            copy_sources(&entry.path(), &to.join(&*name));
+        } else {
+            std::fs::copy(entry.path(), to.join(&*name)).unwrap();
+        }
+    }
+}
+
+#[test]
+fn new_plugin_adds_a_rust_crate_to_the_workspace() {
+    let setup = setup();
+    setup.write_config();
+    let root = setup.dir.path();
+    copy_sources(&common::repo().join("plugins"), &root.join("plugins"));
+    std::os::unix::fs::symlink(common::repo().join("wit"), root.join("wit")).unwrap();
+    // Shares the repository's guest build cache: only the new crate compiles.
+    std::os::unix::fs::symlink(
+        common::repo().join("plugins/target"),
+        root.join("plugins/target"),
+    )
+    .unwrap();
+    let out = setup.run(&["new-plugin", "channel_typing"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let members = std::fs::read_to_string(root.join("plugins/Cargo.toml")).unwrap();
+    assert!(members.contains("    \"channel_typing\",\n]"), "{members}");
+    assert!(root.join("plugins/channel_typing.wasm").is_file());
+    let config = std::fs::read_to_string(setup.config_path()).unwrap();
+    assert!(
+        config.contains("event      = \"EVENT_CHANNEL_TYPING\"\nplugin     = \"plugins/channel_typing.wasm\"\ntimeout_ms = 50\nmemory_mb  = 16\n"),
+        "{config}"
+    );
+    let check = setup.run(&["check"]);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+}
