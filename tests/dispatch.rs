@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::client::Client;
 use common::dispatch::{DispatchClient, Seed};
-use common::{Setup, test_plugin};
+use common::{Setup, eventually, free_port, test_plugin};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -358,12 +358,16 @@ async fn assert_logged_once(mut setup: Setup, t: &str, code: &str) {
         .await;
     assert_eq!(ack["error"]["code"], code, "{ack}");
 
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while setup.error_log().is_empty() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // Give a wrongly repeated record time to show up too.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Everything recorded has been delivered once the backlog is empty, so
+    // a wrongly repeated record would be in the file by then.
+    eventually(
+        Duration::from_secs(10),
+        "the record delivered",
+        async || {
+            !setup.error_log().is_empty() && gateway.metric("otako_errlog_backlog", "").await == 0.0
+        },
+    )
+    .await;
     let records = setup.error_log();
     assert_eq!(records.len(), 1, "{records:?}");
     let record = &records[0];
@@ -393,14 +397,6 @@ async fn a_handler_failure_is_logged_once_across_retries_and_restarts() {
     assert_logged_once(setup, "EVENT_TEAPOT", "TEAPOT").await;
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test]
 async fn records_wait_for_a_logging_server_that_is_down_then_arrive_once() {
     let port = free_port();
@@ -419,35 +415,29 @@ async fn records_wait_for_a_logging_server_that_is_down_then_arrive_once() {
             .await;
         assert_eq!(ack["error"]["code"], "NO_ROUTE");
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(gateway.metric("otako_errlog_backlog", "").await >= 2.0);
-    assert!(gateway.metric("otako_errlog_sink_failures_total", "").await >= 1.0);
+    eventually(
+        Duration::from_secs(10),
+        "the sink outage counted",
+        async || {
+            gateway.metric("otako_errlog_backlog", "").await == 2.0
+                && gateway.metric("otako_errlog_sink_failures_total", "").await >= 1.0
+        },
+    )
+    .await;
 
     let out = setup.dir.path().join("sink.jsonl");
-    let mut sink = std::process::Command::new(common::bin())
-        .args([
-            "log-sink",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--out",
-        ])
-        .arg(&out)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let read = || -> Vec<Value> {
-        std::fs::read_to_string(&out)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    };
-    let deadline = Instant::now() + Duration::from_secs(45);
-    while read().len() < 2 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let records = read();
+    let mut sink = common::start_log_sink(port, &out);
+    // Delivered once the backlog is empty: a repeat would be in the file.
+    eventually(
+        Duration::from_secs(45),
+        "both records delivered",
+        async || {
+            common::read_json_lines(&out).len() >= 2
+                && gateway.metric("otako_errlog_backlog", "").await == 0.0
+        },
+    )
+    .await;
+    let records = common::read_json_lines(&out);
     let _ = sink.kill();
     let _ = sink.wait();
     let mut ids: Vec<&str> = records
@@ -456,7 +446,6 @@ async fn records_wait_for_a_logging_server_that_is_down_then_arrive_once() {
         .collect();
     ids.sort_unstable();
     assert_eq!(ids, ["down-1", "down-2"], "{records:?}");
-    assert_eq!(gateway.metric("otako_errlog_backlog", "").await, 0.0);
 }
 
 #[tokio::test]

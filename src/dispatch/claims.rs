@@ -194,11 +194,45 @@ impl Claims {
     }
 }
 
+/// Most `done` marks waiting to be written; beyond it new ones are
+/// dropped (a missing mark only makes a later retry log "never finished").
+const MAX_PENDING_DONE: usize = 65_536;
+
+/// Finished ids whose `done` mark is not written yet: the flusher writes
+/// them in one transaction every 100 ms, and at shutdown, off every
+/// event's path.
+#[derive(Default)]
+struct Finished(Mutex<Vec<String>>);
+
+impl Finished {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn push(&self, key: String) {
+        let mut pending = self.lock();
+        if pending.len() < MAX_PENDING_DONE {
+            pending.push(key);
+        }
+    }
+
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.lock())
+    }
+
+    /// Puts back marks whose write failed.
+    fn restore(&self, keys: Vec<String>) {
+        let mut pending = self.lock();
+        let room = MAX_PENDING_DONE.saturating_sub(pending.len());
+        pending.extend(keys.into_iter().take(room));
+    }
+}
+
 /// Claims in `event_outcomes`, on SQLite or PostgreSQL.
 pub struct SqlClaims {
     claims: Batcher<String, Claimed>,
     releases: Batcher<String, ()>,
-    finishes: Batcher<String, ()>,
+    finished: Arc<Finished>,
     /// False while claims cannot be written: `/readyz` says 503.
     healthy: Arc<AtomicBool>,
 }
@@ -209,6 +243,7 @@ impl SqlClaims {
     pub fn start(db: Db, retention: Duration, shutdown: &Shutdown) -> Arc<SqlClaims> {
         let owner = format!("{}-{:016x}", std::process::id(), rand::random::<u64>());
         let healthy = Arc::new(AtomicBool::new(true));
+        let finished = Arc::new(Finished::default());
         let claims = {
             let (db, owner, healthy) = (db.clone(), owner.clone(), healthy.clone());
             Batcher::start(move |keys: Vec<String>| {
@@ -233,24 +268,12 @@ impl SqlClaims {
                 }
             })
         };
-        let finishes = {
-            let db = db.clone();
-            Batcher::start(move |keys: Vec<String>| {
-                let db = db.clone();
-                async move {
-                    let n = keys.len();
-                    mark_done(&db, &keys)
-                        .await
-                        .map(|()| vec![(); n])
-                        .map_err(|e| e.to_string())
-                }
-            })
-        };
+        shutdown.spawn(flusher(db.clone(), finished.clone(), shutdown.clone()));
         shutdown.spawn(sweeper(db, retention, shutdown.clone()));
         Arc::new(SqlClaims {
             claims,
             releases,
-            finishes,
+            finished,
             healthy,
         })
     }
@@ -271,12 +294,7 @@ impl ClaimStore for SqlClaims {
     }
 
     fn finish(&self, key: String) {
-        let finishes = self.finishes.clone();
-        tokio::spawn(async move {
-            if let Err(err) = finishes.submit(key).await {
-                tracing::warn!(error = %err, "cannot mark an event finished; its claim still prevents a second broadcast");
-            }
-        });
+        self.finished.push(key);
     }
 }
 
@@ -292,14 +310,27 @@ macro_rules! push_keys {
     }};
 }
 
-/// Claims every key it can in one transaction; for the others, reads who
-/// holds them.
+/// Marks finished claims `done` inside the transaction `$tx`.
+macro_rules! mark_done {
+    ($tx:expr, $keys:expr) => {
+        for chunk in $keys.chunks(CHUNK) {
+            let mut q =
+                sqlx::QueryBuilder::new("UPDATE event_outcomes SET done = 1 WHERE event_id IN (");
+            push_keys!(q, chunk);
+            q.build().execute(&mut *$tx).await?;
+        }
+    };
+}
+
+/// Claims every key it can; for the keys it can't claim, reads who holds
+/// them. Each chunk is one statement, atomic by itself: no explicit
+/// transaction, so a round of claims is one round trip to the database
+/// (this commit is on every event's way to its fan-out).
 async fn insert_claims(db: &Db, owner: &str, keys: &[String]) -> Result<Vec<Claimed>, sqlx::Error> {
     let now = now_ms();
     let mut inserted: HashSet<String> = HashSet::with_capacity(keys.len());
     let mut held: HashMap<String, (String, i64)> = HashMap::new();
     with_conn!(db, c => {
-        let mut tx = sqlx::Connection::begin(&mut *c).await?;
         for chunk in keys.chunks(CHUNK) {
             let mut q = sqlx::QueryBuilder::new(
                 "INSERT INTO event_outcomes (event_id, completed_at, owner, done) ",
@@ -308,7 +339,7 @@ async fn insert_claims(db: &Db, owner: &str, keys: &[String]) -> Result<Vec<Clai
                 row.push_bind(key.as_str()).push_bind(now).push_bind(owner).push_bind(0_i64);
             });
             q.push(" ON CONFLICT (event_id) DO NOTHING RETURNING event_id");
-            let rows: Vec<(String,)> = q.build_query_as().fetch_all(&mut *tx).await?;
+            let rows: Vec<(String,)> = q.build_query_as().fetch_all(&mut *c).await?;
             inserted.extend(rows.into_iter().map(|(k,)| k));
         }
         let others: Vec<&String> = keys.iter().filter(|k| !inserted.contains(*k)).collect();
@@ -317,10 +348,10 @@ async fn insert_claims(db: &Db, owner: &str, keys: &[String]) -> Result<Vec<Clai
                 "SELECT event_id, owner, done FROM event_outcomes WHERE event_id IN (",
             );
             push_keys!(q, chunk);
-            let rows: Vec<(String, String, i64)> = q.build_query_as().fetch_all(&mut *tx).await?;
+            let rows: Vec<(String, String, i64)> = q.build_query_as().fetch_all(&mut *c).await?;
             held.extend(rows.into_iter().map(|(k, o, d)| (k, (o, d))));
         }
-        tx.commit().await
+        Ok(())
     })?;
     Ok(keys
         .iter()
@@ -354,16 +385,30 @@ async fn delete_claims(db: &Db, owner: &str, keys: &[String]) -> Result<(), sqlx
     })
 }
 
-async fn mark_done(db: &Db, keys: &[String]) -> Result<(), sqlx::Error> {
-    with_conn!(db, c => {
-        let mut tx = sqlx::Connection::begin(&mut *c).await?;
-        for chunk in keys.chunks(CHUNK) {
-            let mut q = sqlx::QueryBuilder::new("UPDATE event_outcomes SET done = 1 WHERE event_id IN (");
-            push_keys!(q, chunk);
-            q.build().execute(&mut *tx).await?;
+/// Writes the pending `done` marks every 100 ms, and once more at
+/// shutdown (after the dispatch side has drained).
+async fn flusher(db: Db, finished: Arc<Finished>, shutdown: Shutdown) {
+    loop {
+        let stopping = tokio::select! {
+            _ = shutdown.cancelled() => true,
+            _ = tokio::time::sleep(Duration::from_millis(100)) => false,
+        };
+        let keys = finished.take();
+        if !keys.is_empty() {
+            let written = with_conn!(db, c => {
+                let mut tx = sqlx::Connection::begin(&mut *c).await?;
+                mark_done!(tx, keys);
+                tx.commit().await
+            });
+            if let Err(err) = written {
+                tracing::warn!(error = %err, "cannot mark events finished; their claims still prevent a second broadcast");
+                finished.restore(keys);
+            }
         }
-        tx.commit().await
-    })
+        if stopping {
+            return;
+        }
+    }
 }
 
 /// A real claim write, for `/readyz` while claims are failing: only a
