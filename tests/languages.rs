@@ -261,7 +261,7 @@ async fn new_plugin_scaffolds_builds_and_routes_a_js_handler() {
 
     // The new route loads, and the handler delivers `d` to the channel
     // (started on the edited file: `Setup::start` would rewrite it).
-    let gateway = Gateway::spawn(&config, setup.dir.path(), "serve");
+    let gateway = Gateway::spawn(&config, setup.dir.path(), "serve", &[]);
     Seed::open(&setup).await.example().await;
     let mut bob = Client::connect(gateway.client, 11).await;
     let mut backend = DispatchClient::connect(gateway.dispatch).await;
