@@ -34,6 +34,11 @@ pub struct CodeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EventLabels {
     pub event: String,
     pub outcome: String,
@@ -57,6 +62,8 @@ pub struct Metrics {
     pub queue_overflows: Counter,
     pub client_data_rejected: Counter,
     pub auth_failures: Counter,
+    pub client_connections: Gauge,
+    pub handshakes_refused: Family<ReasonLabel, Counter>,
     pub dispatch_connections: Gauge,
     pub events: Family<EventLabels, Counter>,
     pub ack_latency: Histogram,
@@ -82,6 +89,8 @@ impl Metrics {
             queue_overflows: Counter::default(),
             client_data_rejected: Counter::default(),
             auth_failures: Counter::default(),
+            client_connections: Gauge::default(),
+            handshakes_refused: Family::default(),
             dispatch_connections: Gauge::default(),
             events: Family::default(),
             // 50 µs .. ~1.6 s
@@ -131,6 +140,16 @@ impl Metrics {
             "auth_failures",
             "Handshakes refused with 401 (client or dispatch)",
             m.auth_failures.clone(),
+        );
+        registry.register(
+            "client_connections",
+            "Upgraded client connections now (the server.max_connections count)",
+            m.client_connections.clone(),
+        );
+        registry.register(
+            "handshakes_refused",
+            "Client handshakes refused: origin (403), limit (503), too_large (431), timeout (closed)",
+            m.handshakes_refused.clone(),
         );
         registry.register(
             "dispatch_connections",
@@ -209,6 +228,13 @@ impl Metrics {
     pub fn session_closed(&self, code: u16) {
         self.sessions_closed
             .get_or_create(&CodeLabel { code })
+            .inc();
+    }
+
+    /// Counts one client handshake refused for `reason`.
+    pub fn handshake_refused(&self, reason: &'static str) {
+        self.handshakes_refused
+            .get_or_create(&ReasonLabel { reason })
             .inc();
     }
 
