@@ -16,6 +16,13 @@ use tracing_subscriber::EnvFilter;
 pub fn init_tracing() {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,notify=warn"));
+    // tungstenite traces every frame's payload (HELLO's session id, event
+    // bodies) and the client's request head (the dispatch secret): capped
+    // below trace whatever RUST_LOG says, since secrets are never logged.
+    let filter = match "tungstenite=debug".parse() {
+        Ok(cap) => filter.add_directive(cap),
+        Err(_) => filter,
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

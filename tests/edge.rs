@@ -214,3 +214,129 @@ async fn a_megabyte_of_headers_gets_431() {
     writer.await.unwrap();
     wait_metric(&gw, REFUSED, "reason=\"too_large\"", 1.0).await;
 }
+
+/// Connects user `n`'s token the three ways (header, query, subprotocol)
+/// and returns the tokens used and the session ids their HELLOs carried.
+async fn connect_three_ways(addr: SocketAddr) -> (Vec<String>, Vec<String>) {
+    let (a, b, c) = (token(11), token(12), token(13));
+    let mut clients = vec![
+        try_ws(addr, "/gateway", &[("Authorization", &a)])
+            .await
+            .unwrap(),
+        try_ws(addr, &format!("/gateway?token={b}"), &[])
+            .await
+            .unwrap(),
+        try_ws(
+            addr,
+            "/gateway",
+            &[(
+                "Sec-WebSocket-Protocol",
+                &format!("otako.v1, otako.token.{c}"),
+            )],
+        )
+        .await
+        .unwrap(),
+    ];
+    let mut sessions = Vec::new();
+    for ws in &mut clients {
+        let hello = read_json(ws).await;
+        sessions.push(hello["d"]["session_id"].as_str().unwrap().to_owned());
+    }
+    // A refused token goes through the logging paths too.
+    let forged = format!("{}x", &a[..a.len() - 1]);
+    assert_eq!(
+        ws_refusal(addr, "/gateway", &[("Authorization", &forged)]).await,
+        401
+    );
+    (vec![a, b, c, forged], sessions)
+}
+
+/// Fails naming any secret found in `output`, as written or hex-encoded
+/// (tungstenite traces frame payloads in hex).
+fn assert_no_secrets(output: &str, secrets: &[String]) {
+    let hex = |s: &str| s.bytes().map(|b| format!("{b:02x}")).collect::<String>();
+    for secret in secrets {
+        assert!(
+            !output.contains(secret.as_str()),
+            "{secret} was written out"
+        );
+        assert!(
+            !output.contains(&hex(secret)),
+            "{secret} was written out in hex"
+        );
+    }
+}
+
+/// The tokens, their signature parts, the session ids, and both configured
+/// secrets.
+fn secrets_of(tokens: Vec<String>, sessions: Vec<String>) -> Vec<String> {
+    let signatures: Vec<String> = tokens
+        .iter()
+        .map(|t| t.rsplit('.').next().unwrap().to_owned())
+        .collect();
+    let mut all = tokens;
+    all.extend(signatures);
+    all.extend(sessions);
+    all.push(common::DISPATCH_SECRET.to_owned());
+    all.push(common::TOKEN_SECRET.to_owned());
+    all
+}
+
+#[tokio::test]
+async fn serve_writes_no_secret_even_at_trace() {
+    let setup = Setup::sqlite();
+    let gw = setup.start_verb_env("serve", &[("RUST_LOG", "trace")]);
+    let (tokens, sessions) = connect_three_ways(gw.client).await;
+    let mut dispatch = common::dispatch::DispatchClient::connect(gw.dispatch).await;
+    dispatch
+        .send_text(r#"{"op":1,"t":"PING","d":{"ts":1}}"#)
+        .await;
+    assert_eq!(dispatch.recv().await["t"], "PONG");
+    let wrong = ws_refusal(
+        gw.dispatch,
+        "/dispatch",
+        &[("Authorization", "Bearer not-the-secret")],
+    )
+    .await;
+    assert_eq!(wrong, 401);
+    drop(dispatch);
+    let stdout = gw.stdout().join("\n");
+    let mut gw = gw;
+    gw.terminate();
+    gw.wait_exit(Duration::from_secs(20));
+    let log = gw.log();
+    // The log really is at trace (so the check below means something).
+    assert!(log.contains("TRACE"), "{}", &log[..log.len().min(500)]);
+    assert_no_secrets(&format!("{log}\n{stdout}"), &secrets_of(tokens, sessions));
+}
+
+#[tokio::test]
+async fn dev_writes_no_secret_even_at_trace() {
+    let mut setup = Setup::sqlite();
+    setup.message_routes();
+    // Everything at trace but the wasm compilers (which see plugin code,
+    // never a request, and trace so much that compiling takes minutes).
+    let filter = "trace,cranelift_codegen=info,regalloc2=info,wasmtime=info";
+    let gw = setup.start_verb_env("dev", &[("RUST_LOG", filter)]);
+    let (tokens, sessions) = connect_three_ways(gw.client).await;
+    // A message through the reference backend: the api checks alice's
+    // token and dispatches with the dispatch secret.
+    let alice = token(1);
+    let (status, text) = common::http_request(
+        gw.api.unwrap(),
+        "POST",
+        "/channels/1/messages",
+        &[("Authorization", alice.as_str())],
+        Some(r#"{"content":"hi","nonce":"n-1"}"#),
+    )
+    .await;
+    assert_eq!(status, 201, "{text}");
+    let stdout = gw.stdout().join("\n");
+    let mut gw = gw;
+    gw.terminate();
+    gw.wait_exit(Duration::from_secs(20));
+    let mut secrets = secrets_of(tokens, sessions);
+    secrets.push(alice);
+    // dev prints its own demo tokens on purpose (issued now, not these).
+    assert_no_secrets(&format!("{}\n{stdout}", gw.log()), &secrets);
+}

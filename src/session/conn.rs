@@ -190,7 +190,8 @@ pub(super) async fn handle(inner: Arc<Inner>, mut stream: TcpStream, shutdown: S
     // Debug level: an enabled span keeps its fields on the heap for the
     // session's life, which at the default `info` level would cost every
     // idle session; turn on `otako_gateway=debug` to get per-session context.
-    let span = tracing::debug_span!("session", session_id = %slot.id, user_id = %user);
+    // No session id: like tokens, it is a credential (a resume names it).
+    let span = tracing::debug_span!("session", user_id = %user);
     async {
         let max = usize::try_from(inner.config.max_per_user.get()).unwrap_or(usize::MAX);
         match inner
@@ -204,9 +205,7 @@ pub(super) async fn handle(inner: Arc<Inner>, mut stream: TcpStream, shutdown: S
                 inner.metrics.session_closed(code::LIMIT);
                 return;
             }
-            Ok(Some(evicted)) => {
-                tracing::debug!(evicted = %evicted.id, "replaced the user's oldest session")
-            }
+            Ok(Some(_)) => tracing::debug!("replaced the user's oldest session"),
             Ok(None) => {}
         }
         inner.metrics.sessions_opened.inc();
