@@ -162,6 +162,14 @@ pub struct ServerConfig {
     pub client_listen: SocketAddr,
     pub dispatch_listen: SocketAddr,
     pub admin_listen: SocketAddr,
+    /// Browser origins allowed on the client listener, lowercased
+    /// (`scheme://host[:port]`, or `*` alone for any); `None` allows only
+    /// same-origin pages.
+    pub allowed_origins: Option<Vec<String>>,
+    /// A client connection that hasn't finished its upgrade by then is closed.
+    pub handshake_timeout_ms: NonZeroU64,
+    /// Upgraded client connections per node; handshakes beyond get 503.
+    pub max_connections: NonZeroUsize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -473,6 +481,9 @@ mod raw {
         client_listen: SocketAddr,
         dispatch_listen: SocketAddr,
         admin_listen: SocketAddr,
+        allowed_origins: Option<Spanned<Vec<String>>>,
+        handshake_timeout_ms: NonZeroU64,
+        max_connections: NonZeroUsize,
     }
 
     impl Default for Server {
@@ -481,6 +492,9 @@ mod raw {
                 client_listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
                 dispatch_listen: SocketAddr::from(([127, 0, 0, 1], 7071)),
                 admin_listen: SocketAddr::from(([127, 0, 0, 1], 7072)),
+                allowed_origins: None,
+                handshake_timeout_ms: nz64(10_000),
+                max_connections: nzu(100_000),
             }
         }
     }
@@ -669,6 +683,32 @@ mod raw {
         NonZeroUsize::new(v).unwrap_or(NonZeroUsize::MIN)
     }
 
+    /// `["*"]`, or origins as browsers send them: `http(s)://host[:port]`,
+    /// no path, no `*` mixed with others.
+    fn check_origins(list: &[String]) -> Result<(), String> {
+        if list.iter().any(|o| o == "*") {
+            return if list.len() == 1 {
+                Ok(())
+            } else {
+                Err("\"*\" must be the only entry".to_owned())
+            };
+        }
+        for origin in list {
+            let host = origin
+                .strip_prefix("http://")
+                .or_else(|| origin.strip_prefix("https://"));
+            match host {
+                Some(host) if !host.is_empty() && !host.contains(['/', '?', '#', '@', ' ']) => {}
+                _ => {
+                    return Err(format!(
+                        "'{origin}' is not an origin (http://host[:port] or https://host[:port])"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Largest memory limit a route may ask for: a wasm32 guest can't
     /// address more than 4 GiB anyway.
     const MAX_MEMORY_MB: u32 = 4096;
@@ -726,6 +766,20 @@ mod raw {
                     }
                 },
             };
+
+            let allowed_origins = self.server.allowed_origins.map(|list| {
+                let line = at(list.span());
+                // Browsers send origins lowercased, without a trailing slash.
+                let list: Vec<String> = list
+                    .into_inner()
+                    .iter()
+                    .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
+                    .collect();
+                if let Err(message) = check_origins(&list) {
+                    errors.push((line, format!("in [server]: allowed_origins: {message}")));
+                }
+                list
+            });
 
             let mut routes: Vec<RouteConfig> = Vec::with_capacity(self.routes.len());
             for route in self.routes {
@@ -826,6 +880,9 @@ mod raw {
                     client_listen: self.server.client_listen,
                     dispatch_listen: self.server.dispatch_listen,
                     admin_listen: self.server.admin_listen,
+                    allowed_origins,
+                    handshake_timeout_ms: self.server.handshake_timeout_ms,
+                    max_connections: self.server.max_connections,
                 },
                 auth: AuthConfig {
                     token_secret: self.auth.token_secret.filter(|s| !s.is_empty()).map(Secret),
@@ -974,6 +1031,37 @@ mod tests {
             err.contains(":2: in [cluster]: subject_prefix 'a.b'"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn server_edge_keys_default_and_are_checked() {
+        let config = parse("").unwrap();
+        assert_eq!(config.server.allowed_origins, None);
+        assert_eq!(config.server.handshake_timeout_ms.get(), 10_000);
+        assert_eq!(config.server.max_connections.get(), 100_000);
+        let config = parse("[server]\nallowed_origins = [\"HTTP://Example.com:8080/\"]\n").unwrap();
+        assert_eq!(
+            config.server.allowed_origins,
+            Some(vec!["http://example.com:8080".to_owned()])
+        );
+        assert!(parse("[server]\nallowed_origins = [\"*\"]\n").is_ok());
+        for bad in [
+            "[\"*\", \"http://a\"]",
+            "[\"example.com\"]",
+            "[\"http://a/b\"]",
+        ] {
+            let err = parse(&format!("[server]\n\nallowed_origins = {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(":3: in [server]: allowed_origins"),
+                "{bad}: {err}"
+            );
+        }
+        let err = parse("[server]\nmax_connections = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(":2: in [server]"), "{err}");
     }
 
     #[test]

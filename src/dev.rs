@@ -51,6 +51,9 @@ pub async fn run(
     if config.auth.dispatch_secret.is_none() {
         config.auth.dispatch_secret = Some(Secret::new("dev-dispatch-secret"));
     }
+    if config.server.allowed_origins.is_none() {
+        config.server.allowed_origins = Some(demo_origins(config.api.listen));
+    }
     build_missing_plugins(&config)?;
     let db = gateway::open_database(&config).await?;
     seed(&db).await?;
@@ -108,6 +111,16 @@ pub async fn run(
     }
     db.close().await;
     Ok(())
+}
+
+/// The reference backend's own origin, where a demo page is served from:
+/// allowed on the client listener unless the config lists origins itself.
+fn demo_origins(api: std::net::SocketAddr) -> Vec<String> {
+    let mut origins = vec![format!("http://{api}")];
+    if api.ip().is_loopback() {
+        origins.push(format!("http://localhost:{}", api.port()));
+    }
+    origins
 }
 
 fn print_welcome(bound: Bound, api: std::net::SocketAddr, tokens: &TokenKey) {

@@ -19,7 +19,7 @@ use crate::errlog::ErrorLog;
 use crate::ids::UserId;
 use crate::plugin::{PluginError, Plugins, Presence};
 use crate::reload;
-use crate::session::Sessions;
+use crate::session::{Edge, Sessions};
 use crate::shutdown::Shutdown;
 use crate::telemetry::Metrics;
 use crate::token::TokenKey;
@@ -140,6 +140,7 @@ pub async fn serve(
     );
     let sessions = Sessions::new(
         config.sessions.clone(),
+        Edge::new(&config.server),
         config.cluster.node_id.get(),
         tokens,
         metrics.clone(),

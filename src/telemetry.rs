@@ -16,6 +16,13 @@ use tracing_subscriber::EnvFilter;
 pub fn init_tracing() {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,notify=warn"));
+    // tungstenite traces every frame's payload (HELLO's session id, event
+    // bodies) and the client's request head (the dispatch secret): capped
+    // below trace whatever RUST_LOG says, since secrets are never logged.
+    let filter = match "tungstenite=debug".parse() {
+        Ok(cap) => filter.add_directive(cap),
+        Err(_) => filter,
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -31,6 +38,11 @@ pub fn init_tracing() {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabel {
     pub code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -57,6 +69,8 @@ pub struct Metrics {
     pub queue_overflows: Counter,
     pub client_data_rejected: Counter,
     pub auth_failures: Counter,
+    pub client_connections: Gauge,
+    pub handshakes_refused: Family<ReasonLabel, Counter>,
     pub dispatch_connections: Gauge,
     pub events: Family<EventLabels, Counter>,
     pub ack_latency: Histogram,
@@ -82,6 +96,8 @@ impl Metrics {
             queue_overflows: Counter::default(),
             client_data_rejected: Counter::default(),
             auth_failures: Counter::default(),
+            client_connections: Gauge::default(),
+            handshakes_refused: Family::default(),
             dispatch_connections: Gauge::default(),
             events: Family::default(),
             // 50 µs .. ~1.6 s
@@ -131,6 +147,16 @@ impl Metrics {
             "auth_failures",
             "Handshakes refused with 401 (client or dispatch)",
             m.auth_failures.clone(),
+        );
+        registry.register(
+            "client_connections",
+            "Upgraded client connections now (the server.max_connections count)",
+            m.client_connections.clone(),
+        );
+        registry.register(
+            "handshakes_refused",
+            "Client handshakes refused: origin (403), limit (503), too_large (431), timeout (closed)",
+            m.handshakes_refused.clone(),
         );
         registry.register(
             "dispatch_connections",
@@ -209,6 +235,13 @@ impl Metrics {
     pub fn session_closed(&self, code: u16) {
         self.sessions_closed
             .get_or_create(&CodeLabel { code })
+            .inc();
+    }
+
+    /// Counts one client handshake refused for `reason`.
+    pub fn handshake_refused(&self, reason: &'static str) {
+        self.handshakes_refused
+            .get_or_create(&ReasonLabel { reason })
             .inc();
     }
 

@@ -10,28 +10,12 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    Gateway, Setup, TOKEN_SECRET, WsMessage, connect_client, read_close, read_json, token, try_ws,
-    ws_refusal,
+    Setup, TOKEN_SECRET, WsMessage, connect_client, read_close, read_json, token, try_ws,
+    wait_metric, ws_refusal,
 };
 use futures_util::{SinkExt, StreamExt};
 use otako_gateway::ids::UserId;
 use otako_gateway::token::TokenKey;
-
-/// Polls a metric until it equals `want` (metrics trail socket events a bit).
-async fn wait_metric(gw: &Gateway, name: &str, labels: &str, want: f64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let got = gw.metric(name, labels).await;
-        if got == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name}{{{labels}}} = {got}, want {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 #[tokio::test]
 async fn bad_or_missing_tokens_get_401_without_upgrade() {

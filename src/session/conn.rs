@@ -6,6 +6,7 @@
 use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -13,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::error::ProtocolError;
+use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{StatusCode, header};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -31,8 +32,13 @@ use crate::token::{self, TokenError};
 
 /// The only path clients may upgrade on.
 const PATH: &str = "/gateway";
-/// A client that hasn't finished its upgrade request by then is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The subprotocol the gateway answers when offered (DESIGN §2).
+const SUBPROTOCOL: &str = "otako.v1";
+/// A subprotocol carrying the token, for browsers that keep it out of URLs.
+const TOKEN_PROTOCOL: &str = "otako.token.";
+/// The answer to a request head over tungstenite's 64 KiB cap.
+const TOO_LARGE: &str = "HTTP/1.1 431 Request Header Fields Too Large\r\n\
+    Connection: close\r\nContent-Length: 0\r\n\r\n";
 /// How long our close frame (behind any unsent frames) may take to go out
 /// before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -99,16 +105,21 @@ impl Exit {
 pub(super) async fn handle(inner: Arc<Inner>, mut stream: TcpStream, shutdown: Shutdown) {
     // Frames are batched by the session itself; Nagle would only add latency.
     let _ = stream.set_nodelay(true);
-    let mut user = None;
+    let mut admitted = None;
     // tungstenite fixes the callback's error type (an HTTP response).
     #[allow(clippy::result_large_err)]
-    let callback = |req: &Request, resp: Response| match authorize(&inner, req) {
-        Ok(id) => {
-            user = Some(id);
+    let callback = |req: &Request, mut resp: Response| match admit(&inner, req) {
+        Ok(admission) => {
+            if admission.otako_v1 {
+                resp.headers_mut().insert(
+                    header::SEC_WEBSOCKET_PROTOCOL,
+                    header::HeaderValue::from_static(SUBPROTOCOL),
+                );
+            }
+            admitted = Some(admission);
             Ok(resp)
         }
-        Err(Refusal::NotFound) => Err(refuse(StatusCode::NOT_FOUND, "not found")),
-        Err(Refusal::Unauthorized) => Err(refuse(StatusCode::UNAUTHORIZED, "unauthorized")),
+        Err(refusal) => Err(refusal.response()),
     };
     let handshake = tokio_tungstenite::accept_hdr_async_with_config(
         &mut stream,
@@ -117,15 +128,30 @@ pub(super) async fn handle(inner: Arc<Inner>, mut stream: TcpStream, shutdown: S
     );
     let result = tokio::select! {
         _ = shutdown.cancelled() => return,
-        r = timeout(HANDSHAKE_TIMEOUT, handshake) => r,
+        r = timeout(inner.edge.handshake_timeout, handshake) => r,
     };
     let mut ws = match result {
         Ok(Ok(ws)) => ws,
         Ok(Err(WsError::Http(response))) => {
-            // The refusal (401/404) was already written by the handshake.
-            if response.status() == StatusCode::UNAUTHORIZED {
-                inner.metrics.auth_failures.inc();
+            // The refusal was already written by the handshake.
+            match response.status() {
+                StatusCode::UNAUTHORIZED => {
+                    inner.metrics.auth_failures.inc();
+                }
+                StatusCode::FORBIDDEN => inner.metrics.handshake_refused("origin"),
+                StatusCode::SERVICE_UNAVAILABLE => inner.metrics.handshake_refused("limit"),
+                _ => {}
             }
+            return;
+        }
+        Ok(Err(WsError::AttackAttempt | WsError::Capacity(CapacityError::TooManyHeaders))) => {
+            // tungstenite stopped reading past 64 KiB of request head (or
+            // too many headers, or a trickle of tiny packets): say so,
+            // then discard the rest instead of buffering it.
+            inner.metrics.handshake_refused("too_large");
+            tracing::debug!("refused an oversized handshake request");
+            let _ = timeout(CLOSE_TIMEOUT, stream.write_all(TOO_LARGE.as_bytes())).await;
+            hang_up(&mut stream).await;
             return;
         }
         Ok(Err(WsError::Protocol(err))) => {
@@ -141,11 +167,17 @@ pub(super) async fn handle(inner: Arc<Inner>, mut stream: TcpStream, shutdown: S
             return;
         }
         Err(_) => {
+            inner.metrics.handshake_refused("timeout");
             tracing::debug!("handshake timed out");
             return;
         }
     };
-    let Some(user) = user else {
+    let Some(Admission {
+        user,
+        connection: _connection,
+        ..
+    }) = admitted
+    else {
         // Unreachable: a completed handshake went through the callback.
         finish(&mut ws, Exit::Close(code::UNKNOWN)).await;
         return;
@@ -158,7 +190,8 @@ pub(super) async fn handle(inner: Arc<Inner>, mut stream: TcpStream, shutdown: S
     // Debug level: an enabled span keeps its fields on the heap for the
     // session's life, which at the default `info` level would cost every
     // idle session; turn on `otako_gateway=debug` to get per-session context.
-    let span = tracing::debug_span!("session", session_id = %slot.id, user_id = %user);
+    // No session id: like tokens, it is a credential (a resume names it).
+    let span = tracing::debug_span!("session", user_id = %user);
     async {
         let max = usize::try_from(inner.config.max_per_user.get()).unwrap_or(usize::MAX);
         match inner
@@ -172,9 +205,7 @@ pub(super) async fn handle(inner: Arc<Inner>, mut stream: TcpStream, shutdown: S
                 inner.metrics.session_closed(code::LIMIT);
                 return;
             }
-            Ok(Some(evicted)) => {
-                tracing::debug!(evicted = %evicted.id, "replaced the user's oldest session")
-            }
+            Ok(Some(_)) => tracing::debug!("replaced the user's oldest session"),
             Ok(None) => {}
         }
         inner.metrics.sessions_opened.inc();
@@ -217,38 +248,150 @@ fn handshake_refusal(err: &ProtocolError) -> String {
 /// reason goes to the debug log.
 enum Refusal {
     NotFound,
+    Forbidden,
     Unauthorized,
+    Full,
 }
 
-/// The user a handshake request authenticates as. The token itself is
-/// never logged.
-fn authorize(inner: &Inner, req: &Request) -> Result<UserId, Refusal> {
+impl Refusal {
+    fn response(self) -> ErrorResponse {
+        match self {
+            Refusal::NotFound => refuse(StatusCode::NOT_FOUND, "not found"),
+            Refusal::Forbidden => refuse(StatusCode::FORBIDDEN, "origin not allowed"),
+            Refusal::Unauthorized => refuse(StatusCode::UNAUTHORIZED, "unauthorized"),
+            Refusal::Full => refuse(StatusCode::SERVICE_UNAVAILABLE, "too many connections"),
+        }
+    }
+}
+
+/// An accepted handshake: who it is, whether to answer `otako.v1`, and
+/// its place under `max_connections`.
+struct Admission {
+    user: UserId,
+    otako_v1: bool,
+    connection: Connection,
+}
+
+/// One upgraded client connection counted against `max_connections`;
+/// dropping it frees the place.
+struct Connection(Arc<Inner>);
+
+impl Connection {
+    fn reserve(inner: &Arc<Inner>) -> Option<Connection> {
+        let max = inner.edge.max_connections;
+        inner
+            .connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        inner.metrics.client_connections.inc();
+        Some(Connection(inner.clone()))
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+        self.0.metrics.client_connections.dec();
+    }
+}
+
+/// Checks a handshake request in order: path, origin, credentials, then
+/// takes a connection place. The token itself is never logged.
+fn admit(inner: &Arc<Inner>, req: &Request) -> Result<Admission, Refusal> {
     if req.uri().path() != PATH {
         return Err(Refusal::NotFound);
     }
-    let token = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).trim())
-        .or_else(|| {
-            req.uri()
-                .query()?
-                .split('&')
-                .find_map(|pair| pair.strip_prefix("token="))
-        })
-        .filter(|t| !t.is_empty());
-    let Some(token) = token else {
-        tracing::debug!("handshake refused: no token");
-        return Err(Refusal::Unauthorized);
-    };
-    inner
+    if !origin_allowed(inner.edge.allowed_origins.as_deref(), req) {
+        tracing::debug!("handshake refused: origin not allowed");
+        return Err(Refusal::Forbidden);
+    }
+    let (token, otako_v1) = credentials(req)?;
+    let user = inner
         .tokens
         .verify(token, token::now_s())
         .map_err(|err: TokenError| {
             tracing::debug!(reason = %err, "handshake refused: bad token");
             Refusal::Unauthorized
-        })
+        })?;
+    let Some(connection) = Connection::reserve(inner) else {
+        tracing::debug!("handshake refused: max_connections reached");
+        return Err(Refusal::Full);
+    };
+    Ok(Admission {
+        user,
+        otako_v1,
+        connection,
+    })
+}
+
+/// Cross-site WebSocket hijacking guard. No `Origin` (not a browser) is
+/// fine; otherwise the origin must be listed, or with no list, be the
+/// page's own host (`Origin` authority equal to `Host`).
+fn origin_allowed(allowed: Option<&[String]>, req: &Request) -> bool {
+    let mut origins = req.headers().get_all(header::ORIGIN).iter();
+    let (Some(origin), None) = (origins.next(), origins.next()) else {
+        return req.headers().get(header::ORIGIN).is_none();
+    };
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
+    let origin = origin.to_ascii_lowercase();
+    match allowed {
+        Some(list) => list.iter().any(|o| o == "*" || *o == origin),
+        None => {
+            let host = req
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok());
+            let authority = origin.split_once("://").map(|(_, a)| a);
+            matches!((host, authority), (Some(h), Some(a)) if h.eq_ignore_ascii_case(a))
+        }
+    }
+}
+
+/// The token, from the `Authorization` header, `?token=` or the
+/// `otako.token.<token>` subprotocol (equivalent ways), and whether the
+/// client offered `otako.v1`. Two different tokens are ambiguous: 401.
+fn credentials(req: &Request) -> Result<(&str, bool), Refusal> {
+    let headers = req.headers();
+    let mut tokens: Vec<&str> = Vec::new();
+    for value in headers.get_all(header::AUTHORIZATION) {
+        let value = value.to_str().map_err(|_| Refusal::Unauthorized)?;
+        tokens.push(value.strip_prefix("Bearer ").unwrap_or(value).trim());
+    }
+    if let Some(query) = req.uri().query() {
+        tokens.extend(
+            query
+                .split('&')
+                .filter_map(|pair| pair.strip_prefix("token=")),
+        );
+    }
+    let mut otako_v1 = false;
+    for value in headers.get_all(header::SEC_WEBSOCKET_PROTOCOL) {
+        let value = value.to_str().map_err(|_| Refusal::Unauthorized)?;
+        for protocol in value.split(',').map(str::trim) {
+            if protocol == SUBPROTOCOL {
+                otako_v1 = true;
+            } else if let Some(token) = protocol.strip_prefix(TOKEN_PROTOCOL) {
+                tokens.push(token);
+            }
+        }
+    }
+    match tokens.split_first() {
+        Some((first, rest)) if !first.is_empty() && rest.iter().all(|t| t == first) => {
+            Ok((first, otako_v1))
+        }
+        Some(_) => {
+            tracing::debug!("handshake refused: empty or conflicting tokens");
+            Err(Refusal::Unauthorized)
+        }
+        None => {
+            tracing::debug!("handshake refused: no token");
+            Err(Refusal::Unauthorized)
+        }
+    }
 }
 
 fn refuse(status: StatusCode, body: &str) -> ErrorResponse {
@@ -448,7 +591,12 @@ async fn finish(ws: &mut Ws<'_>, exit: Exit) {
         }
         Exit::Dropped => return,
     }
-    let tcp = ws.get_mut();
+    hang_up(ws.get_mut()).await;
+}
+
+/// TCP FIN, then reading (and discarding) until the client hangs up, for
+/// at most [`LINGER`], so unread input can't turn our close into a reset.
+async fn hang_up(tcp: &mut TcpStream) {
     let _ = timeout(LINGER, async {
         let _ = tcp.shutdown().await;
         let mut sink = [0u8; 256];

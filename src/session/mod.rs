@@ -17,6 +17,7 @@ mod queue;
 mod registry;
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -24,7 +25,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 pub use frame::ClientFrame;
 
-use crate::config::SessionsConfig;
+use crate::config::{ServerConfig, SessionsConfig};
 use crate::ids::{IdGen, UserId};
 use crate::shutdown::Shutdown;
 use crate::telemetry::Metrics;
@@ -50,9 +51,31 @@ fn ws_config() -> WebSocketConfig {
         .max_frame_size(Some(MAX_INBOUND_BYTES))
 }
 
+/// What the client handshake checks and limits (`[server]`, DESIGN §2).
+#[derive(Debug, Clone)]
+pub struct Edge {
+    /// Lowercased `scheme://host[:port]` or `*`; `None`: same-origin only.
+    pub allowed_origins: Option<Vec<String>>,
+    pub handshake_timeout: Duration,
+    pub max_connections: usize,
+}
+
+impl Edge {
+    pub fn new(server: &ServerConfig) -> Edge {
+        Edge {
+            allowed_origins: server.allowed_origins.clone(),
+            handshake_timeout: Duration::from_millis(server.handshake_timeout_ms.get()),
+            max_connections: server.max_connections.get(),
+        }
+    }
+}
+
 /// Shared state behind [`Sessions`].
 struct Inner {
     config: SessionsConfig,
+    edge: Edge,
+    /// Upgraded client connections, held against `edge.max_connections`.
+    connections: AtomicUsize,
     heartbeat: Duration,
     tokens: TokenKey,
     metrics: Arc<Metrics>,
@@ -82,6 +105,7 @@ impl Sessions {
     /// `node` is `cluster.node_id`: the node bits of the session ids.
     pub fn new(
         config: SessionsConfig,
+        edge: Edge,
         node: u16,
         tokens: TokenKey,
         metrics: Arc<Metrics>,
@@ -91,6 +115,8 @@ impl Sessions {
         Sessions {
             inner: Arc::new(Inner {
                 config,
+                edge,
+                connections: AtomicUsize::new(0),
                 heartbeat,
                 tokens,
                 metrics,

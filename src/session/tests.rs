@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{ClientFrame, Sessions};
+use super::{ClientFrame, Edge, Sessions};
 use crate::config::{OnLimit, SessionsConfig};
 use crate::ids::UserId;
 use crate::shutdown::Shutdown;
@@ -36,7 +36,18 @@ async fn start(outbound_queue: usize) -> Harness {
         outbound_queue: NonZeroUsize::new(outbound_queue).unwrap(),
     };
     let metrics = Metrics::new();
-    let sessions = Sessions::new(config, 0, TokenKey::new(SECRET, None), metrics.clone());
+    let edge = Edge {
+        allowed_origins: None,
+        handshake_timeout: Duration::from_secs(10),
+        max_connections: 100_000,
+    };
+    let sessions = Sessions::new(
+        config,
+        edge,
+        0,
+        TokenKey::new(SECRET, None),
+        metrics.clone(),
+    );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = Shutdown::new();

@@ -742,6 +742,22 @@ impl Drop for Tmpfs {
     }
 }
 
+/// Polls a metric until it equals `want` (metrics trail socket events a bit).
+pub async fn wait_metric(gw: &Gateway, name: &str, labels: &str, want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = gw.metric(name, labels).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}{{{labels}}} = {got}, want {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Polls `check` until it holds; fails the test after `within`, naming
 /// `what`. Poll the real signal instead of sleeping.
 pub async fn eventually(within: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
