@@ -261,7 +261,7 @@ async fn new_plugin_scaffolds_builds_and_routes_a_js_handler() {
 
     // The new route loads, and the handler delivers `d` to the channel
     // (started on the edited file: `Setup::start` would rewrite it).
-    let gateway = Gateway::spawn(&config, setup.dir.path(), "serve");
+    let gateway = Gateway::spawn(&config, setup.dir.path(), "serve", &[]);
     Seed::open(&setup).await.example().await;
     let mut bob = Client::connect(gateway.client, 11).await;
     let mut backend = DispatchClient::connect(gateway.dispatch).await;
@@ -355,4 +355,86 @@ fn new_plugin_adds_a_rust_crate_to_the_workspace() {
         "{}",
         String::from_utf8_lossy(&check.stdout)
     );
+}
+
+/// The `plugin loaded` log records (JSON log format) by route event.
+fn loaded_pools(gateway: &Gateway) -> std::collections::HashMap<String, Value> {
+    gateway
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|r| r["fields"]["message"] == "plugin loaded")
+        .map(|r| {
+            (
+                r["fields"]["event"].as_str().unwrap().to_owned(),
+                r["fields"].clone(),
+            )
+        })
+        .collect()
+}
+
+/// 42 Rust routes plus the JS and Python handlers (the pool used to refuse
+/// more than 31 routes) load and serve; the routes share the instance pool
+/// and the big JS/Python runtimes keep fewer idle instances than Rust.
+#[tokio::test]
+async fn many_routes_and_big_components_share_the_instance_pool() {
+    let mut setup = setup();
+    for n in 0..42 {
+        setup.route(
+            &format!("EVENT_MESSAGE_CREATE_{n}"),
+            &plugin("message_create"),
+            "",
+        );
+    }
+    for lang in [Lang::Js, Lang::Python] {
+        setup.route(
+            &format!("EVENT_{}", lang.handler().to_uppercase()),
+            &plugin(lang.handler()),
+            lang.limits(),
+        );
+    }
+    let gateway = setup.start_verb_env("serve", &[("OTAKO_LOG_FORMAT", "json")]);
+    Seed::open(&setup).await.example().await;
+    let pools = loaded_pools(&gateway);
+    assert_eq!(pools.len(), 44, "{pools:?}");
+    // 44 routes share half the 1000-instance pool: 11 live each.
+    let rust = &pools["EVENT_MESSAGE_CREATE_41"];
+    assert_eq!(
+        (rust["max_live"].as_u64(), rust["max_idle"].as_u64()),
+        (Some(11), Some(11)),
+        "{rust}"
+    );
+    for lang in [Lang::Js, Lang::Python] {
+        let pool = &pools[&format!("EVENT_{}", lang.handler().to_uppercase())];
+        let (kib, idle) = (
+            pool["instance_kib"].as_u64().unwrap(),
+            pool["max_idle"].as_u64().unwrap(),
+        );
+        // 64 MiB of starting memory at most: 9–12 MiB runtimes keep 5–7.
+        assert!(kib > 8 * 1024, "{pool}");
+        assert_eq!(idle, 64 * 1024 / kib, "{pool}");
+        assert!(idle < 11, "{pool}");
+    }
+
+    let mut bob = Client::connect(gateway.client, 11).await;
+    let mut backend = DispatchClient::connect(gateway.dispatch).await;
+    for (n, t) in [
+        "EVENT_MESSAGE_CREATE_41",
+        "EVENT_MESSAGE_CREATE_JS",
+        "EVENT_MESSAGE_CREATE_PY",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let ack = backend
+            .roundtrip(
+                t,
+                json!({"id": "3", "channel_id": "1"}),
+                json!(n.to_string()),
+            )
+            .await;
+        assert_eq!(ack["success"], true, "{t}: {ack}");
+        assert_eq!(bob.next().await["d"]["id"], "3");
+    }
+    assert!(gateway.stop().success());
 }
