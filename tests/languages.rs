@@ -438,3 +438,95 @@ async fn many_routes_and_big_components_share_the_instance_pool() {
     }
     assert!(gateway.stop().success());
 }
+
+/// The save-to-live loop for JavaScript and Python: `dev` routes a copy of
+/// the handler; saving a change to its `handler.js`/`app.py` rebuilds it with
+/// `scripts/build-lang-plugins.sh`, hot reload swaps it in, and the next
+/// message is delivered by the new code. Every message before, during and
+/// after the swap is delivered (by one version or the other).
+async fn dev_serves_a_saved_handler(lang: Lang) {
+    let mut setup = project();
+    let root = setup.dir.path().to_path_buf();
+    let name = format!("saved_{}", lang.handler());
+    let source = root.join("plugins").join(&name);
+    copy_sources(
+        &common::repo().join("plugins").join(lang.handler()),
+        &source,
+    );
+    let wasm = root.join(format!("plugins/{name}.wasm"));
+    std::fs::copy(plugin(lang.handler()), &wasm).unwrap();
+    setup.route("EVENT_MESSAGE_CREATE", &wasm, lang.limits());
+    let dev = setup.start_verb("dev");
+    let api = dev.api.unwrap();
+    let mut bob = Client::connect(dev.client, 2).await;
+    let alice = common::token(1);
+    let mut post = async |n: u32| {
+        let body = format!(r#"{{"content":"m{n}","nonce":"n{n}"}}"#);
+        let (status, text) = common::http_request(
+            api,
+            "POST",
+            "/channels/1/messages",
+            &[("Authorization", alice.as_str())],
+            Some(&body),
+        )
+        .await;
+        assert_eq!(status, 201, "{text}");
+        let frame = bob.next().await;
+        assert_eq!(frame["d"]["content"], format!("m{n}"), "{frame}");
+        frame["t"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(post(0).await, "MESSAGE_CREATE");
+
+    // A new name on every run: the build script skips sources it has built.
+    let renamed = format!("MESSAGE_SAVED_{}", rand::random::<u32>());
+    let (file, delivered) = match lang {
+        Lang::Js => ("handler.js", "event: \"MESSAGE_CREATE\","),
+        Lang::Python => ("app.py", "event=\"MESSAGE_CREATE\","),
+    };
+    let handler = source.join(file);
+    let text = std::fs::read_to_string(&handler).unwrap();
+    let edited = text.replace(delivered, &delivered.replace("MESSAGE_CREATE", &renamed));
+    assert_ne!(text, edited);
+    let saved = Instant::now();
+    std::fs::write(&handler, edited).unwrap();
+    let mut n = 1;
+    loop {
+        let t = post(n).await;
+        if t == renamed {
+            break;
+        }
+        assert_eq!(t, "MESSAGE_CREATE");
+        assert!(
+            saved.elapsed() < Duration::from_secs(300),
+            "the saved handler never served; log:\n{}",
+            dev.log()
+        );
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "save -> serving ({file}): {:.1?} over {n} messages",
+        saved.elapsed()
+    );
+    let log = dev.log();
+    let steps: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("dev: plugins rebuilt") || l.contains("plugin loaded"))
+        .collect();
+    assert!(
+        steps.iter().any(|l| l.contains("dev: plugins rebuilt")),
+        "{log}"
+    );
+    println!("{}", steps.join("\n"));
+    assert!(dev.stop().success());
+}
+
+#[tokio::test]
+async fn dev_serves_a_saved_js_handler() {
+    dev_serves_a_saved_handler(Lang::Js).await;
+}
+
+#[tokio::test]
+async fn dev_serves_a_saved_python_handler() {
+    dev_serves_a_saved_handler(Lang::Python).await;
+}
