@@ -530,3 +530,76 @@ async fn dev_serves_a_saved_js_handler() {
 async fn dev_serves_a_saved_python_handler() {
     dev_serves_a_saved_handler(Lang::Python).await;
 }
+
+/// Resident memory per idle instance, by language (the BENCHMARKS.md
+/// figure): one route, warmed one event at a time (one instance), then a
+/// pipelined burst until the route has started at least `max_idle`
+/// instances (seen in the log), so afterwards exactly `max_idle` are
+/// parked. RSS after minus before, over the instances added. Run with
+/// `cargo test --test languages idle_instance_memory -- --nocapture`.
+#[tokio::test]
+async fn idle_instance_memory() {
+    for (name, limits) in [
+        ("message_create", ""),
+        ("message_create_js", Lang::Js.limits()),
+        ("message_create_py", Lang::Python.limits()),
+    ] {
+        // PostgreSQL: a query waits on the network, so pipelined events
+        // overlap in the plugin and need instances of their own.
+        let mut setup = Setup::postgres().await;
+        setup.set("plugins", "cache_dir", &format!("\"{}\"", plugin_cache()));
+        setup.route("EVENT_MESSAGE_CREATE", &plugin(name), limits);
+        let gateway = setup.start_verb_env("serve", &[("OTAKO_LOG_FORMAT", "json")]);
+        Seed::open(&setup).await.example().await;
+        let max_idle = loaded_pools(&gateway)["EVENT_MESSAGE_CREATE"]["max_idle"]
+            .as_u64()
+            .unwrap();
+        let mut backend = DispatchClient::connect(gateway.dispatch).await;
+        let d = json!({"id": "3", "channel_id": "1"});
+        for n in 0..200 {
+            let ack = backend
+                .roundtrip("EVENT_MESSAGE_CREATE", d.clone(), json!(format!("w{n}")))
+                .await;
+            assert_eq!(ack["success"], true, "{ack}");
+        }
+        let before = gateway.rss_bytes();
+        let mut burst = 0;
+        // Every instance the bursts add is logged once; the prewarmed one
+        // is not. Once the pool has had `max_idle`, they all stay parked.
+        let started = || {
+            gateway
+                .log()
+                .matches("no idle instance; starting one")
+                .count() as u64
+        };
+        while started() + 1 < max_idle {
+            for n in 0..200 {
+                backend
+                    .event(
+                        "EVENT_MESSAGE_CREATE",
+                        d.clone(),
+                        json!(format!("b{burst}-{n}")),
+                        json!("1"),
+                    )
+                    .await;
+            }
+            let acks = backend.acks(200).await;
+            assert!(acks.values().all(|a| a["success"] == true));
+            burst += 1;
+            assert!(
+                burst < 50,
+                "the bursts started {} instances, not {max_idle}",
+                started()
+            );
+        }
+        let after = gateway.rss_bytes();
+        let added = max_idle.saturating_sub(1).max(1);
+        println!(
+            "{name}: max_idle {max_idle}, RSS {:.1} -> {:.1} MiB, {:.2} MiB per idle instance",
+            before as f64 / 1048576.0,
+            after as f64 / 1048576.0,
+            after.saturating_sub(before) as f64 / 1048576.0 / added as f64
+        );
+        assert!(gateway.stop().success());
+    }
+}

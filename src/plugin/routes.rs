@@ -128,7 +128,12 @@ impl Route {
         let popped = if reuse { self.lock_idle().pop() } else { None };
         let mut instance = match popped {
             Some(instance) => instance,
-            None => self.instantiate(event.id).await?,
+            None => {
+                // Once per instance the pool grows by (or per call on a
+                // fresh-instance benchmark): how tests see the pool fill.
+                tracing::debug!(plugin = %self.ctx.plugin, "no idle instance; starting one");
+                self.instantiate(event.id).await?
+            }
         };
         instance.store.data_mut().begin_call(event.id, self.timeout);
         instance.store.set_epoch_deadline(1);
