@@ -194,11 +194,14 @@ enum Builder {
 
 impl Builder {
     /// The builder of a routed plugin file, if `dev` knows how to build it.
+    /// Its folders are absolute, as the watcher reports saved paths (a
+    /// config's relative plugin path is against the working directory).
     fn of(plugin: &Path) -> Option<Builder> {
-        if let Some(lang) = lang_plugin(plugin) {
+        let plugin = std::path::absolute(plugin).ok()?;
+        if let Some(lang) = lang_plugin(&plugin) {
             return Some(lang);
         }
-        workspace_of(plugin).map(Builder::Cargo)
+        workspace_of(&plugin).map(Builder::Cargo)
     }
 
     /// The folder to watch.
@@ -236,7 +239,7 @@ impl Builder {
                 cargo_build(workspace)?;
                 let mut copied = 0;
                 for plugin in routed {
-                    if workspace_of(plugin).as_deref() == Some(workspace.as_path())
+                    if Builder::of(plugin).as_ref() == Some(self)
                         && copy_if_changed(workspace, plugin)?
                     {
                         copied += 1;
