@@ -176,8 +176,8 @@ fn workspace_of(plugin: &Path) -> Option<PathBuf> {
     dir.join("Cargo.toml").is_file().then(|| dir.to_path_buf())
 }
 
-/// Builds the plugins workspace for wasm32-wasip2 and copies each missing
-/// routed component into place.
+/// Builds each missing routed component (its cargo workspace for
+/// wasm32-wasip2, or its JS/Python folder) into place.
 fn build_missing_plugins(config: &Config) -> Result<(), DevError> {
     let missing: Vec<&Path> = config
         .routes
@@ -186,48 +186,157 @@ fn build_missing_plugins(config: &Config) -> Result<(), DevError> {
         .filter(|p| !p.exists())
         .collect();
     for plugin in missing {
-        let Some(workspace) = workspace_of(plugin) else {
-            tracing::warn!(plugin = %plugin.display(), "routed plugin is missing and no plugins workspace is next to it");
+        let Some(builder) = Builder::of(plugin) else {
+            tracing::warn!(plugin = %plugin.display(), "routed plugin is missing and neither a plugins workspace nor a JS/Python source folder is next to it");
             continue;
         };
-        build_plugin(&workspace, plugin)?;
+        builder.build(&[plugin.to_path_buf()])?;
     }
     Ok(())
 }
 
-/// The save-to-live loop: when a plugin crate's source changes, rebuild
-/// the plugins workspace (incremental cargo) and copy each routed
-/// component whose bytes changed into place; the gateway's hot reload then
-/// swaps it in.
+/// How `dev` rebuilds a routed plugin when its sources are saved.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Builder {
+    /// A Rust crate in the plugins cargo workspace at this folder.
+    Cargo(PathBuf),
+    /// A JavaScript or Python plugin: `plugins/<name>/handler.js|app.py`
+    /// built to `plugins/<name>.wasm` by `scripts/build-lang-plugins.sh`.
+    Lang { root: PathBuf, name: String },
+}
+
+impl Builder {
+    /// The builder of a routed plugin file, if `dev` knows how to build it.
+    /// Its folders are absolute, as the watcher reports saved paths (a
+    /// config's relative plugin path is against the working directory).
+    fn of(plugin: &Path) -> Option<Builder> {
+        let plugin = std::path::absolute(plugin).ok()?;
+        if let Some(lang) = lang_plugin(&plugin) {
+            return Some(lang);
+        }
+        workspace_of(&plugin).map(Builder::Cargo)
+    }
+
+    /// The folder to watch.
+    fn sources(&self) -> PathBuf {
+        match self {
+            Builder::Cargo(workspace) => workspace.clone(),
+            Builder::Lang { root, name } => root.join("plugins").join(name),
+        }
+    }
+
+    /// Whether saving `path` calls for this rebuild. Build outputs and
+    /// toolchains never do: a build writes them.
+    fn rebuilds_on(&self, path: &Path) -> bool {
+        let generated = path.components().any(|c| {
+            ["target", "node_modules", ".toolchain", "__pycache__"]
+                .iter()
+                .any(|skip| c.as_os_str() == *skip)
+        });
+        let extensions: &[&str] = match self {
+            Builder::Cargo(_) => &["rs", "toml", "wit"],
+            Builder::Lang { .. } => &["js", "py"],
+        };
+        let source = path
+            .extension()
+            .and_then(|x| x.to_str())
+            .is_some_and(|x| extensions.contains(&x));
+        source && !generated && path.starts_with(self.sources())
+    }
+
+    /// Builds, then puts each changed routed component in place (the build
+    /// script does so itself, atomically); returns how many changed.
+    fn build(&self, routed: &[PathBuf]) -> Result<usize, DevError> {
+        match self {
+            Builder::Cargo(workspace) => {
+                cargo_build(workspace)?;
+                let mut copied = 0;
+                for plugin in routed {
+                    if Builder::of(plugin).as_ref() == Some(self)
+                        && copy_if_changed(workspace, plugin)?
+                    {
+                        copied += 1;
+                    }
+                }
+                Ok(copied)
+            }
+            Builder::Lang { root, name } => {
+                let wasm = root.join("plugins").join(format!("{name}.wasm"));
+                let before = std::fs::read(&wasm).ok();
+                build_lang_plugin(root, name)?;
+                Ok(usize::from(std::fs::read(&wasm).ok() != before))
+            }
+        }
+    }
+}
+
+/// `plugins/<name>.wasm` whose `plugins/<name>/` holds a `handler.js` or
+/// an `app.py`, in a project with `scripts/build-lang-plugins.sh`.
+fn lang_plugin(plugin: &Path) -> Option<Builder> {
+    let plugins = plugin.parent()?;
+    let name = plugin.file_stem()?.to_str()?.to_owned();
+    let dir = plugins.join(&name);
+    let root = plugins.parent()?.to_path_buf();
+    let has_source = dir.join("handler.js").is_file() || dir.join("app.py").is_file();
+    (has_source && lang_script(&root).is_file()).then_some(Builder::Lang { root, name })
+}
+
+fn lang_script(root: &Path) -> PathBuf {
+    root.join("scripts/build-lang-plugins.sh")
+}
+
+/// `scripts/build-lang-plugins.sh NAME` in the project at `root`: builds
+/// `plugins/NAME/` (installing the JS/Python toolchain on first use) to
+/// `plugins/NAME.wasm`, through a temporary file and a rename.
+pub fn build_lang_plugin(root: &Path, name: &str) -> Result<(), DevError> {
+    let script = lang_script(root);
+    let fail = |reason: String| DevError::Build {
+        command: format!("{} {name}", script.display()),
+        reason,
+    };
+    let status = Command::new(&script)
+        .arg(name)
+        .status()
+        .map_err(|e| fail(e.to_string()))?;
+    if !status.success() {
+        return Err(fail(format!("exited with {status}")));
+    }
+    let wasm = root.join("plugins").join(format!("{name}.wasm"));
+    if !wasm.is_file() {
+        return Err(fail(format!("{} was not produced", wasm.display())));
+    }
+    Ok(())
+}
+
+/// The save-to-live loop: when a plugin's source is saved (a Rust crate's
+/// `.rs`/`.toml`/`.wit`, a JS `handler.js` or Python `app.py` and their
+/// modules), rebuild it (incremental cargo, or componentize) and put each
+/// routed component whose bytes changed into place; the gateway's hot
+/// reload then swaps it in.
 async fn rebuild_on_save(config: Config, stop: CancellationToken) {
-    let workspaces: BTreeSet<PathBuf> = config
+    let builders: BTreeSet<Builder> = config
         .routes
         .iter()
-        .filter_map(|r| workspace_of(&r.plugin))
+        .filter_map(|r| Builder::of(&r.plugin))
         .collect();
-    if workspaces.is_empty() {
+    if builders.is_empty() {
         return;
     }
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    let routed: Vec<PathBuf> = config.routes.iter().map(|r| r.plugin.clone()).collect();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<PathBuf>>();
     let debouncer = new_debouncer(
         Duration::from_millis(150),
         None,
         move |result: DebounceEventResult| {
             let Ok(events) = result else { return };
-            // Writes only: cargo reads every source while it builds.
-            let source_changed = events.iter().any(|e| {
-                crate::reload::is_change(&e.kind)
-                    && e.paths.iter().any(|p| {
-                        let in_target = p.components().any(|c| c.as_os_str() == "target");
-                        let source = matches!(
-                            p.extension().and_then(|x| x.to_str()),
-                            Some("rs" | "toml" | "wit")
-                        );
-                        source && !in_target
-                    })
-            });
-            if source_changed {
-                let _ = tx.try_send(());
+            // Writes only: a build reads every source.
+            let saved: Vec<PathBuf> = events
+                .iter()
+                .filter(|e| crate::reload::is_change(&e.kind))
+                .flat_map(|e| e.paths.iter().cloned())
+                .collect();
+            if !saved.is_empty() {
+                let _ = tx.send(saved);
             }
         },
     );
@@ -238,42 +347,35 @@ async fn rebuild_on_save(config: Config, stop: CancellationToken) {
             return;
         }
     };
-    for dir in &workspaces {
-        if let Err(err) = debouncer.watch(dir, RecursiveMode::Recursive) {
+    for builder in &builders {
+        let dir = builder.sources();
+        if let Err(err) = debouncer.watch(&dir, RecursiveMode::Recursive) {
             tracing::warn!(dir = %dir.display(), error = %err, "dev: cannot watch plugin sources");
         }
     }
     loop {
-        tokio::select! {
+        let mut saved = tokio::select! {
             _ = stop.cancelled() => return,
-            signal = rx.recv() => if signal.is_none() { return },
+            saved = rx.recv() => match saved { Some(saved) => saved, None => return },
+        };
+        // Saves that arrived during the last build: one rebuild covers them.
+        while let Ok(more) = rx.try_recv() {
+            saved.extend(more);
         }
-        for workspace in &workspaces {
-            let routed: Vec<PathBuf> = config
-                .routes
-                .iter()
-                .filter(|r| workspace_of(&r.plugin).as_deref() == Some(workspace.as_path()))
-                .map(|r| r.plugin.clone())
-                .collect();
-            let workspace = workspace.clone();
+        for builder in builders
+            .iter()
+            .filter(|b| saved.iter().any(|p| b.rebuilds_on(p)))
+        {
+            let (builder, routed) = (builder.clone(), routed.clone());
             let started = Instant::now();
-            let built = tokio::task::spawn_blocking(move || -> Result<usize, DevError> {
-                cargo_build(&workspace)?;
-                let mut copied = 0;
-                for plugin in &routed {
-                    if copy_if_changed(&workspace, plugin)? {
-                        copied += 1;
-                    }
-                }
-                Ok(copied)
-            })
-            .await;
+            let label = format!("{}", builder.sources().display());
+            let built = tokio::task::spawn_blocking(move || builder.build(&routed)).await;
             match built {
-                Ok(Ok(copied)) => {
-                    tracing::info!(took = ?started.elapsed(), updated = copied, "dev: plugins rebuilt")
+                Ok(Ok(updated)) => {
+                    tracing::info!(plugin = %label, took = ?started.elapsed(), updated, "dev: plugins rebuilt")
                 }
                 Ok(Err(err)) => {
-                    tracing::error!(error = %err, "dev: plugin build failed; the running version keeps serving")
+                    tracing::error!(plugin = %label, error = %err, "dev: plugin build failed; the running version keeps serving")
                 }
                 Err(err) => tracing::error!(error = %err, "dev: plugin build task failed"),
             }

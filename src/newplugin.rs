@@ -8,7 +8,6 @@
 //! removes what was scaffolded: an error changes nothing.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use otako_gateway::config::Config;
 use otako_gateway::dev::{self, DevError};
@@ -111,12 +110,6 @@ pub enum NewPluginError {
     Config(String),
     #[error(transparent)]
     Build(#[from] DevError),
-    #[error("building {plugin} failed ({command}): {reason}")]
-    LangBuild {
-        plugin: String,
-        command: String,
-        reason: String,
-    },
 }
 
 /// What a successful run made, for the message printed after it.
@@ -147,9 +140,8 @@ impl std::fmt::Display for Created {
             ),
             Lang::Js | Lang::Python => write!(
                 f,
-                "next: otako-gateway dev  (then edit {} and run scripts/build-lang-plugins.sh {}: the gateway swaps the new .wasm in)",
-                self.entry.display(),
-                self.dir.file_name().and_then(|n| n.to_str()).unwrap_or("")
+                "next: otako-gateway dev  (then edit {}: dev rebuilds it on save with scripts/build-lang-plugins.sh and the next event runs it)",
+                self.entry.display()
             ),
         }
     }
@@ -302,26 +294,7 @@ fn build(
 ) -> Result<(), NewPluginError> {
     match lang {
         Lang::Rust => Ok(dev::build_plugin(plugins, wasm)?),
-        Lang::Js | Lang::Python => {
-            let script = root.join("scripts/build-lang-plugins.sh");
-            let command = format!("{} {name}", script.display());
-            let fail = |reason: String| NewPluginError::LangBuild {
-                plugin: name.to_owned(),
-                command: command.clone(),
-                reason,
-            };
-            let status = Command::new(&script)
-                .arg(name)
-                .status()
-                .map_err(|e| fail(e.to_string()))?;
-            if !status.success() {
-                return Err(fail(format!("exited with {status}")));
-            }
-            if !wasm.is_file() {
-                return Err(fail(format!("{} was not produced", wasm.display())));
-            }
-            Ok(())
-        }
+        Lang::Js | Lang::Python => Ok(dev::build_lang_plugin(root, name)?),
     }
 }
 

@@ -356,3 +356,250 @@ fn new_plugin_adds_a_rust_crate_to_the_workspace() {
         String::from_utf8_lossy(&check.stdout)
     );
 }
+
+/// The `plugin loaded` log records (JSON log format) by route event.
+fn loaded_pools(gateway: &Gateway) -> std::collections::HashMap<String, Value> {
+    gateway
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|r| r["fields"]["message"] == "plugin loaded")
+        .map(|r| {
+            (
+                r["fields"]["event"].as_str().unwrap().to_owned(),
+                r["fields"].clone(),
+            )
+        })
+        .collect()
+}
+
+/// 42 Rust routes plus the JS and Python handlers (the pool used to refuse
+/// more than 31 routes) load and serve; the routes share the instance pool
+/// and the big JS/Python runtimes keep fewer idle instances than Rust.
+#[tokio::test]
+async fn many_routes_and_big_components_share_the_instance_pool() {
+    let mut setup = setup();
+    for n in 0..42 {
+        setup.route(
+            &format!("EVENT_MESSAGE_CREATE_{n}"),
+            &plugin("message_create"),
+            "",
+        );
+    }
+    for lang in [Lang::Js, Lang::Python] {
+        setup.route(
+            &format!("EVENT_{}", lang.handler().to_uppercase()),
+            &plugin(lang.handler()),
+            lang.limits(),
+        );
+    }
+    let gateway = setup.start_verb_env("serve", &[("OTAKO_LOG_FORMAT", "json")]);
+    Seed::open(&setup).await.example().await;
+    let pools = loaded_pools(&gateway);
+    assert_eq!(pools.len(), 44, "{pools:?}");
+    // 44 routes share half the 1000-instance pool: 11 live each.
+    let rust = &pools["EVENT_MESSAGE_CREATE_41"];
+    assert_eq!(
+        (rust["max_live"].as_u64(), rust["max_idle"].as_u64()),
+        (Some(11), Some(11)),
+        "{rust}"
+    );
+    for lang in [Lang::Js, Lang::Python] {
+        let pool = &pools[&format!("EVENT_{}", lang.handler().to_uppercase())];
+        let (kib, idle) = (
+            pool["instance_kib"].as_u64().unwrap(),
+            pool["max_idle"].as_u64().unwrap(),
+        );
+        // 64 MiB of starting memory at most: 9–12 MiB runtimes keep 5–7.
+        assert!(kib > 8 * 1024, "{pool}");
+        assert_eq!(idle, 64 * 1024 / kib, "{pool}");
+        assert!(idle < 11, "{pool}");
+    }
+
+    let mut bob = Client::connect(gateway.client, 11).await;
+    let mut backend = DispatchClient::connect(gateway.dispatch).await;
+    for (n, t) in [
+        "EVENT_MESSAGE_CREATE_41",
+        "EVENT_MESSAGE_CREATE_JS",
+        "EVENT_MESSAGE_CREATE_PY",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let ack = backend
+            .roundtrip(
+                t,
+                json!({"id": "3", "channel_id": "1"}),
+                json!(n.to_string()),
+            )
+            .await;
+        assert_eq!(ack["success"], true, "{t}: {ack}");
+        assert_eq!(bob.next().await["d"]["id"], "3");
+    }
+    assert!(gateway.stop().success());
+}
+
+/// The save-to-live loop for JavaScript and Python: `dev` routes a copy of
+/// the handler; saving a change to its `handler.js`/`app.py` rebuilds it with
+/// `scripts/build-lang-plugins.sh`, hot reload swaps it in, and the next
+/// message is delivered by the new code. Every message before, during and
+/// after the swap is delivered (by one version or the other).
+async fn dev_serves_a_saved_handler(lang: Lang) {
+    let mut setup = project();
+    let root = setup.dir.path().to_path_buf();
+    let name = format!("saved_{}", lang.handler());
+    let source = root.join("plugins").join(&name);
+    copy_sources(
+        &common::repo().join("plugins").join(lang.handler()),
+        &source,
+    );
+    let wasm = root.join(format!("plugins/{name}.wasm"));
+    std::fs::copy(plugin(lang.handler()), &wasm).unwrap();
+    setup.route("EVENT_MESSAGE_CREATE", &wasm, lang.limits());
+    let dev = setup.start_verb("dev");
+    let api = dev.api.unwrap();
+    let mut bob = Client::connect(dev.client, 2).await;
+    let alice = common::token(1);
+    let mut post = async |n: u32| {
+        let body = format!(r#"{{"content":"m{n}","nonce":"n{n}"}}"#);
+        let (status, text) = common::http_request(
+            api,
+            "POST",
+            "/channels/1/messages",
+            &[("Authorization", alice.as_str())],
+            Some(&body),
+        )
+        .await;
+        assert_eq!(status, 201, "{text}");
+        let frame = bob.next().await;
+        assert_eq!(frame["d"]["content"], format!("m{n}"), "{frame}");
+        frame["t"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(post(0).await, "MESSAGE_CREATE");
+
+    // A new name on every run: the build script skips sources it has built.
+    let renamed = format!("MESSAGE_SAVED_{}", rand::random::<u32>());
+    let (file, delivered) = match lang {
+        Lang::Js => ("handler.js", "event: \"MESSAGE_CREATE\","),
+        Lang::Python => ("app.py", "event=\"MESSAGE_CREATE\","),
+    };
+    let handler = source.join(file);
+    let text = std::fs::read_to_string(&handler).unwrap();
+    let edited = text.replace(delivered, &delivered.replace("MESSAGE_CREATE", &renamed));
+    assert_ne!(text, edited);
+    let saved = Instant::now();
+    std::fs::write(&handler, edited).unwrap();
+    let mut n = 1;
+    loop {
+        let t = post(n).await;
+        if t == renamed {
+            break;
+        }
+        assert_eq!(t, "MESSAGE_CREATE");
+        assert!(
+            saved.elapsed() < Duration::from_secs(300),
+            "the saved handler never served; log:\n{}",
+            dev.log()
+        );
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "save -> serving ({file}): {:.1?} over {n} messages",
+        saved.elapsed()
+    );
+    let log = dev.log();
+    let steps: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("dev: plugins rebuilt") || l.contains("plugin loaded"))
+        .collect();
+    assert!(
+        steps.iter().any(|l| l.contains("dev: plugins rebuilt")),
+        "{log}"
+    );
+    println!("{}", steps.join("\n"));
+    assert!(dev.stop().success());
+}
+
+#[tokio::test]
+async fn dev_serves_a_saved_js_handler() {
+    dev_serves_a_saved_handler(Lang::Js).await;
+}
+
+#[tokio::test]
+async fn dev_serves_a_saved_python_handler() {
+    dev_serves_a_saved_handler(Lang::Python).await;
+}
+
+/// Resident memory per idle instance, by language (the BENCHMARKS.md
+/// figure): one route, warmed one event at a time (one instance), then a
+/// pipelined burst until the route has started at least `max_idle`
+/// instances (seen in the log), so afterwards exactly `max_idle` are
+/// parked. RSS after minus before, over the instances added. Run with
+/// `cargo test --test languages idle_instance_memory -- --nocapture`.
+#[tokio::test]
+async fn idle_instance_memory() {
+    for (name, limits) in [
+        ("message_create", ""),
+        ("message_create_js", Lang::Js.limits()),
+        ("message_create_py", Lang::Python.limits()),
+    ] {
+        // PostgreSQL: a query waits on the network, so pipelined events
+        // overlap in the plugin and need instances of their own.
+        let mut setup = Setup::postgres().await;
+        setup.set("plugins", "cache_dir", &format!("\"{}\"", plugin_cache()));
+        setup.route("EVENT_MESSAGE_CREATE", &plugin(name), limits);
+        let gateway = setup.start_verb_env("serve", &[("OTAKO_LOG_FORMAT", "json")]);
+        Seed::open(&setup).await.example().await;
+        let max_idle = loaded_pools(&gateway)["EVENT_MESSAGE_CREATE"]["max_idle"]
+            .as_u64()
+            .unwrap();
+        let mut backend = DispatchClient::connect(gateway.dispatch).await;
+        let d = json!({"id": "3", "channel_id": "1"});
+        for n in 0..200 {
+            let ack = backend
+                .roundtrip("EVENT_MESSAGE_CREATE", d.clone(), json!(format!("w{n}")))
+                .await;
+            assert_eq!(ack["success"], true, "{ack}");
+        }
+        let before = gateway.rss_bytes();
+        let mut burst = 0;
+        // Every instance the bursts add is logged once; the prewarmed one
+        // is not. Once the pool has had `max_idle`, they all stay parked.
+        let started = || {
+            gateway
+                .log()
+                .matches("no idle instance; starting one")
+                .count() as u64
+        };
+        while started() + 1 < max_idle {
+            for n in 0..200 {
+                backend
+                    .event(
+                        "EVENT_MESSAGE_CREATE",
+                        d.clone(),
+                        json!(format!("b{burst}-{n}")),
+                        json!("1"),
+                    )
+                    .await;
+            }
+            let acks = backend.acks(200).await;
+            assert!(acks.values().all(|a| a["success"] == true));
+            burst += 1;
+            assert!(
+                burst < 50,
+                "the bursts started {} instances, not {max_idle}",
+                started()
+            );
+        }
+        let after = gateway.rss_bytes();
+        let added = max_idle.saturating_sub(1).max(1);
+        println!(
+            "{name}: max_idle {max_idle}, RSS {:.1} -> {:.1} MiB, {:.2} MiB per idle instance",
+            before as f64 / 1048576.0,
+            after as f64 / 1048576.0,
+            after.saturating_sub(before) as f64 / 1048576.0 / added as f64
+        );
+        assert!(gateway.stop().success());
+    }
+}

@@ -33,15 +33,45 @@ pub(crate) const MAX_MEMORY_MB: u32 = 1024;
 /// become resident.
 pub(crate) const POOL_INSTANCES: u32 = 1000;
 
-/// Live instances per route version, running or idle. On two cores a
-/// handful of instances already saturate the CPU; the rest cover events
-/// waiting on the database. Further events queue for an instance rather
-/// than fail.
+/// Most live instances (running or idle) one route version may hold. On
+/// two cores a handful of instances already saturate the CPU; the rest
+/// cover events waiting on the database. Further events queue for an
+/// instance rather than fail.
 pub const INSTANCES_PER_ROUTE: usize = 16;
 
-/// Routes one engine can serve: during a reload the old and the new
-/// version of every route may both hold their instances.
-pub(crate) const MAX_ROUTES: usize = POOL_INSTANCES as usize / (2 * INSTANCES_PER_ROUTE);
+/// Routes one engine can serve. Every route version needs at least one
+/// pool slot, and during a reload the old and the new version of every
+/// route may both hold instances, so half the pool is the hard ceiling.
+/// Below it, routes share the pool rather than each getting 16 slots
+/// (see [`live_per_route`]): that used to cap a config at 31 routes.
+pub(crate) const MAX_ROUTES: usize = POOL_INSTANCES as usize / 2;
+
+/// Idle-instance memory one route version may keep, by the linear memory
+/// its instances start with. An idle instance keeps its memory slot (and
+/// the pages its guest touched) until reused, so the count that is cheap
+/// for a 1 MiB Rust component (16 idle: 16 MiB) is 16 × 9–12 MiB for a
+/// JS or Python runtime. 64 MiB keeps Rust at 16 and bounds JS/Python to
+/// 5–7, still more than two cores can keep busy; a burst beyond it pays
+/// one instantiation (1–3 ms for JS/Python) per extra event instead of
+/// keeping memory nobody uses between bursts.
+pub(crate) const IDLE_MEMORY_PER_ROUTE: usize = 64 * 1024 * 1024;
+
+/// Live instances each route version of a config with `routes` routes may
+/// hold: an equal share of half the pool (the other half is for the
+/// versions a reload replaces), at most [`INSTANCES_PER_ROUTE`], at least
+/// one. The shares never add up to more than the pool, so instantiation
+/// waits on a route's own semaphore, never fails on an exhausted pool.
+pub(crate) fn live_per_route(routes: usize) -> usize {
+    (MAX_ROUTES / routes.max(1)).clamp(1, INSTANCES_PER_ROUTE)
+}
+
+/// Idle instances a route version keeps once its instances are known to
+/// start with `instance_bytes` of linear memory: [`IDLE_MEMORY_PER_ROUTE`]
+/// worth, at least one (so steady traffic never instantiates), at most
+/// the route's live share.
+pub(crate) fn idle_per_route(max_live: usize, instance_bytes: usize) -> usize {
+    (IDLE_MEMORY_PER_ROUTE / instance_bytes.max(1)).clamp(1, max_live)
+}
 
 /// The shared engine and linker; cheap to clone.
 #[derive(Clone)]
@@ -239,5 +269,33 @@ pub(crate) fn cache_dir(dir: &Path) -> Option<PathBuf> {
             tracing::warn!(dir = %dir.display(), error = %err, "plugin cache folder unusable; compiling on every start");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: usize = 1024 * 1024;
+
+    #[test]
+    fn routes_share_the_pool_instead_of_being_capped_at_31() {
+        assert_eq!(live_per_route(3), INSTANCES_PER_ROUTE);
+        assert_eq!(live_per_route(40), 12);
+        assert_eq!(live_per_route(MAX_ROUTES), 1);
+        // Two versions of every route fit the pool at any route count.
+        for routes in [1, 31, 32, 40, 100, 333, MAX_ROUTES] {
+            assert!(2 * routes * live_per_route(routes) <= POOL_INSTANCES as usize);
+        }
+    }
+
+    #[test]
+    fn big_components_keep_fewer_idle_instances() {
+        // Initial linear memory of the MESSAGE_CREATE handlers (BENCHMARKS).
+        assert_eq!(idle_per_route(16, 17 * 64 * 1024), 16); // Rust
+        assert_eq!(idle_per_route(16, 145 * 64 * 1024), 7); // JavaScript
+        assert_eq!(idle_per_route(16, 199 * 64 * 1024), 5); // Python
+        assert_eq!(idle_per_route(16, 900 * MIB), 1);
+        assert_eq!(idle_per_route(3, MIB), 3);
     }
 }

@@ -14,9 +14,12 @@
 //!
 //! # Instances
 //! Compiling happens once per plugin version (or never, when the cache has
-//! it). Each route version keeps up to [`INSTANCES_PER_ROUTE`] ready
-//! instances: a call takes one, and puts it back only if the call ended
-//! normally (a trap, timeout or dropped call discards it). Reuse is what
+//! it). Each route version holds up to [`INSTANCES_PER_ROUTE`] live
+//! instances (fewer when many routes share the pool) and keeps as many of
+//! them ready as fit 64 MiB of starting memory (all 16 for a small Rust
+//! component, 5–7 for a JS or Python runtime): a call takes one, and puts
+//! it back only if the call ended normally (a trap, timeout or dropped
+//! call discards it). Reuse is what
 //! makes the host's share of an event a few microseconds instead of ~45 µs
 //! for a fresh instance. Plugins must therefore not rely on state kept
 //! between events: instances come and go at the host's choice.
@@ -44,7 +47,7 @@ use crate::ids::{ChannelId, UserId};
 use crate::telemetry::{Metrics, PluginLabels};
 pub use engine::INSTANCES_PER_ROUTE;
 pub(crate) use engine::content_hash;
-use engine::{MAX_MEMORY_MB, MAX_ROUTES, PluginEngine};
+use engine::{MAX_MEMORY_MB, MAX_ROUTES, PluginEngine, live_per_route};
 use host::{RouteCtx, Services};
 use query::QueryLimits;
 use routes::{Route, RouteTable};
@@ -293,8 +296,13 @@ impl Plugins {
                     ctx,
                     Duration::from_millis(route.timeout_ms.get()),
                     memory_bytes(route),
+                    live_per_route(config.routes.len()),
                 );
-                built.prewarm().await.map_err(|f| start_error(route, &f))
+                built
+                    .prewarm()
+                    .await
+                    .map(|_| ())
+                    .map_err(|f| start_error(route, &f))
             };
             if let Err(err) = built.await {
                 status.error = Some(match err {
@@ -316,8 +324,9 @@ impl Plugins {
     ) -> Result<RouteTable, PluginError> {
         if config.routes.len() > MAX_ROUTES {
             return Err(PluginError::Routes(format!(
-                "{} routes configured; the plugin engine serves at most {MAX_ROUTES}",
-                config.routes.len()
+                "{} routes configured; the plugin engine serves at most {MAX_ROUTES} (its instance pool holds {} instances, and each route's old and new version need one each during a reload)",
+                config.routes.len(),
+                engine::POOL_INSTANCES
             )));
         }
         let services = Services {
@@ -328,9 +337,12 @@ impl Plugins {
                 max_rows: config.plugins.query_max_rows.get(),
             },
         };
+        let max_live = live_per_route(config.routes.len());
         let mut table = RouteTable::empty();
         for route in &config.routes {
-            let result = self.build_route(route, config, previous, &services).await;
+            let result = self
+                .build_route(route, config, previous, &services, max_live)
+                .await;
             let label = PluginLabels {
                 plugin: file_name(&route.plugin),
                 result: if result.is_ok() { "ok" } else { "error" }.to_owned(),
@@ -351,6 +363,7 @@ impl Plugins {
         config: &Config,
         previous: &RouteTable,
         services: &Services,
+        max_live: usize,
     ) -> Result<Route, PluginError> {
         check_limits(route)?;
         let bytes = read(route).await?;
@@ -367,14 +380,6 @@ impl Plugins {
                 compile_bytes(&self.inner.engine, route, bytes, &config.plugins.cache_dir).await?
             }
         };
-        tracing::info!(
-            event = %route.event,
-            plugin = %route.plugin.display(),
-            hash = short_hash(&compiled.hash),
-            compile_ms = compiled.compile_time.as_millis() as u64,
-            cached = compiled.from_cache,
-            "plugin loaded"
-        );
         let ctx = route_ctx(route, &compiled, Some(services.clone()));
         let built = Route::new(
             self.inner.engine.clone(),
@@ -382,8 +387,20 @@ impl Plugins {
             ctx,
             Duration::from_millis(route.timeout_ms.get()),
             memory_bytes(route),
+            max_live,
         );
-        built.prewarm().await.map_err(|f| start_error(route, &f))?;
+        let pool = built.prewarm().await.map_err(|f| start_error(route, &f))?;
+        tracing::info!(
+            event = %route.event,
+            plugin = %route.plugin.display(),
+            hash = short_hash(&built.compiled.hash),
+            compile_ms = built.compiled.compile_time.as_millis() as u64,
+            cached = built.compiled.from_cache,
+            instance_kib = pool.instance_bytes / 1024,
+            max_live = pool.max_live,
+            max_idle = pool.max_idle,
+            "plugin loaded"
+        );
         Ok(built)
     }
 }

@@ -3,6 +3,7 @@
 //! whole, so an event finishes on the version it started with.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -10,7 +11,7 @@ use tokio::sync::Semaphore;
 use wasmtime::{Store, Trap, UpdateDeadline, WasmBacktrace};
 
 use super::bindings::{self, Plugin};
-use super::engine::{Compiled, INSTANCES_PER_ROUTE, PluginEngine};
+use super::engine::{Compiled, PluginEngine, idle_per_route};
 use super::host::{HostState, RouteCtx, truncate};
 use super::sandbox::Captured;
 use super::{Audience, Delivery, Event};
@@ -56,9 +57,22 @@ pub(crate) struct Route {
     /// Ready instances. A std mutex: held only to push or pop, never
     /// across an await.
     idle: Mutex<Vec<Instance>>,
+    /// Most ready instances kept: set by [`prewarm`](Self::prewarm) from
+    /// the memory a fresh instance starts with (`engine::idle_per_route`).
+    max_idle: AtomicUsize,
     /// Bounds live instances (running or idle) to the route's share of the
     /// engine's pooling allocator; events beyond it wait their turn.
     slots: Semaphore,
+    max_live: usize,
+}
+
+/// How a route version's instance pool was sized, for the load log line.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PoolSize {
+    /// Linear memory of a fresh instance, before any event.
+    pub instance_bytes: usize,
+    pub max_live: usize,
+    pub max_idle: usize,
 }
 
 impl Route {
@@ -68,6 +82,7 @@ impl Route {
         ctx: Arc<RouteCtx>,
         timeout: Duration,
         memory_bytes: usize,
+        max_live: usize,
     ) -> Self {
         Route {
             compiled,
@@ -76,16 +91,26 @@ impl Route {
             timeout,
             memory_bytes,
             idle: Mutex::new(Vec::new()),
-            slots: Semaphore::new(INSTANCES_PER_ROUTE),
+            max_idle: AtomicUsize::new(max_live),
+            slots: Semaphore::new(max_live),
+            max_live,
         }
     }
 
     /// Creates one instance and parks it, so the first event doesn't pay
-    /// for it and a plugin that can't start fails at load, not per event.
-    pub(crate) async fn prewarm(&self) -> Result<(), Failure> {
+    /// for it and a plugin that can't start fails at load, not per event;
+    /// its starting memory sizes the idle pool.
+    pub(crate) async fn prewarm(&self) -> Result<PoolSize, Failure> {
         let instance = self.instantiate("").await?;
+        let instance_bytes = instance.store.data().limits.memory;
+        let max_idle = idle_per_route(self.max_live, instance_bytes);
+        self.max_idle.store(max_idle, Ordering::Relaxed);
         self.park(instance);
-        Ok(())
+        Ok(PoolSize {
+            instance_bytes,
+            max_live: self.max_live,
+            max_idle,
+        })
     }
 
     /// Runs the plugin for one event. `reuse` is false only in the
@@ -103,7 +128,12 @@ impl Route {
         let popped = if reuse { self.lock_idle().pop() } else { None };
         let mut instance = match popped {
             Some(instance) => instance,
-            None => self.instantiate(event.id).await?,
+            None => {
+                // Once per instance the pool grows by (or per call on a
+                // fresh-instance benchmark): how tests see the pool fill.
+                tracing::debug!(plugin = %self.ctx.plugin, "no idle instance; starting one");
+                self.instantiate(event.id).await?
+            }
         };
         instance.store.data_mut().begin_call(event.id, self.timeout);
         instance.store.set_epoch_deadline(1);
@@ -193,9 +223,13 @@ impl Route {
         if grown || instance.calls >= MAX_CALLS_PER_INSTANCE {
             return;
         }
+        let max_idle = self.max_idle.load(Ordering::Relaxed);
         let mut idle = self.lock_idle();
-        if idle.len() < INSTANCES_PER_ROUTE {
+        if idle.len() < max_idle {
             idle.push(instance);
+        } else {
+            drop(idle);
+            tracing::debug!(plugin = %self.ctx.plugin, max_idle, "idle pool full; instance dropped");
         }
     }
 
