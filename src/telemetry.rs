@@ -14,15 +14,20 @@ use tracing_subscriber::EnvFilter;
 /// Installs the global tracing subscriber. `RUST_LOG` overrides the level;
 /// `OTAKO_LOG_FORMAT=json` switches to JSON lines for log shippers.
 pub fn init_tracing() {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,notify=warn"));
-    // tungstenite traces every frame's payload (HELLO's session id, event
-    // bodies) and the client's request head (the dispatch secret): capped
-    // below trace whatever RUST_LOG says, since secrets are never logged.
-    let filter = match "tungstenite=debug".parse() {
-        Ok(cap) => filter.add_directive(cap),
-        Err(_) => filter,
-    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Caps that hold whatever RUST_LOG says. tungstenite traces every
+    // frame's payload (HELLO's session id, event bodies) and the client's
+    // request head (the dispatch secret), and secrets are never logged.
+    // notify traces every raw file event: with the log written into a
+    // watched folder, each line would be an event and log another line.
+    let filter = [
+        "tungstenite=debug",
+        "notify=warn",
+        "notify_debouncer_full=warn",
+    ]
+    .into_iter()
+    .filter_map(|cap| cap.parse().ok())
+    .fold(filter, EnvFilter::add_directive);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
