@@ -12,9 +12,10 @@
 //!
 //! [`ClaimStore`] is the durable part, behind a small interface so cluster
 //! mode can put its own beside [`SqlClaims`], today's. Writes are grouped
-//! ([`Batcher`]): one transaction per round carries every claim queued
-//! meanwhile, so the claim costs throughput nothing and latency one commit,
-//! which the pipeline overlaps with the plugin call.
+//! ([`Batcher`]): one autocommit statement per round carries every claim
+//! queued meanwhile, so the claim costs throughput little and latency one
+//! commit, which the pipeline overlaps with the plugin call; `done` marks
+//! are written off the event's path.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
