@@ -1,15 +1,19 @@
 //! The admin listener: `/healthz` (the process is up), `/readyz` (the
-//! database answers and the plugins are loaded) and `/metrics`
-//! (Prometheus text).
+//! database answers and the plugins are loaded), `/metrics`
+//! (Prometheus text), and `POST /admin/revoke` (token revocation for a
+//! backend, behind the dispatch secret).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use hyper::{Method, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode};
 use tokio::net::TcpListener;
 
 use crate::db::Db;
-use crate::http::{self, HttpResponse};
+use crate::http::{self, BearerSecret, HttpResponse};
+use crate::ids::UserId;
 use crate::shutdown::Shutdown;
 use crate::telemetry::Metrics;
 
@@ -57,19 +61,30 @@ impl Readiness {
     }
 }
 
-/// Serves the admin endpoints until shutdown.
+/// The revoke endpoint's path.
+const REVOKE: &str = "/admin/revoke";
+/// Largest `POST /admin/revoke` body: `{"user_id":"…"}` is tiny.
+const MAX_REVOKE_BODY: usize = 4096;
+
+/// Serves the admin endpoints until shutdown. `dispatch_secret` guards
+/// the one that changes state.
 pub async fn serve(
     listener: TcpListener,
     shutdown: Shutdown,
     db: Db,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
+    dispatch_secret: BearerSecret,
 ) {
     http::serve(listener, shutdown, move |req| {
         let db = db.clone();
         let metrics = metrics.clone();
         let readiness = readiness.clone();
+        let secret = dispatch_secret.clone();
         async move {
+            if req.uri().path() == REVOKE {
+                return revoke(req, &db, &secret).await;
+            }
             if req.method() != Method::GET {
                 return http::text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
             }
@@ -77,6 +92,65 @@ pub async fn serve(
         }
     })
     .await
+}
+
+/// `POST /admin/revoke` with `{"user_id":"ID"}` (a string or a number):
+/// revokes every token of that user issued so far, as `token revoke` does.
+async fn revoke(req: Request<Incoming>, db: &Db, secret: &BearerSecret) -> HttpResponse {
+    if req.method() != Method::POST {
+        return http::text(StatusCode::METHOD_NOT_ALLOWED, "only POST\n");
+    }
+    let header = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if !secret.admits(header) {
+        return http::text(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized: send Authorization: Bearer <dispatch secret>\n",
+        );
+    }
+    let body = match Limited::new(req.into_body(), MAX_REVOKE_BODY).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => {
+            return http::text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("body over {MAX_REVOKE_BODY} bytes\n"),
+            );
+        }
+        Err(err) => {
+            return http::text(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the body: {err}\n"),
+            );
+        }
+    };
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        user_id: UserId,
+    }
+    let user = match serde_json::from_slice::<Body>(&body) {
+        Ok(body) => body.user_id,
+        Err(err) => {
+            return http::text(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "bad body: {err}; send {{\"user_id\":\"ID\"}} with a positive decimal id\n"
+                ),
+            );
+        }
+    };
+    match crate::revoke::revoke(db, user).await {
+        Ok(revoked) => {
+            tracing::info!(user_id = %user, revoked_at = revoked.revoked_at, "tokens revoked (admin)");
+            http::json(StatusCode::OK, &revoked)
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "admin revoke failed");
+            http::text(StatusCode::INTERNAL_SERVER_ERROR, format!("{err}\n"))
+        }
+    }
 }
 
 async fn route(path: &str, db: &Db, metrics: &Metrics, readiness: &Readiness) -> HttpResponse {

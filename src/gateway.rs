@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use crate::admin::{self, Readiness};
 use crate::config::Config;
 use crate::db::{Access, Db, DbError};
+use crate::http::BearerSecret;
 use crate::dispatch::claims::{Claims, SqlClaims};
 use crate::dispatch::members::Members;
 use crate::dispatch::{self, Listener, Pipeline};
@@ -132,6 +133,7 @@ pub async fn serve(
         db.clone(),
         metrics.clone(),
         readiness.clone(),
+        BearerSecret::new(dispatch_secret.expose()),
     ));
 
     let tokens = TokenKey::new(
@@ -143,8 +145,15 @@ pub async fn serve(
         Edge::new(&config.server),
         config.cluster.node_id.get(),
         tokens,
+        Some(read_db.clone()),
         metrics.clone(),
     );
+    background.spawn(crate::revoke::watch(
+        read_db.clone(),
+        sessions.clone(),
+        metrics.clone(),
+        background.clone(),
+    ));
     let presence: Arc<dyn Presence> = Arc::new(sessions.clone());
     let plugins = Plugins::load(&config, read_db.clone(), presence, metrics.clone()).await?;
     readiness.set_plugins_loaded();

@@ -13,6 +13,8 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
 use crate::shutdown::Shutdown;
@@ -76,4 +78,46 @@ pub fn json(status: StatusCode, body: &impl serde::Serialize) -> HttpResponse {
         hyper::header::HeaderValue::from_static("application/json"),
     );
     response
+}
+
+/// A shared secret callers present as `Authorization: Bearer <secret>`
+/// (the dispatch secret, on the dispatch and admin listeners). Held as its
+/// SHA-256: comparing digests keeps the comparison constant-time whatever
+/// length the caller sends.
+#[derive(Clone)]
+pub struct BearerSecret([u8; 32]);
+
+impl BearerSecret {
+    pub fn new(secret: &str) -> BearerSecret {
+        BearerSecret(Sha256::digest(secret.as_bytes()).into())
+    }
+
+    /// Whether an `Authorization` header value carries the secret.
+    pub fn admits(&self, header: Option<&str>) -> bool {
+        let Some(token) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
+            return false;
+        };
+        let digest: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
+        digest.ct_eq(&self.0).into()
+    }
+}
+
+impl std::fmt::Debug for BearerSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BearerSecret(..)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_secret_needs_the_exact_secret() {
+        let secret = BearerSecret::new("s3cret");
+        assert!(secret.admits(Some("Bearer s3cret")));
+        assert!(!secret.admits(Some("Bearer s3cre")));
+        assert!(!secret.admits(Some("s3cret")));
+        assert!(!secret.admits(None));
+    }
 }

@@ -46,6 +46,7 @@ pub mod ids;
 pub mod logsink;
 pub mod plugin;
 pub(crate) mod reload;
+pub mod revoke;
 pub mod session;
 pub mod shutdown;
 pub mod sys;

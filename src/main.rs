@@ -12,7 +12,7 @@ use otako_gateway::config::Config;
 use otako_gateway::ids::UserId;
 use otako_gateway::plugin::Plugins;
 use otako_gateway::token::{self, TokenKey};
-use otako_gateway::{api, dev, gateway, logsink, shutdown, sys, telemetry};
+use otako_gateway::{api, dev, gateway, logsink, revoke, shutdown, sys, telemetry};
 
 mod newplugin;
 
@@ -73,6 +73,13 @@ enum Verb {
 enum TokenAction {
     /// Print a token for a user.
     Issue {
+        /// The user id (a positive decimal integer).
+        #[arg(long)]
+        user: UserId,
+    },
+    /// Revoke every token of a user issued so far (this second included);
+    /// open sessions close with 4004.
+    Revoke {
         /// The user id (a positive decimal integer).
         #[arg(long)]
         user: UserId,
@@ -150,6 +157,24 @@ async fn run(cli: Cli) -> Result<()> {
                 config.auth.token_ttl_s.map(|t| t.get()),
             );
             println!("{}", key.issue(user, token::now_s()));
+        }
+        Verb::Token {
+            action: TokenAction::Revoke { user },
+        } => {
+            let config = Config::load(&cli.config)?;
+            let db = gateway::open_database(&config).await?;
+            let revoked = revoke::revoke(&db, user).await;
+            db.close().await;
+            let revoked = revoked?;
+            if !revoked.known_user {
+                eprintln!(
+                    "otako-gateway: note: user {user} is not in the users table; its tokens are revoked all the same"
+                );
+            }
+            println!(
+                "revoked every token of user {user} issued at or before {} (unix seconds); its open sessions close with 4004",
+                revoked.revoked_at
+            );
         }
         Verb::LogSink { listen, out } => {
             let signalled = shutdown::signal();

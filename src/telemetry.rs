@@ -88,6 +88,8 @@ pub struct Metrics {
     pub errlog_sink_failures: Counter,
     pub plugin_reloads: Family<PluginLabels, Counter>,
     pub config_reload_failures: Counter,
+    pub revocations_applied: Counter,
+    pub sessions_revoked: Counter,
 }
 
 impl Metrics {
@@ -116,6 +118,8 @@ impl Metrics {
             errlog_sink_failures: Counter::default(),
             plugin_reloads: Family::default(),
             config_reload_failures: Counter::default(),
+            revocations_applied: Counter::default(),
+            sessions_revoked: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -222,6 +226,16 @@ impl Metrics {
             "config_reload_failures",
             "gateway.toml reloads refused because the new file was invalid",
             m.config_reload_failures.clone(),
+        );
+        registry.register(
+            "revocations_applied",
+            "Token revocations this node has applied to its open sessions",
+            m.revocations_applied.clone(),
+        );
+        registry.register(
+            "sessions_revoked",
+            "Client sessions closed with 4004 because their token was revoked or expired",
+            m.sessions_revoked.clone(),
         );
         Arc::new(Metrics { registry, ..m })
     }

@@ -24,6 +24,20 @@ pub enum TokenError {
     BadSignature,
     #[error("token has expired")]
     Expired,
+    #[error("token was issued in the future")]
+    FromFuture,
+}
+
+/// How far in the future a token's issued-at may lie (clock skew between
+/// the minting backend and this node) before an expiring token is refused.
+pub const MAX_CLOCK_SKEW_S: u64 = 60;
+
+/// What a valid token says: whose it is and when it was minted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claims {
+    pub user: UserId,
+    /// Unix seconds.
+    pub issued_at: u64,
 }
 
 /// Mints and verifies tokens with one secret.
@@ -61,6 +75,21 @@ impl TokenKey {
     /// The user a token names, if its signature holds and it hasn't expired
     /// at `now` (unix seconds).
     pub fn verify(&self, token: &str, now: u64) -> Result<UserId, TokenError> {
+        self.verify_claims(token, now).map(|claims| claims.user)
+    }
+
+    /// The first second (unix) at which a token issued at `issued_at` is
+    /// refused as expired; `None` without a TTL.
+    pub fn expires_at(&self, issued_at: u64) -> Option<u64> {
+        self.ttl_s
+            .map(|ttl| issued_at.saturating_add(ttl).saturating_add(1))
+    }
+
+    /// [`verify`](Self::verify), keeping the issued-at (revocation and
+    /// expiry compare against it). With a TTL, a token minted more than
+    /// [`MAX_CLOCK_SKEW_S`] ahead of `now` is refused: it would otherwise
+    /// outlive its TTL.
+    pub fn verify_claims(&self, token: &str, now: u64) -> Result<Claims, TokenError> {
         let mut parts = token.split('.');
         let (Some(user_part), Some(time_part), Some(sig_part), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -85,12 +114,15 @@ impl TokenKey {
             return Err(TokenError::Malformed);
         }
         let issued_at = time.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
-        if let Some(ttl) = self.ttl_s
-            && now.saturating_sub(issued_at) > ttl
-        {
-            return Err(TokenError::Expired);
+        if let Some(ttl) = self.ttl_s {
+            if issued_at > now.saturating_add(MAX_CLOCK_SKEW_S) {
+                return Err(TokenError::FromFuture);
+            }
+            if now.saturating_sub(issued_at) > ttl {
+                return Err(TokenError::Expired);
+            }
         }
-        Ok(user)
+        Ok(Claims { user, issued_at })
     }
 
     fn sign(&self, data: &[u8]) -> Vec<u8> {
@@ -160,5 +192,21 @@ mod tests {
         let token = key.issue(UserId::new(7).unwrap(), 1000);
         assert_eq!(key.verify(&token, 1060).unwrap().get(), 7);
         assert_eq!(key.verify(&token, 1061), Err(TokenError::Expired));
+        assert_eq!(key.expires_at(1000), Some(1061));
+        assert_eq!(self::key().expires_at(1000), None);
+        // Without a TTL the issued-at is not judged at all.
+        assert_eq!(self::key().verify(&token, 0), Err(TokenError::BadSignature));
+        let forever = self::key().issue(UserId::new(7).unwrap(), u64::MAX);
+        assert_eq!(self::key().verify(&forever, 0).unwrap().get(), 7);
+    }
+
+    #[test]
+    fn future_issued_at_beyond_the_skew_is_refused_with_a_ttl() {
+        let key = TokenKey::new(b"s", Some(60));
+        let at = key.issue(UserId::new(7).unwrap(), 1000 + MAX_CLOCK_SKEW_S);
+        let claims = key.verify_claims(&at, 1000).unwrap();
+        assert_eq!(claims.issued_at, 1000 + MAX_CLOCK_SKEW_S);
+        let beyond = key.issue(UserId::new(7).unwrap(), 1001 + MAX_CLOCK_SKEW_S);
+        assert_eq!(key.verify(&beyond, 1000), Err(TokenError::FromFuture));
     }
 }

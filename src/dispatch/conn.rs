@@ -15,8 +15,6 @@ use std::time::{Duration, Instant};
 
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_tungstenite::WebSocketStream;
@@ -29,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::{DispatchConfig, Secret};
+use crate::http::BearerSecret;
 use crate::shutdown::Shutdown;
 
 use super::frame::{self, DispatchEvent, Inbound};
@@ -68,9 +67,7 @@ impl Close {
 /// The dispatch listener's shared state.
 pub struct Listener {
     pipeline: Arc<Pipeline>,
-    /// SHA-256 of the secret: comparing digests keeps the comparison
-    /// constant-time whatever length the caller sends.
-    secret: [u8; 32],
+    secret: BearerSecret,
     config: DispatchConfig,
 }
 
@@ -78,17 +75,13 @@ impl Listener {
     pub fn new(pipeline: Pipeline, secret: &Secret, config: DispatchConfig) -> Arc<Listener> {
         Arc::new(Listener {
             pipeline: Arc::new(pipeline),
-            secret: Sha256::digest(secret.expose().as_bytes()).into(),
+            secret: BearerSecret::new(secret.expose()),
             config,
         })
     }
 
     fn authorized(&self, header: Option<&str>) -> bool {
-        let Some(token) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
-            return false;
-        };
-        let digest: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
-        digest.ct_eq(&self.secret).into()
+        self.secret.admits(header)
     }
 }
 

@@ -1,16 +1,17 @@
 //! One client connection, start to finish, in one task: the handshake
-//! (auth, path), registration under the per-user limit, HELLO, then a
+//! (auth, path, the token's revocation), registration under the per-user limit, HELLO, then a
 //! single loop that selects over the socket, the queue and the heartbeat
 //! timer, and finally the close handshake.
 
 use std::future::Future;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
@@ -24,11 +25,12 @@ use tracing::Instrument;
 
 use super::Inner;
 use super::frame;
-use super::queue::{REPLACED, SLOW_CONSUMER};
+use super::queue::{REPLACED, REVOKED, SLOW_CONSUMER};
 use super::registry::Slot;
 use crate::ids::UserId;
+use crate::revoke;
 use crate::shutdown::Shutdown;
-use crate::token::{self, TokenError};
+use crate::token::{self, Claims};
 
 /// The only path clients may upgrade on.
 const PATH: &str = "/gateway";
@@ -50,6 +52,11 @@ const LINGER: Duration = Duration::from_secs(1);
 /// responsive between batches.
 const MAX_BATCH: usize = 32;
 const MAX_BATCH_BYTES: usize = 64 * 1024;
+/// Most request-head bytes read ahead of the handshake (for the revocation
+/// lookup): tungstenite's own cap, so a bigger head still reaches its 431.
+const MAX_HEAD: usize = 64 * 1024;
+/// Request headers parsed ahead of the handshake: tungstenite's limit.
+const MAX_HEADERS: usize = 124;
 
 /// Close codes (DESIGN §2).
 mod code {
@@ -73,11 +80,12 @@ fn reason(code: u16) -> &'static str {
         SLOW_CONSUMER => "slow consumer",
         code::LIMIT => "session limit reached",
         REPLACED => "session replaced",
+        REVOKED => "token revoked or expired",
         _ => "error",
     }
 }
 
-type Ws<'a> = WebSocketStream<&'a mut TcpStream>;
+type Ws<'a> = WebSocketStream<Prefixed<'a>>;
 
 /// How a session ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,26 +114,35 @@ pub(super) async fn handle(inner: Arc<Inner>, mut stream: TcpStream, shutdown: S
     // Frames are batched by the session itself; Nagle would only add latency.
     let _ = stream.set_nodelay(true);
     let mut admitted = None;
-    // tungstenite fixes the callback's error type (an HTTP response).
-    #[allow(clippy::result_large_err)]
-    let callback = |req: &Request, mut resp: Response| match admit(&inner, req) {
-        Ok(admission) => {
-            if admission.otako_v1 {
-                resp.headers_mut().insert(
-                    header::SEC_WEBSOCKET_PROTOCOL,
-                    header::HeaderValue::from_static(SUBPROTOCOL),
-                );
+    let mut lookup = Lookup::Unchecked;
+    let handshake = async {
+        // tungstenite's callback can't await, so the request head is read
+        // first and the token's revocation looked up; the callback compares.
+        let head = read_head(&mut stream).await;
+        lookup = look_up_revocation(&inner, &head).await;
+        let checked = lookup;
+        // tungstenite fixes the callback's error type (an HTTP response).
+        #[allow(clippy::result_large_err)]
+        let callback = |req: &Request, mut resp: Response| match admit(&inner, req, checked) {
+            Ok(admission) => {
+                if admission.otako_v1 {
+                    resp.headers_mut().insert(
+                        header::SEC_WEBSOCKET_PROTOCOL,
+                        header::HeaderValue::from_static(SUBPROTOCOL),
+                    );
+                }
+                admitted = Some(admission);
+                Ok(resp)
             }
-            admitted = Some(admission);
-            Ok(resp)
-        }
-        Err(refusal) => Err(refusal.response()),
+            Err(refusal) => Err(refusal.response()),
+        };
+        let io = Prefixed {
+            head,
+            read: 0,
+            tcp: &mut stream,
+        };
+        tokio_tungstenite::accept_hdr_async_with_config(io, callback, Some(inner.ws_config)).await
     };
-    let handshake = tokio_tungstenite::accept_hdr_async_with_config(
-        &mut stream,
-        callback,
-        Some(inner.ws_config),
-    );
     let result = tokio::select! {
         _ = shutdown.cancelled() => return,
         r = timeout(inner.edge.handshake_timeout, handshake) => r,
@@ -139,6 +156,9 @@ pub(super) async fn handle(inner: Arc<Inner>, mut stream: TcpStream, shutdown: S
                     inner.metrics.auth_failures.inc();
                 }
                 StatusCode::FORBIDDEN => inner.metrics.handshake_refused("origin"),
+                StatusCode::SERVICE_UNAVAILABLE if lookup == Lookup::Failed => {
+                    inner.metrics.handshake_refused("revocation_check");
+                }
                 StatusCode::SERVICE_UNAVAILABLE => inner.metrics.handshake_refused("limit"),
                 _ => {}
             }
@@ -173,7 +193,7 @@ pub(super) async fn handle(inner: Arc<Inner>, mut stream: TcpStream, shutdown: S
         }
     };
     let Some(Admission {
-        user,
+        claims: Claims { user, issued_at },
         connection: _connection,
         ..
     }) = admitted
@@ -186,6 +206,7 @@ pub(super) async fn handle(inner: Arc<Inner>, mut stream: TcpStream, shutdown: S
     let slot = Arc::new(Slot {
         id: inner.ids.next(),
         queue: super::queue::Queue::new(inner.config.outbound_queue.get()),
+        issued_at,
     });
     // Debug level: an enabled span keeps its fields on the heap for the
     // session's life, which at the default `info` level would cost every
@@ -218,6 +239,9 @@ pub(super) async fn handle(inner: Arc<Inner>, mut stream: TcpStream, shutdown: S
 
         inner.metrics.sessions_open.dec();
         inner.metrics.session_closed(exit.code());
+        if exit.code() == REVOKED {
+            inner.metrics.sessions_revoked.inc();
+        }
         tracing::debug!(code = exit.code(), "session closed");
     }
     .instrument(span)
@@ -251,6 +275,8 @@ enum Refusal {
     Forbidden,
     Unauthorized,
     Full,
+    /// The token's revocation could not be read: refused, not let through.
+    Unavailable,
 }
 
 impl Refusal {
@@ -260,6 +286,9 @@ impl Refusal {
             Refusal::Forbidden => refuse(StatusCode::FORBIDDEN, "origin not allowed"),
             Refusal::Unauthorized => refuse(StatusCode::UNAUTHORIZED, "unauthorized"),
             Refusal::Full => refuse(StatusCode::SERVICE_UNAVAILABLE, "too many connections"),
+            Refusal::Unavailable => {
+                refuse(StatusCode::SERVICE_UNAVAILABLE, "cannot check the token now")
+            }
         }
     }
 }
@@ -267,7 +296,7 @@ impl Refusal {
 /// An accepted handshake: who it is, whether to answer `otako.v1`, and
 /// its place under `max_connections`.
 struct Admission {
-    user: UserId,
+    claims: Claims,
     otako_v1: bool,
     connection: Connection,
 }
@@ -297,9 +326,10 @@ impl Drop for Connection {
     }
 }
 
-/// Checks a handshake request in order: path, origin, credentials, then
-/// takes a connection place. The token itself is never logged.
-fn admit(inner: &Arc<Inner>, req: &Request) -> Result<Admission, Refusal> {
+/// Checks a handshake request in order: path, origin, credentials, the
+/// token's revocation, then takes a connection place. The token itself is
+/// never logged.
+fn admit(inner: &Arc<Inner>, req: &Request, lookup: Lookup) -> Result<Admission, Refusal> {
     if req.uri().path() != PATH {
         return Err(Refusal::NotFound);
     }
@@ -307,23 +337,176 @@ fn admit(inner: &Arc<Inner>, req: &Request) -> Result<Admission, Refusal> {
         tracing::debug!("handshake refused: origin not allowed");
         return Err(Refusal::Forbidden);
     }
-    let (token, otako_v1) = credentials(req)?;
-    let user = inner
+    let (token, otako_v1) = credentials(req).map_err(|why| {
+        tracing::debug!("handshake refused: {why}");
+        Refusal::Unauthorized
+    })?;
+    let claims = inner
         .tokens
-        .verify(token, token::now_s())
-        .map_err(|err: TokenError| {
+        .verify_claims(token, token::now_s())
+        .map_err(|err| {
             tracing::debug!(reason = %err, "handshake refused: bad token");
             Refusal::Unauthorized
         })?;
+    if inner.revocations.is_some() {
+        match lookup {
+            Lookup::Done { user, revoked_at } if user == claims.user => {
+                if revoke::is_revoked(claims.issued_at, revoked_at) {
+                    tracing::debug!("handshake refused: token revoked");
+                    return Err(Refusal::Unauthorized);
+                }
+            }
+            Lookup::Failed => return Err(Refusal::Unavailable),
+            // The head read ahead didn't parse as tungstenite's did:
+            // refused rather than admitted unchecked.
+            _ => {
+                tracing::debug!("handshake refused: token revocation not checked");
+                return Err(Refusal::Unauthorized);
+            }
+        }
+    }
     let Some(connection) = Connection::reserve(inner) else {
         tracing::debug!("handshake refused: max_connections reached");
         return Err(Refusal::Full);
     };
     Ok(Admission {
-        user,
+        claims,
         otako_v1,
         connection,
     })
+}
+
+/// A token's revocation, read before the handshake's callback runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lookup {
+    /// No database to ask, or no token whose signature held.
+    Unchecked,
+    Done {
+        user: UserId,
+        revoked_at: Option<u64>,
+    },
+    Failed,
+}
+
+/// Reads the request head (up to `\r\n\r\n`, [`MAX_HEAD`], EOF or a read
+/// error: tungstenite judges what it got). Called within the handshake
+/// timeout.
+async fn read_head(tcp: &mut TcpStream) -> Vec<u8> {
+    let mut head = Vec::new();
+    while head.len() < MAX_HEAD {
+        if head.capacity() - head.len() < 1024 {
+            head.reserve(4096);
+        }
+        let from = head.len().saturating_sub(3);
+        match tcp.read_buf(&mut head).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) if head[from..].windows(4).any(|w| w == b"\r\n\r\n") => break,
+            Ok(_) => {}
+        }
+    }
+    head
+}
+
+/// Looks up the revocation of the user whose token `head` carries, if
+/// its signature holds: a forged or malformed token costs no read.
+async fn look_up_revocation(inner: &Inner, head: &[u8]) -> Lookup {
+    let Some(db) = &inner.revocations else {
+        return Lookup::Unchecked;
+    };
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut headers);
+    if !matches!(parsed.parse(head), Ok(httparse::Status::Complete(_))) {
+        return Lookup::Unchecked;
+    }
+    let mut req = Request::builder().uri(parsed.path.unwrap_or("/"));
+    for h in parsed.headers.iter().filter(|h| {
+        h.name.eq_ignore_ascii_case(header::AUTHORIZATION.as_str())
+            || h.name.eq_ignore_ascii_case(header::SEC_WEBSOCKET_PROTOCOL.as_str())
+    }) {
+        req = req.header(h.name, h.value);
+    }
+    let Ok(req) = req.body(()) else {
+        return Lookup::Unchecked;
+    };
+    let Some(claims) = credentials(&req)
+        .ok()
+        .and_then(|(token, _)| inner.tokens.verify_claims(token, token::now_s()).ok())
+    else {
+        return Lookup::Unchecked;
+    };
+    match revoke::revoked_at(db, claims.user).await {
+        Ok(revoked_at) => Lookup::Done {
+            user: claims.user,
+            revoked_at,
+        },
+        Err(err) => {
+            tracing::warn!(error = %err, "handshake refused: cannot read token revocations");
+            Lookup::Failed
+        }
+    }
+}
+
+/// The client's socket with the request head read ahead put back in
+/// front of it, for tungstenite to read again.
+pub(super) struct Prefixed<'a> {
+    head: Vec<u8>,
+    read: usize,
+    tcp: &'a mut TcpStream,
+}
+
+impl AsyncRead for Prefixed<'_> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if this.read < this.head.len() {
+            let n = (this.head.len() - this.read).min(buf.remaining());
+            buf.put_slice(&this.head[this.read..this.read + n]);
+            this.read += n;
+            if this.read == this.head.len() {
+                // Given back: an idle session keeps no head buffer.
+                this.head = Vec::new();
+                this.read = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut *this.tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed<'_> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut *self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut *self.tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.tcp).poll_shutdown(cx)
+    }
 }
 
 /// Cross-site WebSocket hijacking guard. No `Origin` (not a browser) is
@@ -354,11 +537,12 @@ fn origin_allowed(allowed: Option<&[String]>, req: &Request) -> bool {
 /// The token, from the `Authorization` header, `?token=` or the
 /// `otako.token.<token>` subprotocol (equivalent ways), and whether the
 /// client offered `otako.v1`. Two different tokens are ambiguous: 401.
-fn credentials(req: &Request) -> Result<(&str, bool), Refusal> {
+/// The error says why, for the debug log.
+fn credentials(req: &Request) -> Result<(&str, bool), &'static str> {
     let headers = req.headers();
     let mut tokens: Vec<&str> = Vec::new();
     for value in headers.get_all(header::AUTHORIZATION) {
-        let value = value.to_str().map_err(|_| Refusal::Unauthorized)?;
+        let value = value.to_str().map_err(|_| "unreadable Authorization header")?;
         tokens.push(value.strip_prefix("Bearer ").unwrap_or(value).trim());
     }
     if let Some(query) = req.uri().query() {
@@ -370,7 +554,9 @@ fn credentials(req: &Request) -> Result<(&str, bool), Refusal> {
     }
     let mut otako_v1 = false;
     for value in headers.get_all(header::SEC_WEBSOCKET_PROTOCOL) {
-        let value = value.to_str().map_err(|_| Refusal::Unauthorized)?;
+        let value = value
+            .to_str()
+            .map_err(|_| "unreadable Sec-WebSocket-Protocol header")?;
         for protocol in value.split(',').map(str::trim) {
             if protocol == SUBPROTOCOL {
                 otako_v1 = true;
@@ -383,14 +569,8 @@ fn credentials(req: &Request) -> Result<(&str, bool), Refusal> {
         Some((first, rest)) if !first.is_empty() && rest.iter().all(|t| t == first) => {
             Ok((first, otako_v1))
         }
-        Some(_) => {
-            tracing::debug!("handshake refused: empty or conflicting tokens");
-            Err(Refusal::Unauthorized)
-        }
-        None => {
-            tracing::debug!("handshake refused: no token");
-            Err(Refusal::Unauthorized)
-        }
+        Some(_) => Err("empty or conflicting tokens"),
+        None => Err("no token"),
     }
 }
 
@@ -431,6 +611,13 @@ async fn run(
     shutdown: &Shutdown,
 ) -> Exit {
     let interval = inner.heartbeat;
+    // With `auth.token_ttl_s`, the session ends (4004) when its token
+    // expires; the heartbeat timer doubles as the expiry timer.
+    let expiry = inner.tokens.expires_at(slot.issued_at).map(|at| {
+        let left_ms = (u128::from(at) * 1000).saturating_sub(crate::db::now_ms().max(0) as u128);
+        Instant::now() + Duration::from_millis(u64::try_from(left_ms).unwrap_or(u64::MAX))
+    });
+    let wake_at = |next_ping: Instant| expiry.map_or(next_ping, |e| e.min(next_ping));
     let hello = frame::hello(slot.id, user, inner.config.heartbeat_interval_ms.get());
     if let Err(exit) = guarded(ws.send(Message::text(hello)), slot, shutdown, 2 * interval).await {
         return exit;
@@ -439,7 +626,7 @@ async fn run(
     // One inline timer (no boxed `Interval`) drives both pings and the
     // pong deadline.
     let mut next_ping = Instant::now() + interval;
-    let mut timer = pin!(sleep_until(next_ping));
+    let mut timer = pin!(sleep_until(wake_at(next_ping)));
     // When the oldest unanswered ping went out.
     let mut unanswered: Option<Instant> = None;
     let mut seq: u64 = 0;
@@ -456,13 +643,17 @@ async fn run(
             Wake::Shutdown => return Exit::Close(code::GOING_AWAY),
             Wake::Tick => {
                 let now = Instant::now();
+                if expiry.is_some_and(|at| now >= at) {
+                    tracing::debug!("token expired; closing with 4004");
+                    return Exit::Close(REVOKED);
+                }
                 if unanswered.is_some_and(|sent| now.duration_since(sent) >= 2 * interval) {
                     tracing::debug!("no pong within two heartbeat intervals");
                     return Exit::Close(code::HEARTBEAT);
                 }
                 unanswered.get_or_insert(now);
                 next_ping = now + interval;
-                timer.as_mut().reset(next_ping);
+                timer.as_mut().reset(wake_at(next_ping));
                 let ping = ws.send(Message::Ping(Bytes::new()));
                 if let Err(exit) = guarded(ping, slot, shutdown, 2 * interval).await {
                     return exit;
@@ -591,7 +782,7 @@ async fn finish(ws: &mut Ws<'_>, exit: Exit) {
         }
         Exit::Dropped => return,
     }
-    hang_up(ws.get_mut()).await;
+    hang_up(ws.get_mut().tcp).await;
 }
 
 /// TCP FIN, then reading (and discarding) until the client hangs up, for

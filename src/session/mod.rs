@@ -26,6 +26,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 pub use frame::ClientFrame;
 
 use crate::config::{ServerConfig, SessionsConfig};
+use crate::db::Db;
 use crate::ids::{IdGen, UserId};
 use crate::shutdown::Shutdown;
 use crate::telemetry::Metrics;
@@ -78,6 +79,9 @@ struct Inner {
     connections: AtomicUsize,
     heartbeat: Duration,
     tokens: TokenKey,
+    /// Where the handshake reads a user's revocation (`token_revocations`);
+    /// `None` (in-process tests without a database) checks none.
+    revocations: Option<Db>,
     metrics: Arc<Metrics>,
     /// Delivery's view of the open sessions.
     registry: Arc<Registry>,
@@ -103,11 +107,14 @@ impl std::fmt::Debug for Sessions {
 
 impl Sessions {
     /// `node` is `cluster.node_id`: the node bits of the session ids.
+    /// `revocations` is the read-only database handle the handshake checks
+    /// revoked tokens against.
     pub fn new(
         config: SessionsConfig,
         edge: Edge,
         node: u16,
         tokens: TokenKey,
+        revocations: Option<Db>,
         metrics: Arc<Metrics>,
     ) -> Sessions {
         let heartbeat = Duration::from_millis(config.heartbeat_interval_ms.get());
@@ -119,6 +126,7 @@ impl Sessions {
                 connections: AtomicUsize::new(0),
                 heartbeat,
                 tokens,
+                revocations,
                 metrics,
                 admission: registry.clone(),
                 registry,
@@ -167,6 +175,12 @@ impl Sessions {
     /// duplicates).
     pub fn online(&self, users: &[UserId]) -> Vec<UserId> {
         self.inner.registry.online(users)
+    }
+
+    /// Closes `user`'s sessions whose token was issued at or before
+    /// `revoked_at` (unix seconds) with 4004; returns how many.
+    pub fn revoke(&self, user: UserId, revoked_at: u64) -> usize {
+        self.inner.registry.revoke(user, revoked_at)
     }
 
     /// Sessions registered now (deliverable; closing ones excluded).

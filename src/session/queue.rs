@@ -11,6 +11,8 @@ use super::frame::ClientFrame;
 /// Why a session was told to close from outside its task.
 pub(crate) const SLOW_CONSUMER: u16 = 4009;
 pub(crate) const REPLACED: u16 = 4011;
+/// The session's token was revoked (or expired) while it was open.
+pub(crate) const REVOKED: u16 = 4004;
 
 /// Capacity kept after a burst drains; beyond it the queue gives memory back.
 const KEEP_CAPACITY: usize = 16;

@@ -11,7 +11,7 @@ use dashmap::DashMap;
 use futures_util::future::BoxFuture;
 
 use super::frame::ClientFrame;
-use super::queue::{Pushed, Queue, REPLACED};
+use super::queue::{Pushed, Queue, REPLACED, REVOKED};
 use crate::config::OnLimit;
 use crate::ids::{Snowflake, UserId};
 
@@ -20,6 +20,9 @@ use crate::ids::{Snowflake, UserId};
 pub(crate) struct Slot {
     pub(crate) id: Snowflake,
     pub(crate) queue: Queue,
+    /// The token's issued-at (unix seconds): a revocation closes only
+    /// sessions whose token it covers.
+    pub(crate) issued_at: u64,
 }
 
 /// `register` refused: the user is at `max_per_user` and the policy is reject.
@@ -161,6 +164,23 @@ impl Registry {
             .collect()
     }
 
+    /// Tells `user`'s sessions whose token was issued at or before
+    /// `revoked_at` to close with 4004; returns how many.
+    pub(crate) fn revoke(&self, user: UserId, revoked_at: u64) -> usize {
+        let Some(slots) = self.users.get(&user) else {
+            return 0;
+        };
+        let mut closed = 0;
+        for slot in slots
+            .iter()
+            .filter(|s| crate::revoke::is_revoked(s.issued_at, Some(revoked_at)))
+        {
+            slot.queue.close(REVOKED);
+            closed += 1;
+        }
+        closed
+    }
+
     pub(crate) fn count(&self) -> usize {
         self.count.load(Ordering::Relaxed)
     }
@@ -177,9 +197,14 @@ mod tests {
     use crate::ids::IdGen;
 
     fn slot(ids: &IdGen) -> Arc<Slot> {
+        issued(ids, 0)
+    }
+
+    fn issued(ids: &IdGen, issued_at: u64) -> Arc<Slot> {
         Arc::new(Slot {
             id: ids.next(),
             queue: Queue::new(8),
+            issued_at,
         })
     }
 
@@ -283,5 +308,31 @@ mod tests {
             registry.online(&[user(3), user(2), user(1), user(2)]),
             vec![user(2), user(1)]
         );
+    }
+
+    #[test]
+    fn revoke_closes_only_tokens_issued_up_to_the_cut_off() {
+        let registry = Registry::default();
+        let ids = IdGen::new(0);
+        let (old, same, newer, other) = (
+            issued(&ids, 99),
+            issued(&ids, 100),
+            issued(&ids, 101),
+            issued(&ids, 50),
+        );
+        for s in [&old, &same, &newer] {
+            registry
+                .register(user(1), s.clone(), 5, OnLimit::Reject)
+                .unwrap();
+        }
+        registry
+            .register(user(2), other.clone(), 5, OnLimit::Reject)
+            .unwrap();
+        assert_eq!(registry.revoke(user(1), 100), 2);
+        assert_eq!(old.queue.close_code(), Some(REVOKED));
+        assert_eq!(same.queue.close_code(), Some(REVOKED));
+        assert_eq!(newer.queue.close_code(), None);
+        assert_eq!(other.queue.close_code(), None);
+        assert_eq!(registry.revoke(user(3), 100), 0);
     }
 }

@@ -46,6 +46,7 @@ async fn start(outbound_queue: usize) -> Harness {
         edge,
         0,
         TokenKey::new(SECRET, None),
+        None,
         metrics.clone(),
     );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

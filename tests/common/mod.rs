@@ -52,7 +52,12 @@ pub fn test_plugin(name: &str) -> PathBuf {
 
 /// A client token for `user`, signed with the harness secret.
 pub fn token(user: u64) -> String {
-    TokenKey::new(TOKEN_SECRET.as_bytes(), None).issue(UserId::new(user).unwrap(), 1_800_000_000)
+    token_at(user, 1_800_000_000)
+}
+
+/// A client token for `user` issued at `issued_at` (unix seconds).
+pub fn token_at(user: u64, issued_at: u64) -> String {
+    TokenKey::new(TOKEN_SECRET.as_bytes(), None).issue(UserId::new(user).unwrap(), issued_at)
 }
 
 /// Which database a test runs against.
