@@ -110,7 +110,10 @@ async fn revoke(req: Request<Incoming>, db: &Db, secret: &BearerSecret) -> HttpR
             "unauthorized: send Authorization: Bearer <dispatch secret>\n",
         );
     }
-    let body = match Limited::new(req.into_body(), MAX_REVOKE_BODY).collect().await {
+    let body = match Limited::new(req.into_body(), MAX_REVOKE_BODY)
+        .collect()
+        .await
+    {
         Ok(body) => body.to_bytes(),
         Err(err) if err.is::<http_body_util::LengthLimitError>() => {
             return http::text(

@@ -104,16 +104,19 @@ pub async fn revoked_at(reads: &Db, user: UserId) -> Result<Option<u64>, RevokeE
             |row| Ok((row.get(0)?,)),
         )
         .await?;
-    Ok(rows
-        .first()
-        .map(|(at,)| u64::try_from(*at).unwrap_or(0)))
+    Ok(rows.first().map(|(at,)| u64::try_from(*at).unwrap_or(0)))
 }
 
 /// Polls `token_revocations` every [`POLL`] for rows changed since the
 /// last poll and closes the affected sessions with 4004, until shutdown.
 /// Applying a revocation twice is harmless (the sessions it closes are
 /// already closing), so the overlap window only costs a re-read.
-pub async fn watch(reads: Db, sessions: Sessions, metrics: std::sync::Arc<Metrics>, stop: Shutdown) {
+pub async fn watch(
+    reads: Db,
+    sessions: Sessions,
+    metrics: std::sync::Arc<Metrics>,
+    stop: Shutdown,
+) {
     let mut since = now_ms() - OVERLAP_MS;
     // (user → changed_ms) already applied within the overlap window, so
     // each revocation is counted once.

@@ -5,6 +5,8 @@
 //! database, so it survives a restart. With `auth.token_ttl_s`, a session
 //! ends with 4004 when its token expires.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::{Duration, Instant};
@@ -49,7 +51,9 @@ fn cli_revoke(setup: &Setup, user: &str) -> u64 {
     );
     assert_eq!(stdout.lines().count(), 1, "{stdout}");
     let want = format!("revoked every token of user {user} issued at or before ");
-    let rest = stdout.strip_prefix(&want).unwrap_or_else(|| panic!("{stdout}"));
+    let rest = stdout
+        .strip_prefix(&want)
+        .unwrap_or_else(|| panic!("{stdout}"));
     rest.split(' ').next().unwrap().parse().unwrap()
 }
 
@@ -68,7 +72,10 @@ async fn revoke_end_to_end(setup: &Setup, gw: &Gateway, revoke: impl AsyncFnOnce
     assert_eq!(refused(gw, &token_at(42, before)).await, 401);
     assert_eq!(refused(gw, &token_at(42, revoked_at)).await, 401);
 
-    assert_eq!(read_close_within(&mut victim, CLOSE_WITHIN).await, Some(4004));
+    assert_eq!(
+        read_close_within(&mut victim, CLOSE_WITHIN).await,
+        Some(4004)
+    );
     eprintln!("4004 after {:?}", started.elapsed());
     wait_metric(gw, "otako_sessions_closed_total", "code=\"4004\"", 1.0).await;
     wait_metric(gw, "otako_sessions_revoked_total", "", 1.0).await;
@@ -216,7 +223,10 @@ async fn with_a_ttl_sessions_end_at_expiry_and_future_tokens_are_refused() {
     let issued = now_s();
     let mut ws = open_session(&gw, &token_at(4, issued)).await;
     // Valid through second issued+2, refused from issued+3 on.
-    assert_eq!(read_close_within(&mut ws, Duration::from_secs(8)).await, Some(4004));
+    assert_eq!(
+        read_close_within(&mut ws, Duration::from_secs(8)).await,
+        Some(4004)
+    );
     assert!(now_s() >= issued + 3, "closed before the token expired");
     assert_eq!(refused(&gw, &token_at(4, issued)).await, 401);
     wait_metric(&gw, "otako_sessions_revoked_total", "", 1.0).await;

@@ -286,9 +286,10 @@ impl Refusal {
             Refusal::Forbidden => refuse(StatusCode::FORBIDDEN, "origin not allowed"),
             Refusal::Unauthorized => refuse(StatusCode::UNAUTHORIZED, "unauthorized"),
             Refusal::Full => refuse(StatusCode::SERVICE_UNAVAILABLE, "too many connections"),
-            Refusal::Unavailable => {
-                refuse(StatusCode::SERVICE_UNAVAILABLE, "cannot check the token now")
-            }
+            Refusal::Unavailable => refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cannot check the token now",
+            ),
         }
     }
 }
@@ -421,7 +422,8 @@ async fn look_up_revocation(inner: &Inner, head: &[u8]) -> Lookup {
     let mut req = Request::builder().uri(parsed.path.unwrap_or("/"));
     for h in parsed.headers.iter().filter(|h| {
         h.name.eq_ignore_ascii_case(header::AUTHORIZATION.as_str())
-            || h.name.eq_ignore_ascii_case(header::SEC_WEBSOCKET_PROTOCOL.as_str())
+            || h.name
+                .eq_ignore_ascii_case(header::SEC_WEBSOCKET_PROTOCOL.as_str())
     }) {
         req = req.header(h.name, h.value);
     }
@@ -501,10 +503,7 @@ impl AsyncWrite for Prefixed<'_> {
         Pin::new(&mut *self.tcp).poll_flush(cx)
     }
 
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut *self.tcp).poll_shutdown(cx)
     }
 }
@@ -542,7 +541,9 @@ fn credentials(req: &Request) -> Result<(&str, bool), &'static str> {
     let headers = req.headers();
     let mut tokens: Vec<&str> = Vec::new();
     for value in headers.get_all(header::AUTHORIZATION) {
-        let value = value.to_str().map_err(|_| "unreadable Authorization header")?;
+        let value = value
+            .to_str()
+            .map_err(|_| "unreadable Authorization header")?;
         tokens.push(value.strip_prefix("Bearer ").unwrap_or(value).trim());
     }
     if let Some(query) = req.uri().query() {
