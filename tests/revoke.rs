@@ -231,3 +231,31 @@ async fn with_a_ttl_sessions_end_at_expiry_and_future_tokens_are_refused() {
     assert_eq!(refused(&gw, &token_at(4, issued)).await, 401);
     wait_metric(&gw, "otako_sessions_revoked_total", "", 1.0).await;
 }
+
+/// Two gateways on one PostgreSQL database: one revoke refuses the token
+/// on both and closes the user's session on each.
+#[tokio::test]
+async fn a_revocation_reaches_every_node_on_the_database() {
+    let mut setup = Setup::postgres().await;
+    let first = setup.start();
+    setup.set("cluster", "node_id", "2");
+    let second = setup.start();
+    let old = token_at(11, now_s());
+    let mut on_first = open_session(&first, &old).await;
+    let mut on_second = open_session(&second, &old).await;
+
+    cli_revoke(&setup, "11");
+    assert_eq!(refused(&first, &old).await, 401);
+    assert_eq!(refused(&second, &old).await, 401);
+    assert_eq!(
+        read_close_within(&mut on_first, CLOSE_WITHIN).await,
+        Some(4004)
+    );
+    assert_eq!(
+        read_close_within(&mut on_second, CLOSE_WITHIN).await,
+        Some(4004)
+    );
+    for gw in [&first, &second] {
+        wait_metric(gw, "otako_revocations_applied_total", "", 1.0).await;
+    }
+}
