@@ -1,7 +1,8 @@
 //! One client connection, start to finish, in one task: the handshake
-//! (auth, path, the token's revocation), registration under the per-user limit, HELLO, then a
-//! single loop that selects over the socket, the queue and the heartbeat
-//! timer, and finally the close handshake.
+//! (auth, path, the token's revocation), registration under the per-user
+//! limit, HELLO, then a single loop that selects over the socket, the
+//! queue and the heartbeat timer (also the token's expiry), and finally
+//! the close handshake.
 
 use std::future::Future;
 use std::pin::{Pin, pin};
@@ -450,7 +451,7 @@ async fn look_up_revocation(inner: &Inner, head: &[u8]) -> Lookup {
 
 /// The client's socket with the request head read ahead put back in
 /// front of it, for tungstenite to read again.
-pub(super) struct Prefixed<'a> {
+struct Prefixed<'a> {
     head: Vec<u8>,
     read: usize,
     tcp: &'a mut TcpStream,
