@@ -170,6 +170,10 @@ pub struct ServerConfig {
     pub handshake_timeout_ms: NonZeroU64,
     /// Upgraded client connections per node; handshakes beyond get 503.
     pub max_connections: NonZeroUsize,
+    /// The kernel's accept queue per listener: a reconnect storm of
+    /// thousands must not overflow it into 1 s SYN retries (the usual 128
+    /// does at about 200 simultaneous connects).
+    pub listen_backlog: NonZeroU32,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -484,6 +488,7 @@ mod raw {
         allowed_origins: Option<Spanned<Vec<String>>>,
         handshake_timeout_ms: NonZeroU64,
         max_connections: NonZeroUsize,
+        listen_backlog: NonZeroU32,
     }
 
     impl Default for Server {
@@ -495,6 +500,7 @@ mod raw {
                 allowed_origins: None,
                 handshake_timeout_ms: nz64(10_000),
                 max_connections: nzu(100_000),
+                listen_backlog: NonZeroU32::new(4096).unwrap_or(NonZeroU32::MIN),
             }
         }
     }
@@ -883,6 +889,7 @@ mod raw {
                     allowed_origins,
                     handshake_timeout_ms: self.server.handshake_timeout_ms,
                     max_connections: self.server.max_connections,
+                    listen_backlog: self.server.listen_backlog,
                 },
                 auth: AuthConfig {
                     token_secret: self.auth.token_secret.filter(|s| !s.is_empty()).map(Secret),

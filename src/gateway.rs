@@ -63,10 +63,8 @@ impl std::fmt::Display for Bound {
     }
 }
 
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { what, addr, source })
+fn bind(what: &'static str, addr: SocketAddr, backlog: u32) -> Result<TcpListener, StartError> {
+    crate::sys::listen(addr, backlog).map_err(|source| StartError::Bind { what, addr, source })
 }
 
 /// Opens the read-write pool and applies pending migrations.
@@ -114,9 +112,14 @@ pub async fn serve(
     )
     .await?;
 
-    let client = bind("server.client_listen", config.server.client_listen).await?;
-    let dispatch_listener = bind("server.dispatch_listen", config.server.dispatch_listen).await?;
-    let admin_listener = bind("server.admin_listen", config.server.admin_listen).await?;
+    let backlog = config.server.listen_backlog.get();
+    let client = bind("server.client_listen", config.server.client_listen, backlog)?;
+    let dispatch_listener = bind(
+        "server.dispatch_listen",
+        config.server.dispatch_listen,
+        backlog,
+    )?;
+    let admin_listener = bind("server.admin_listen", config.server.admin_listen, backlog)?;
     let bound = Bound {
         client: local(&client, config.server.client_listen),
         dispatch: local(&dispatch_listener, config.server.dispatch_listen),

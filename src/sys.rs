@@ -38,6 +38,32 @@ pub fn raise_fd_limit() -> std::io::Result<libc::rlim_t> {
     Ok(limit.rlim_cur)
 }
 
+/// A TCP listener on `addr` whose accept queue holds `backlog` connections
+/// (the kernel caps it at `net.core.somaxconn`). Tokio's `bind` asks for 128.
+pub fn listen(
+    addr: std::net::SocketAddr,
+    backlog: u32,
+) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
+/// Clock ticks per second, the unit of the CPU times in `/proc/<pid>/stat`.
+#[cfg(unix)]
+pub fn clock_ticks_per_second() -> u64 {
+    // SAFETY: sysconf only reads a constant of the running system.
+    #[allow(unsafe_code)]
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(ticks).ok().filter(|t| *t > 0).unwrap_or(100)
+}
+
 /// The open-file limit asked for: Linux's default `fs.nr_open`.
 #[cfg(unix)]
 pub const FD_TARGET: libc::rlim_t = 1 << 20;

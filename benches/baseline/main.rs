@@ -1,10 +1,15 @@
-//! The bare-stack baseline the load tool compares the gateway against: a
-//! minimal tokio-tungstenite broadcast server with the same shape of work
-//! minus plugins, database and idempotency. Subscribers connect to
-//! `/sub`; a publisher on `/pub` sends JSON payloads, each serialized once
-//! into a client frame shared by every subscriber, and gets `{"ack":N}`
-//! back once the frame is queued for all of them. Small socket buffers and
-//! batched flushes, as a careful hand-written server would have.
+//! The bare-stack baseline the load tool compares the gateway against: the
+//! broadcast server a careful engineer would write on the same stack
+//! (tokio, tokio-tungstenite), minus plugins, database and idempotency.
+//!
+//! Subscribers connect to `/sub`; a publisher on `/pub` sends JSON payloads
+//! and gets `{"ack":N}` back once frame N is queued for every subscriber.
+//! Each frame is serialized once and its bytes shared by every subscriber
+//! (no per-session `s`: the cheapest a broadcast can be). Each subscriber
+//! has a bounded queue as deep as the gateway's default `outbound_queue`
+//! (overflow drops the subscriber, like the gateway's 4009), and its task
+//! drains everything queued into tungstenite's write buffer and flushes
+//! once, so a busy socket gets many frames per `sendto`.
 //!
 //! Usage: `bench-baseline --listen 127.0.0.1:0` (prints `listening ADDR`).
 
@@ -16,20 +21,28 @@ use std::sync::{Arc, Mutex, PoisonError};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
+/// The gateway's default `sessions.outbound_queue`.
+const QUEUE_DEPTH: usize = 1024;
+/// Frames taken from the queue per wake-up; all are written with one flush.
+const BATCH: usize = 256;
+/// The gateway's listen backlog, so connect storms compare fairly.
+const BACKLOG: u32 = 4096;
+
 type Subscribers = Arc<Mutex<HashMap<u64, mpsc::Sender<Utf8Bytes>>>>;
 
 fn ws_config() -> WebSocketConfig {
-    let mut config = WebSocketConfig::default();
-    config.read_buffer_size = 256;
-    config.write_buffer_size = 0;
-    config.max_write_buffer_size = 1 << 20;
-    config.max_message_size = Some(1 << 20);
-    config.max_frame_size = Some(1 << 20);
-    config
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        // Frames accumulate up to this before a write; `flush` ends a batch.
+        .write_buffer_size(64 * 1024)
+        .max_write_buffer_size(16 << 20)
+        .max_message_size(Some(1 << 20))
+        .max_frame_size(Some(1 << 20))
 }
 
 #[tokio::main]
@@ -39,7 +52,10 @@ async fn main() -> std::io::Result<()> {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
-    let listener = TcpListener::bind(listen).await?;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(listen)?;
+    let listener: TcpListener = socket.listen(BACKLOG)?;
     println!("listening {}", listener.local_addr()?);
     let subscribers: Subscribers = Arc::default();
     let next_id = Arc::new(AtomicU64::new(1));
@@ -50,36 +66,35 @@ async fn main() -> std::io::Result<()> {
     }
 }
 
-#[allow(clippy::result_large_err)]
 async fn connection(stream: TcpStream, subscribers: Subscribers, next_id: Arc<AtomicU64>) {
     let mut path = String::new();
     let callback = |req: &Request, response: Response| {
         path = req.uri().path().to_owned();
         Ok(response)
     };
-    let Ok(ws) =
+    let Ok(mut ws) =
         tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config())).await
     else {
         return;
     };
-    let (mut sink, mut source) = ws.split();
     if path == "/pub" {
         let mut frames: u64 = 0;
-        while let Some(Ok(Message::Text(payload))) = source.next().await {
+        while let Some(Ok(Message::Text(payload))) = ws.next().await {
             frames += 1;
-            // Serialize once (UTF-8 checked once too); every subscriber
-            // shares the bytes. try_send never waits, so the fan-out runs
-            // under the lock instead of cloning every sender per frame.
             let frame =
                 Utf8Bytes::from(format!(r#"{{"op":0,"t":"MESSAGE_CREATE","d":{payload}}}"#));
-            for target in subscribers
+            // try_send never waits, so the fan-out runs under the lock
+            // instead of cloning every sender per frame.
+            subscribers
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .values()
-            {
-                let _ = target.try_send(frame.clone());
-            }
-            if sink
+                .retain(|_, target| match target.try_send(frame.clone()) {
+                    Ok(()) => true,
+                    // A full queue is a slow consumer: drop it, as the
+                    // gateway closes it with 4009.
+                    Err(TrySendError::Full(_) | TrySendError::Closed(_)) => false,
+                });
+            if ws
                 .send(Message::text(format!(r#"{{"ack":{frames}}}"#)))
                 .await
                 .is_err()
@@ -90,22 +105,26 @@ async fn connection(stream: TcpStream, subscribers: Subscribers, next_id: Arc<At
         return;
     }
     let id = next_id.fetch_add(1, Ordering::Relaxed);
-    let (tx, mut rx) = mpsc::channel::<Utf8Bytes>(1024);
+    let (tx, mut rx) = mpsc::channel::<Utf8Bytes>(QUEUE_DEPTH);
     subscribers
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .insert(id, tx);
+    let mut batch = Vec::with_capacity(BATCH);
     loop {
         tokio::select! {
-            frame = rx.recv() => {
-                let Some(frame) = frame else { break };
-                if sink.feed(Message::Text(frame)).await.is_err() { break; }
-                while let Ok(more) = rx.try_recv() {
-                    if sink.feed(Message::Text(more)).await.is_err() { break; }
+            n = rx.recv_many(&mut batch, BATCH) => {
+                if n == 0 { break; }
+                let mut failed = false;
+                for frame in batch.drain(..) {
+                    if ws.feed(Message::Text(frame)).await.is_err() {
+                        failed = true;
+                        break;
+                    }
                 }
-                if sink.flush().await.is_err() { break; }
+                if failed || ws.flush().await.is_err() { break; }
             }
-            incoming = source.next() => match incoming {
+            incoming = ws.next() => match incoming {
                 Some(Ok(_)) => {}
                 _ => break,
             },

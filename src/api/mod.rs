@@ -18,7 +18,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
 use crate::config::Config;
@@ -67,8 +66,7 @@ pub async fn run(
     on_bound: impl FnOnce(SocketAddr),
 ) -> Result<(), ApiError> {
     let (token_secret, dispatch_secret) = config.require_secrets()?;
-    let listener = TcpListener::bind(config.api.listen)
-        .await
+    let listener = crate::sys::listen(config.api.listen, config.server.listen_backlog.get())
         .map_err(|source| ApiError::Bind {
             addr: config.api.listen,
             source,

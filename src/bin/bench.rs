@@ -5,8 +5,10 @@
 //!
 //! ```sh
 //! cargo build --release --bins
-//! target/release/bench fanout --clients 100,1000,5000
+//! target/release/bench fanout --clients 100,1000,5000 [--members 10000] [--database postgres]
 //! target/release/bench latency --clients 1000 --rate 200
+//! target/release/bench --target gateway chat [--database postgres]
+//! target/release/bench storm --clients 10000
 //! target/release/bench idle --sessions 10000
 //! target/release/bench ack-rate --connections 1,8 [--database postgres]
 //! ```
@@ -24,7 +26,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -72,15 +74,22 @@ enum Database {
 
 #[derive(Subcommand)]
 enum Workload {
-    /// C members of one channel; events as fast as they are acked.
+    /// C online members of one channel; the publisher keeps at most
+    /// `window` events ahead of what the subscribers have received.
     Fanout {
         #[arg(long, value_delimiter = ',', default_value = "100,1000,5000")]
         clients: Vec<usize>,
+        /// Members of the channel (default: the C online ones); the rest
+        /// are offline, so they cost the gateway only the member lookup.
+        #[arg(long)]
+        members: Option<usize>,
         #[arg(long, default_value_t = 10)]
         seconds: u64,
-        /// Events in flight on the dispatch connection.
-        #[arg(long, default_value_t = 256)]
-        window: usize,
+        /// Events sent but not yet received by every subscriber.
+        #[arg(long, default_value_t = 32)]
+        window: u64,
+        #[arg(long, value_enum, default_value = "sqlite")]
+        database: Database,
     },
     /// Dispatch-send to client-receive latency at a fixed event rate.
     Latency {
@@ -90,6 +99,19 @@ enum Workload {
         rate: u64,
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+    },
+    /// The chat mix: 10,000 sessions of 5,000 users in 2,020 channels;
+    /// saturation events/s, then latency at half of it (gateway only).
+    Chat {
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, value_enum, default_value = "sqlite")]
+        database: Database,
+    },
+    /// Simultaneous connects (a reconnect storm): time until all are in.
+    Storm {
+        #[arg(long, value_delimiter = ',', default_value = "10000")]
+        clients: Vec<usize>,
     },
     /// Resident memory per idle session.
     Idle {
@@ -122,12 +144,21 @@ async fn main() -> Result<()> {
     match cli.workload {
         Workload::Fanout {
             clients,
+            members,
             seconds,
             window,
+            database,
         } => {
             for c in clients {
                 for kind in &targets {
-                    fanout(*kind, c, seconds, window).await?;
+                    let run = Fanout {
+                        clients: c,
+                        members: members.unwrap_or(c).max(c),
+                        seconds,
+                        window,
+                        database,
+                    };
+                    fanout(*kind, run).await?;
                 }
             }
         }
@@ -138,6 +169,14 @@ async fn main() -> Result<()> {
         } => {
             for kind in &targets {
                 latency(*kind, clients, rate, seconds).await?;
+            }
+        }
+        Workload::Chat { seconds, database } => chat(seconds, database).await?,
+        Workload::Storm { clients } => {
+            for c in clients {
+                for kind in &targets {
+                    storm(*kind, c).await?;
+                }
             }
         }
         Workload::Idle { sessions } => {
@@ -193,6 +232,8 @@ struct Server {
     db_url: String,
     /// Second octet of the 127.n.x.1 addresses subscribers connect from.
     source_net: u8,
+    /// Subscriber `i` signs in as user `i % users + 1`.
+    users: usize,
 }
 
 impl Drop for Server {
@@ -242,8 +283,141 @@ fn addr_after(line: &str, key: &str) -> Result<SocketAddr> {
     Ok(rest.split(['/', ' ']).next().unwrap_or("").parse()?)
 }
 
+/// What the gateway's database holds for a run.
+enum Seed {
+    /// Users 1..=members in channel 1, user `members + 1` alone in
+    /// channel 2, one message in each channel, and `probes` latency-probe
+    /// messages in channel 1.
+    OneChannel { members: usize, probes: usize },
+    /// The chat mix, with `probes` latency-probe messages spread over its
+    /// channels like its events.
+    Chat { probes: usize },
+}
+
+const SEED_TEXT: &str = "'Hello! This is a message from the Otako client!'";
+const SEED_TIME: &str = "'2026-11-28T00:00:00.000Z'";
+
+/// Multi-row INSERTs of `rows` (each already a parenthesized tuple).
+fn inserts(table_columns: &str, rows: impl Iterator<Item = String>) -> Vec<String> {
+    let rows: Vec<String> = rows.collect();
+    rows.chunks(500)
+        .map(|chunk| format!("INSERT INTO {table_columns} VALUES {}", chunk.join(",")))
+        .collect()
+}
+
+impl Seed {
+    fn users(&self) -> usize {
+        match self {
+            Seed::OneChannel { members, .. } => members + 1,
+            Seed::Chat { .. } => CHAT_USERS,
+        }
+    }
+
+    /// The chat mix's latency-probe messages alone (added to a running
+    /// server once its saturation rate is known).
+    fn probe_sql(&self) -> Vec<String> {
+        let Seed::Chat { probes } = *self else {
+            return Vec::new();
+        };
+        inserts(
+            "messages (id, channel_id, author_id, content, nonce, created_at)",
+            (1..=probes as u64).map(|n| {
+                format!(
+                    "({}, {}, 1, {SEED_TEXT}, NULL, {SEED_TIME})",
+                    probe_message(n),
+                    chat_channel(n)
+                )
+            }),
+        )
+    }
+
+    fn sql(&self) -> Vec<String> {
+        let users = self.users() as u64;
+        let mut sql = inserts(
+            "users (id, name, created_at)",
+            (1..=users).map(|id| format!("({id}, 'user', {SEED_TIME})")),
+        );
+        let message = |id: u64, channel: u64| {
+            format!("({id}, {channel}, 1, {SEED_TEXT}, '87654GFGDS7544567FD', {SEED_TIME})")
+        };
+        let messages = "messages (id, channel_id, author_id, content, nonce, created_at)";
+        match *self {
+            Seed::OneChannel { members, probes } => {
+                let members = members as u64;
+                sql.push(format!(
+                    "INSERT INTO channels (id, name, created_at) VALUES (1, 'big', {SEED_TIME}), (2, 'solo', {SEED_TIME})"
+                ));
+                sql.extend(inserts(
+                    "channel_members (channel_id, user_id)",
+                    (1..=members + 1)
+                        .map(|id| format!("({}, {id})", if id > members { 2 } else { 1 })),
+                ));
+                sql.extend(inserts(
+                    messages,
+                    [message(1, 1), message(2, 2)]
+                        .into_iter()
+                        .chain((1..=probes as u64).map(|n| message(probe_message(n), 1))),
+                ));
+            }
+            Seed::Chat { probes } => {
+                sql.extend(inserts(
+                    "channels (id, name, created_at)",
+                    (1..=CHAT_CHANNELS).map(|c| format!("({c}, 'chat', {SEED_TIME})")),
+                ));
+                sql.extend(inserts(
+                    "channel_members (channel_id, user_id)",
+                    (1..=CHAT_CHANNELS)
+                        .flat_map(|c| chat_members(c).map(move |u| format!("({c}, {u})"))),
+                ));
+                sql.extend(inserts(
+                    messages,
+                    (1..=CHAT_CHANNELS).map(|c| message(chat_message(c), c)),
+                ));
+                sql.extend(Seed::Chat { probes }.probe_sql());
+            }
+        }
+        sql
+    }
+}
+
+/// The chat mix: 10,000 sessions of 5,000 users (two each) in 2,000
+/// channels of 5 members and 20 of 200; event `n` goes to channel
+/// [`chat_channel`]`(n)`, so about 1 % of events reach a big channel.
+const CHAT_USERS: usize = 5_000;
+const CHAT_SESSIONS: usize = 10_000;
+const CHAT_SMALL: u64 = 2_000;
+const CHAT_CHANNELS: u64 = CHAT_SMALL + 20;
+
+fn chat_channel(n: u64) -> u64 {
+    n % CHAT_CHANNELS + 1
+}
+
+/// Members of chat channel `c`: small channels take consecutive users
+/// (channels c and c + 1,000 overlap by three), big ones every 7th user
+/// modulo 5,000 (7 is coprime to 5,000, so no repeats).
+fn chat_members(c: u64) -> Box<dyn Iterator<Item = u64>> {
+    let users = CHAT_USERS as u64;
+    if c <= CHAT_SMALL {
+        let shift = if c > CHAT_SMALL / 2 { 2 } else { 0 };
+        Box::new((0..5).map(move |j| ((c - 1) * 5 + j + shift) % users + 1))
+    } else {
+        let k = c - CHAT_SMALL - 1;
+        Box::new((0..200).map(move |j| ((k * 200 + j) * 7) % users + 1))
+    }
+}
+
+/// The message the throughput events of chat channel `c` name.
+fn chat_message(c: u64) -> u64 {
+    1_000_000 + c
+}
+
+/// The message latency probe `n` names (see [`LatencyBook`]).
+fn probe_message(n: u64) -> u64 {
+    n + MESSAGE_OFFSET as u64
+}
+
 impl Server {
-    async fn start(kind: Kind, database: Database, members: usize) -> Result<Server> {
+    async fn start(kind: Kind, database: Database, seed: Seed) -> Result<Server> {
         let dir = tempfile::tempdir()?;
         match kind {
             Kind::Baseline => {
@@ -261,6 +435,7 @@ impl Server {
                     _dir: dir,
                     db_url: String::new(),
                     source_net: next_source_net(),
+                    users: usize::MAX,
                 })
             }
             Kind::Gateway => {
@@ -317,49 +492,33 @@ memory_mb = 32
                     _dir: dir,
                     db_url,
                     source_net: next_source_net(),
+                    users: seed.users(),
                 };
-                server.seed(members).await?;
+                server.execute(seed.sql()).await?;
                 Ok(server)
             }
         }
     }
 
-    /// Users 1..=members in channel 1, user `members + 1` alone in channel
-    /// 2, and one message in each channel.
-    async fn seed(&self, members: usize) -> Result<()> {
-        let members = i64::try_from(members)?;
-        let statements = [
-            "INSERT INTO users (id, name, created_at) VALUES ($1, 'user', '2026-01-01T00:00:00.000Z')",
-            "INSERT INTO channel_members (channel_id, user_id) VALUES ($1, $2)",
-        ];
-        macro_rules! seed {
+    /// Runs `statements` in one transaction.
+    async fn execute(&self, statements: Vec<String>) -> Result<()> {
+        macro_rules! run {
             ($pool:expr) => {{
                 let pool = $pool;
                 let mut tx = pool.begin().await?;
-                sqlx::query("INSERT INTO channels (id, name, created_at) VALUES (1, 'big', 'x'), (2, 'solo', 'x')")
-                    .execute(&mut *tx)
-                    .await?;
-                for id in 1..=members + 1 {
-                    sqlx::query(statements[0]).bind(id).execute(&mut *tx).await?;
-                    let channel: i64 = if id == members + 1 { 2 } else { 1 };
-                    sqlx::query(statements[1]).bind(channel).bind(id).execute(&mut *tx).await?;
+                for sql in statements {
+                    sqlx::query(sqlx::AssertSqlSafe(sql))
+                        .execute(&mut *tx)
+                        .await?;
                 }
-                sqlx::query(
-                    "INSERT INTO messages (id, channel_id, author_id, content, nonce, created_at) VALUES \
-                     (1, 1, 1, 'Hello! This is a message from the Otako client!', '87654GFGDS7544567FD', '2026-11-28T00:00:00.000Z'), \
-                     (2, 2, $1, 'Hello! This is a message from the Otako client!', NULL, '2026-11-28T00:00:00.000Z')",
-                )
-                .bind(members + 1)
-                .execute(&mut *tx)
-                .await?;
                 tx.commit().await?;
                 pool.close().await;
             }};
         }
         if self.db_url.starts_with("sqlite") {
-            seed!(sqlx::SqlitePool::connect(&self.db_url).await?);
+            run!(sqlx::SqlitePool::connect(&self.db_url).await?);
         } else {
-            seed!(sqlx::PgPool::connect(&self.db_url).await?);
+            run!(sqlx::PgPool::connect(&self.db_url).await?);
         }
         Ok(())
     }
@@ -400,7 +559,7 @@ fn client_config() -> WebSocketConfig {
     config
 }
 
-/// Opens subscriber `i` (user `i + 1`), from a source address chosen so
+/// Opens subscriber `i` (user `i % users + 1`), from a source address chosen so
 /// no address runs out of ephemeral ports.
 async fn subscribe(server: &Server, i: usize) -> Result<WebSocketStream<TcpStream>> {
     let block = u8::try_from(i / PER_SOURCE).unwrap_or(200);
@@ -410,7 +569,7 @@ async fn subscribe(server: &Server, i: usize) -> Result<WebSocketStream<TcpStrea
     let stream = socket.connect(server.client).await?;
     let url = match server.kind {
         Kind::Gateway => {
-            let user = UserId::new(i as u64 + 1).context("bad user id")?;
+            let user = UserId::new((i % server.users) as u64 + 1).context("bad user id")?;
             let token = TokenKey::new(TOKEN_SECRET.as_bytes(), None).issue(user, 1_800_000_000);
             format!("ws://{}/gateway?token={token}", server.client)
         }
@@ -465,74 +624,180 @@ async fn subscribe_all(server: &Server, n: usize) -> Result<Vec<WebSocketStream<
     Ok(sessions)
 }
 
-/// Counts frames as subscribers read them.
+/// Frames counted in stripes on separate cache lines, so a thousand reader
+/// tasks on several threads don't contend on one counter.
+const STRIPES: usize = 64;
+
 #[derive(Default)]
+#[repr(align(128))]
+struct Stripe(AtomicU64);
+
+/// Counts frames as subscribers read them.
 struct Tally {
-    frames: AtomicU64,
+    stripes: Vec<Stripe>,
     closed: AtomicU64,
+    /// Woken by one subscriber per frame it reads, for the pacing publisher.
+    progressed: Notify,
 }
 
-fn spawn_readers(
-    sessions: Vec<WebSocketStream<TcpStream>>,
-    tally: Arc<Tally>,
-    latency: Option<Arc<LatencyBook>>,
-) {
-    for mut ws in sessions {
-        let tally = tally.clone();
-        let latency = latency.clone();
-        tokio::spawn(async move {
-            while let Some(message) = ws.next().await {
-                match message {
-                    Ok(Message::Text(text)) => {
-                        if let Some(book) = &latency {
-                            book.record(&text);
-                        }
-                        tally.frames.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(Message::Close(_)) | Err(_) => break,
-                    Ok(_) => {}
-                }
-            }
-            tally.closed.fetch_add(1, Ordering::Relaxed);
-        });
+impl Tally {
+    fn new() -> Arc<Tally> {
+        Arc::new(Tally {
+            stripes: (0..STRIPES).map(|_| Stripe::default()).collect(),
+            closed: AtomicU64::new(0),
+            progressed: Notify::new(),
+        })
+    }
+
+    fn add(&self, reader: usize) {
+        self.stripes[reader % STRIPES]
+            .0
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn frames(&self) -> u64 {
+        self.stripes
+            .iter()
+            .map(|s| s.0.load(Ordering::Relaxed))
+            .sum()
     }
 }
 
-/// Send times by event sequence number, and the latencies clients saw.
+/// One task per subscriber, counting frames; with a latency book each
+/// task keeps its own samples and returns them when its socket closes.
+fn spawn_readers(
+    sessions: Vec<WebSocketStream<TcpStream>>,
+    tally: &Arc<Tally>,
+    latency: Option<&Arc<LatencyBook>>,
+) -> Vec<tokio::task::JoinHandle<Vec<u64>>> {
+    let last = sessions.len().saturating_sub(1);
+    sessions
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut ws)| {
+            let tally = tally.clone();
+            let latency = latency.cloned();
+            tokio::spawn(async move {
+                let mut samples = Vec::new();
+                while let Some(message) = ws.next().await {
+                    match message {
+                        Ok(Message::Text(text)) => {
+                            if let Some(us) = latency.as_ref().and_then(|b| b.latency_of(&text)) {
+                                samples.push(us);
+                            }
+                            tally.add(i);
+                            if i == last {
+                                tally.progressed.notify_one();
+                            }
+                        }
+                        Ok(Message::Close(_)) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+                tally.closed.fetch_add(1, Ordering::Relaxed);
+                samples
+            })
+        })
+        .collect()
+}
+
+/// Send times by event number, read by every subscriber task.
 struct LatencyBook {
     start: Instant,
     sent_us: Vec<AtomicU64>,
-    samples: std::sync::Mutex<Vec<u64>>,
 }
 
 impl LatencyBook {
-    /// Records the latency of a frame about message `d.id`, which is the
-    /// event's sequence number plus [`MESSAGE_OFFSET`].
-    fn record(&self, text: &str) {
-        let Ok(frame) = serde_json::from_str::<serde_json::Value>(text) else {
-            return;
-        };
-        let Some(id) = frame["d"]["id"]
-            .as_str()
-            .and_then(|n| n.parse::<usize>().ok())
-        else {
-            return;
-        };
-        let Some(sent) = id
-            .checked_sub(MESSAGE_OFFSET)
-            .and_then(|n| self.sent_us.get(n))
-            .map(|s| s.load(Ordering::Acquire))
-        else {
-            return;
-        };
+    /// The latency of a frame about message `d.id` (the event's number plus
+    /// [`MESSAGE_OFFSET`]), found by a scan rather than a JSON parse: both
+    /// servers write the message's `id` first.
+    fn latency_of(&self, text: &str) -> Option<u64> {
+        const KEY: &str = r#""d":{"id":""#;
+        let at = text.find(KEY)? + KEY.len();
+        let id: usize = text[at..].split('"').next()?.parse().ok()?;
+        let sent = self
+            .sent_us
+            .get(id.checked_sub(MESSAGE_OFFSET)?)?
+            .load(Ordering::Acquire);
         if sent == 0 {
-            return;
+            return None;
         }
-        let now = self.start.elapsed().as_micros() as u64;
-        if let Ok(mut samples) = self.samples.lock() {
-            samples.push(now.saturating_sub(sent));
+        Some((self.start.elapsed().as_micros() as u64).saturating_sub(sent))
+    }
+}
+
+/// CPU seconds (user + system, every thread) a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let ticks = otako_gateway::sys::clock_ticks_per_second() as f64;
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // The command name may hold spaces; the fields after it don't.
+            // `rest` starts at field 3; utime and stime are fields 14 and 15.
+            let (_, rest) = stat.rsplit_once(')')?;
+            let mut fields = rest.split_whitespace().skip(11);
+            let utime: u64 = fields.next()?.parse().ok()?;
+            let stime: u64 = fields.next()?.parse().ok()?;
+            Some((utime + stime) as f64 / ticks)
+        })
+        .unwrap_or(0.0)
+}
+
+/// The server's and the load tool's CPU over a measured window, so every
+/// result shows what a delivery costs the server and which side was the
+/// limit (a server near 200 % on two cores, or a tool that is).
+struct CpuMeter {
+    server: u32,
+    server_start: f64,
+    tool_start: f64,
+    wall: Instant,
+}
+
+impl CpuMeter {
+    fn start(server: &Server) -> CpuMeter {
+        let pid = server.child.id();
+        CpuMeter {
+            server: pid,
+            server_start: cpu_seconds(pid),
+            tool_start: cpu_seconds(std::process::id()),
+            wall: Instant::now(),
         }
     }
+
+    /// JSON fields, and a summary fragment, for `deliveries` frames
+    /// received from `events` events.
+    fn finish(&self, deliveries: u64, events: u64) -> (serde_json::Value, String) {
+        let wall = self.wall.elapsed().as_secs_f64();
+        let server = cpu_seconds(self.server) - self.server_start;
+        let tool = cpu_seconds(std::process::id()) - self.tool_start;
+        let per = |n: u64| {
+            if n == 0 {
+                0.0
+            } else {
+                (server * 1e6 / n as f64 * 1000.0).round() / 1000.0
+            }
+        };
+        let (server_pct, tool_pct) = (100.0 * server / wall, 100.0 * tool / wall);
+        (
+            json!({"server_cpu_s": server, "server_cpu_pct": server_pct.round(),
+                   "tool_cpu_pct": tool_pct.round(),
+                   "server_cpu_us_per_delivery": per(deliveries),
+                   "server_cpu_us_per_event": per(events)}),
+            format!(
+                "server CPU {server_pct:.0} % ({:.3} us/delivery, {:.1} us/event), tool CPU {tool_pct:.0} %",
+                per(deliveries),
+                per(events)
+            ),
+        )
+    }
+}
+
+/// `base` with `extra`'s fields added.
+fn merged(mut base: serde_json::Value, extra: serde_json::Value) -> serde_json::Value {
+    if let (Some(base), serde_json::Value::Object(extra)) = (base.as_object_mut(), extra) {
+        base.extend(extra);
+    }
+    base
 }
 
 /// Latency probes are messages `MESSAGE_OFFSET + n` (the seed uses 1 and 2).
@@ -567,19 +832,65 @@ impl Publisher {
     }
 }
 
-/// Sends events as fast as acks return (at most `window` outstanding)
-/// until `deadline`; returns (acked, failed, time of the last ack).
+/// Events in flight on one dispatch connection: the gateway's
+/// `max_inflight` in the bench config.
+const MAX_INFLIGHT: usize = 1024;
+
+/// How far ahead of the servers the publisher may run.
+#[derive(Clone)]
+enum Pace {
+    /// At most this many events without an ack.
+    Acks(usize),
+    /// At most `window` events ahead of what the `clients` subscribers
+    /// have received between them (and at most [`MAX_INFLIGHT`] unacked).
+    Deliveries {
+        tally: Arc<Tally>,
+        clients: u64,
+        window: u64,
+    },
+}
+
+impl Pace {
+    fn ack_window(&self) -> usize {
+        match self {
+            Pace::Acks(window) => *window,
+            Pace::Deliveries { .. } => MAX_INFLIGHT,
+        }
+    }
+
+    /// Whether sending event `sent + 1` must wait for deliveries.
+    fn ahead(&self, sent: u64) -> bool {
+        match self {
+            Pace::Acks(_) => false,
+            Pace::Deliveries {
+                tally,
+                clients,
+                window,
+            } => sent >= tally.frames() / clients + window,
+        }
+    }
+
+    async fn wait_for_deliveries(&self) {
+        if let Pace::Deliveries { tally, .. } = self {
+            // The timeout covers the watched subscriber being ahead of
+            // the others when nothing more is in flight to wake it.
+            let _ =
+                tokio::time::timeout(Duration::from_millis(1), tally.progressed.notified()).await;
+        }
+    }
+}
+
+/// Sends events paced by `pace` until `deadline`; returns (acked, failed,
+/// time of the last ack).
 async fn pump(
     publisher: Publisher,
-    window: usize,
+    pace: Pace,
     deadline: Instant,
-    channel: u64,
-    message: u64,
-    label: u64,
+    event: impl Fn(u64) -> String + Send + 'static,
 ) -> Result<(u64, u64, Instant)> {
     let kind = publisher.kind;
     let (mut sink, mut source) = publisher.ws.split();
-    let permits = Arc::new(Semaphore::new(window));
+    let permits = Arc::new(Semaphore::new(pace.ack_window()));
     let sending = Arc::new(AtomicBool::new(true));
     let sent = Arc::new(AtomicU64::new(0));
     let writer = {
@@ -588,17 +899,23 @@ async fn pump(
         let sent = sent.clone();
         tokio::spawn(async move {
             let mut n = 0u64;
-            while Instant::now() < deadline {
+            'send: while Instant::now() < deadline {
+                while pace.ahead(n) {
+                    if Instant::now() >= deadline {
+                        break 'send;
+                    }
+                    pace.wait_for_deliveries().await;
+                }
                 let Ok(permit) = permits.clone().acquire_owned().await else {
                     break;
                 };
                 permit.forget();
                 n += 1;
-                let text = event_text(kind, n, message, channel, label);
-                if sink.feed(Message::text(text)).await.is_err() {
+                if sink.feed(Message::text(event(n))).await.is_err() {
                     break;
                 }
-                if permits.available_permits() == 0 || n.is_multiple_of(32) {
+                // Flush before this task would wait, and every 32 events.
+                if permits.available_permits() == 0 || pace.ahead(n) || n.is_multiple_of(32) {
                     let _ = sink.flush().await;
                 }
             }
@@ -614,12 +931,12 @@ async fn pump(
         if !sending.load(Ordering::Acquire) && acked + failed >= sent.load(Ordering::Acquire) {
             break;
         }
-        let next = tokio::time::timeout(Duration::from_secs(30), source.next()).await;
-        let Ok(Some(Ok(Message::Text(text)))) = next else {
-            if matches!(next, Ok(Some(Ok(_)))) {
-                continue;
-            }
-            break;
+        // Short waits, so the end of sending is seen even with every ack in.
+        let text = match tokio::time::timeout(Duration::from_millis(100), source.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => text,
+            Ok(Some(Ok(_))) => continue,
+            Err(_) if last.elapsed() < Duration::from_secs(30) => continue,
+            Ok(_) | Err(_) => break,
         };
         let ok = match kind {
             Kind::Gateway => {
@@ -658,29 +975,59 @@ fn report(line: serde_json::Value, summary: String) {
     eprintln!("{summary}");
 }
 
-async fn fanout(kind: Kind, clients: usize, seconds: u64, window: usize) -> Result<()> {
-    eprintln!("fanout {} C={clients}: starting", kind.name());
-    let server = Server::start(kind, Database::Sqlite, clients).await?;
-    let sessions = subscribe_all(&server, clients).await?;
-    let tally = Arc::new(Tally::default());
-    spawn_readers(sessions, tally.clone(), None);
-    let publisher = Publisher::connect(&server).await?;
-    let started = Instant::now();
-    let deadline = started + Duration::from_secs(seconds);
-    let progress = progress_task(
-        tally.clone(),
-        started,
-        format!("fanout {} C={clients}", kind.name()),
+/// One fan-out run.
+struct Fanout {
+    clients: usize,
+    members: usize,
+    seconds: u64,
+    window: u64,
+    database: Database,
+}
+
+async fn fanout(kind: Kind, run: Fanout) -> Result<()> {
+    let Fanout {
+        clients,
+        members,
+        seconds,
+        window,
+        database,
+    } = run;
+    let db = match (kind, database) {
+        (Kind::Baseline, _) => "none",
+        (Kind::Gateway, Database::Sqlite) => "sqlite",
+        (Kind::Gateway, Database::Postgres) => "postgres",
+    };
+    let label = format!(
+        "fanout {} C={clients} members={members} db={db}",
+        kind.name()
     );
-    let (acked, failed, last_ack) = pump(publisher, window, deadline, 1, 1, 1).await?;
+    eprintln!("{label}: starting");
+    let server = Server::start(kind, database, Seed::OneChannel { members, probes: 0 }).await?;
+    let sessions = subscribe_all(&server, clients).await?;
+    let tally = Tally::new();
+    let _readers = spawn_readers(sessions, &tally, None);
+    let publisher = Publisher::connect(&server).await?;
+    let cpu = CpuMeter::start(&server);
+    let started = cpu.wall;
+    let deadline = started + Duration::from_secs(seconds);
+    let progress = progress_task(tally.clone(), started, label.clone());
+    let pace = Pace::Deliveries {
+        tally: tally.clone(),
+        clients: clients as u64,
+        window,
+    };
+    let (acked, failed, last_ack) = pump(publisher, pace, deadline, move |n| {
+        event_text(kind, n, 1, 1, 1)
+    })
+    .await?;
     let expected = acked * clients as u64;
     // Wait for the tail of the fan-out to arrive.
     let drain_deadline = Instant::now() + Duration::from_secs(15);
-    let mut last_seen = tally.frames.load(Ordering::Relaxed);
+    let mut last_seen = tally.frames();
     let mut last_change = Instant::now();
     while last_seen < expected && Instant::now() < drain_deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let now = tally.frames.load(Ordering::Relaxed);
+        let now = tally.frames();
         if now != last_seen {
             last_seen = now;
             last_change = Instant::now();
@@ -693,6 +1040,7 @@ async fn fanout(kind: Kind, clients: usize, seconds: u64, window: usize) -> Resu
     } else {
         Instant::now()
     };
+    let (cpu_fields, cpu_summary) = cpu.finish(last_seen, acked);
     progress.abort();
     let elapsed = finished.duration_since(started).as_secs_f64();
     let delivered = last_seen;
@@ -700,16 +1048,17 @@ async fn fanout(kind: Kind, clients: usize, seconds: u64, window: usize) -> Resu
     let deliveries_per_s = delivered as f64 / elapsed;
     let events_per_s = acked as f64 / last_ack.duration_since(started).as_secs_f64();
     report(
-        json!({"workload": "fanout", "target": kind.name(), "clients": clients, "seconds": elapsed,
-               "events_acked": acked, "events_failed": failed, "frames_received": delivered,
-               "lost_frames": lost, "sessions_closed": tally.closed.load(Ordering::Relaxed),
-               "deliveries_per_s": deliveries_per_s.round(), "events_per_s": events_per_s.round(),
-               "rss_bytes": server.rss()}),
+        merged(
+            json!({"workload": "fanout", "target": kind.name(), "clients": clients, "members": members,
+                   "database": db, "window": window, "seconds": elapsed,
+                   "events_acked": acked, "events_failed": failed, "frames_received": delivered,
+                   "lost_frames": lost, "sessions_closed": tally.closed.load(Ordering::Relaxed),
+                   "deliveries_per_s": deliveries_per_s.round(), "events_per_s": events_per_s.round(),
+                   "rss_bytes": server.rss()}),
+            cpu_fields,
+        ),
         format!(
-            "fanout {:8} C={clients:5}: {:>10.0} deliveries/s, {:>8.0} events/s, lost {lost}, failed {failed}",
-            kind.name(),
-            deliveries_per_s,
-            events_per_s
+            "{label}: {deliveries_per_s:>10.0} deliveries/s, {events_per_s:>8.0} events/s, lost {lost}, failed {failed}; {cpu_summary}"
         ),
     );
     Ok(())
@@ -726,101 +1075,304 @@ fn progress_task(
             eprintln!(
                 "  {label}: {:.0} s, {} frames received",
                 started.elapsed().as_secs_f64(),
-                tally.frames.load(Ordering::Relaxed)
+                tally.frames()
             );
         }
     })
 }
 
 async fn latency(kind: Kind, clients: usize, rate: u64, seconds: u64) -> Result<()> {
-    eprintln!("latency {} C={clients} at {rate}/s: starting", kind.name());
+    let label = format!("latency {} C={clients} at {rate}/s", kind.name());
+    eprintln!("{label}: starting");
     let events = usize::try_from(rate * seconds)?;
-    let server = Server::start(kind, Database::Sqlite, clients).await?;
-    if kind == Kind::Gateway {
-        seed_messages(&server, events).await?;
-    }
+    let seed = Seed::OneChannel {
+        members: clients,
+        probes: events,
+    };
+    let server = Server::start(kind, Database::Sqlite, seed).await?;
     let sessions = subscribe_all(&server, clients).await?;
-    let tally = Arc::new(Tally::default());
+    let tally = Tally::new();
     let book = Arc::new(LatencyBook {
         start: Instant::now(),
         sent_us: (0..=events).map(|_| AtomicU64::new(0)).collect(),
-        samples: std::sync::Mutex::new(Vec::with_capacity(events * clients)),
     });
-    spawn_readers(sessions, tally.clone(), Some(book.clone()));
+    let readers = spawn_readers(sessions, &tally, Some(&book));
     let publisher = Publisher::connect(&server).await?;
-    let (mut sink, mut source) = publisher.ws.split();
-    let acks = tokio::spawn(async move {
-        let mut n = 0usize;
-        while n < events {
-            match tokio::time::timeout(Duration::from_secs(30), source.next()).await {
-                Ok(Some(Ok(Message::Text(_)))) => n += 1,
-                Ok(Some(Ok(_))) => {}
-                _ => break,
-            }
-        }
-        n
-    });
-    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
-    for n in 1..=events {
-        tick.tick().await;
-        let sent = book.start.elapsed().as_micros() as u64;
-        book.sent_us[n].store(sent.max(1), Ordering::Release);
-        sink.send(Message::text(event_text(
-            kind,
-            n as u64,
-            (n + MESSAGE_OFFSET) as u64,
-            1,
-            2,
-        )))
-        .await?;
+    let cpu = CpuMeter::start(&server);
+    let mut ack_us = send_at_rate(publisher, &book, events, rate, move |n| {
+        event_text(kind, n, probe_message(n), 1, 2)
+    })
+    .await?;
+    let acked = ack_us.len();
+    // Wait for the last frames (or 5 s), then close every subscriber by
+    // stopping the server, and collect the samples each reader kept.
+    let expected = (acked * clients) as u64;
+    let wait_until = Instant::now() + Duration::from_secs(5);
+    while tally.frames() < expected && Instant::now() < wait_until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let acked = acks.await.unwrap_or(0);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut samples = book.samples.lock().map(|s| s.clone()).unwrap_or_default();
-    samples.sort_unstable();
-    let pct = |p: f64| {
-        samples
-            .get(((samples.len() as f64 - 1.0) * p) as usize)
-            .copied()
-            .unwrap_or(0) as f64
-            / 1000.0
-    };
-    let (p50, p99, max) = (
-        pct(0.50),
-        pct(0.99),
-        samples.last().copied().unwrap_or(0) as f64 / 1000.0,
-    );
+    let (cpu_fields, cpu_summary) = cpu.finish(tally.frames(), acked as u64);
+    drop(server);
+    let samples = collect_samples(readers).await;
+    ack_us.sort_unstable();
+    let (p50, p99, max) = percentiles(&samples);
+    let (ack_p50, ack_p99, ack_max) = percentiles(&ack_us);
     let lost = (acked * clients).saturating_sub(samples.len());
     report(
-        json!({"workload": "latency", "target": kind.name(), "clients": clients, "rate": rate, "events": events,
-               "acked": acked, "samples": samples.len(), "lost_frames": lost, "p50_ms": p50, "p99_ms": p99, "max_ms": max}),
+        merged(
+            json!({"workload": "latency", "target": kind.name(), "clients": clients, "rate": rate, "events": events,
+                   "acked": acked, "samples": samples.len(), "lost_frames": lost, "p50_ms": p50, "p99_ms": p99, "max_ms": max,
+                   "ack_p50_ms": ack_p50, "ack_p99_ms": ack_p99, "ack_max_ms": ack_max}),
+            cpu_fields,
+        ),
         format!(
-            "latency {:8} C={clients} {rate}/s: p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms, lost {lost}",
-            kind.name()
+            "{label}: p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms (acks p50 {ack_p50:.2}, p99 {ack_p99:.2} ms), lost {lost}; {cpu_summary}"
         ),
     );
     Ok(())
 }
 
-/// One probe message per event in channel 1 (ids offset by
-/// [`MESSAGE_OFFSET`]), so each frame says which event it came from.
-async fn seed_messages(server: &Server, events: usize) -> Result<()> {
-    let pool = sqlx::SqlitePool::connect(&server.db_url).await?;
-    let mut tx = pool.begin().await?;
+/// Sends events 1..=`events` at `rate` per second, noting each send time in
+/// `book`; returns the dispatch-send-to-ack time of every acked event (the
+/// gateway's acks name the event; the baseline's come back in order).
+async fn send_at_rate(
+    publisher: Publisher,
+    book: &Arc<LatencyBook>,
+    events: usize,
+    rate: u64,
+    event: impl Fn(u64) -> String,
+) -> Result<Vec<u64>> {
+    let (mut sink, mut source) = publisher.ws.split();
+    let ack_book = book.clone();
+    let acks = tokio::spawn(async move {
+        let mut ack_us = Vec::with_capacity(events);
+        while ack_us.len() < events {
+            match tokio::time::timeout(Duration::from_secs(30), source.next()).await {
+                Ok(Some(Ok(Message::Text(text)))) => {
+                    let n = ack_number(&text).unwrap_or(ack_us.len() + 1);
+                    let sent = ack_book
+                        .sent_us
+                        .get(n)
+                        .map_or(0, |s| s.load(Ordering::Acquire));
+                    let now = ack_book.start.elapsed().as_micros() as u64;
+                    ack_us.push(now.saturating_sub(sent));
+                }
+                Ok(Some(Ok(_))) => {}
+                _ => break,
+            }
+        }
+        ack_us
+    });
+    let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate.max(1)));
     for n in 1..=events {
-        sqlx::query("INSERT INTO messages (id, channel_id, author_id, content, created_at) VALUES ($1, 1, 1, 'latency probe', '2026-11-28T00:00:00.000Z')")
-            .bind(i64::try_from(n + MESSAGE_OFFSET)?)
-            .execute(&mut *tx)
-            .await?;
+        tick.tick().await;
+        let sent = book.start.elapsed().as_micros() as u64;
+        if let Some(slot) = book.sent_us.get(n) {
+            slot.store(sent.max(1), Ordering::Release);
+        }
+        sink.send(Message::text(event(n as u64))).await?;
     }
-    tx.commit().await?;
-    pool.close().await;
+    Ok(acks.await.unwrap_or_default())
+}
+
+/// Every reader's latency samples, sorted; the readers end when the
+/// server has been stopped.
+async fn collect_samples(readers: Vec<tokio::task::JoinHandle<Vec<u64>>>) -> Vec<u64> {
+    let mut samples = Vec::new();
+    for reader in readers {
+        if let Ok(Ok(mut kept)) = tokio::time::timeout(Duration::from_secs(10), reader).await {
+            samples.append(&mut kept);
+        }
+    }
+    samples.sort_unstable();
+    samples
+}
+
+/// The chat mix (gateway only: the baseline has one channel): events
+/// spread over the chat channels, first as fast as 1,024 unacked events
+/// allow (saturation), then at half that rate for latency.
+async fn chat(seconds: u64, database: Database) -> Result<()> {
+    let db = match database {
+        Database::Sqlite => "sqlite",
+        Database::Postgres => "postgres",
+    };
+    let label = format!("chat gateway {CHAT_SESSIONS} sessions db={db}");
+    eprintln!("{label}: starting");
+    let server = Server::start(Kind::Gateway, database, Seed::Chat { probes: 0 }).await?;
+    let sessions = subscribe_all(&server, CHAT_SESSIONS).await?;
+    let tally = Tally::new();
+    // Probe numbers are bounded by the latency phase's rate × seconds.
+    let book = Arc::new(LatencyBook {
+        start: Instant::now(),
+        sent_us: (0..=500_000).map(|_| AtomicU64::new(0)).collect(),
+    });
+    let readers = spawn_readers(sessions, &tally, Some(&book));
+    let sessions_per_user = (CHAT_SESSIONS / CHAT_USERS) as u64;
+    let deliveries_of = |n: u64| chat_members(chat_channel(n)).count() as u64 * sessions_per_user;
+
+    // Saturation.
+    let publisher = Publisher::connect(&server).await?;
+    let cpu = CpuMeter::start(&server);
+    let started = cpu.wall;
+    let progress = progress_task(tally.clone(), started, label.clone());
+    let (acked, failed, last_ack) = pump(
+        publisher,
+        Pace::Acks(MAX_INFLIGHT),
+        started + Duration::from_secs(seconds),
+        |n| {
+            let c = chat_channel(n);
+            event_text(Kind::Gateway, n, chat_message(c), c, 1)
+        },
+    )
+    .await?;
+    let expected: u64 = (1..=acked).map(deliveries_of).sum();
+    let drain_until = Instant::now() + Duration::from_secs(10);
+    while tally.frames() < expected && Instant::now() < drain_until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let delivered = tally.frames();
+    let (cpu_fields, cpu_summary) = cpu.finish(delivered, acked);
+    progress.abort();
+    let events_per_s = acked as f64 / last_ack.duration_since(started).as_secs_f64();
+    report(
+        merged(
+            json!({"workload": "chat", "phase": "saturation", "target": "gateway", "database": db,
+                   "sessions": CHAT_SESSIONS, "events_acked": acked, "events_failed": failed,
+                   "events_per_s": events_per_s.round(), "frames_received": delivered,
+                   "lost_frames": expected.saturating_sub(delivered),
+                   "deliveries_per_event": expected as f64 / acked.max(1) as f64}),
+            cpu_fields,
+        ),
+        format!("{label} saturation: {events_per_s:.0} events/s, failed {failed}; {cpu_summary}"),
+    );
+
+    // Latency at half the saturation rate.
+    let rate = ((events_per_s / 2.0) as u64).max(1);
+    let events = usize::try_from(rate * seconds)?.min(book.sent_us.len() - 1);
+    server
+        .execute(Seed::Chat { probes: events }.probe_sql())
+        .await?;
+    let before = tally.frames();
+    let publisher = Publisher::connect(&server).await?;
+    let cpu = CpuMeter::start(&server);
+    let mut ack_us = send_at_rate(publisher, &book, events, rate, |n| {
+        let c = chat_channel(n);
+        event_text(Kind::Gateway, n, probe_message(n), c, 2)
+    })
+    .await?;
+    let acked = ack_us.len();
+    let expected = before + (1..=acked as u64).map(deliveries_of).sum::<u64>();
+    let wait_until = Instant::now() + Duration::from_secs(5);
+    while tally.frames() < expected && Instant::now() < wait_until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (cpu_fields, cpu_summary) = cpu.finish(tally.frames() - before, acked as u64);
+    drop(server);
+    let samples = collect_samples(readers).await;
+    ack_us.sort_unstable();
+    let (p50, p99, max) = percentiles(&samples);
+    let (ack_p50, ack_p99, ack_max) = percentiles(&ack_us);
+    report(
+        merged(
+            json!({"workload": "chat", "phase": "latency", "target": "gateway", "database": db,
+                   "rate": rate, "events": events, "acked": acked, "samples": samples.len(),
+                   "lost_frames": (expected - before).saturating_sub(samples.len() as u64),
+                   "p50_ms": p50, "p99_ms": p99, "max_ms": max,
+                   "ack_p50_ms": ack_p50, "ack_p99_ms": ack_p99, "ack_max_ms": ack_max}),
+            cpu_fields,
+        ),
+        format!(
+            "{label} at {rate}/s: p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms (acks p99 {ack_p99:.2} ms); {cpu_summary}"
+        ),
+    );
     Ok(())
+}
+
+/// A reconnect storm: `clients` subscribers connect at once, each until
+/// its HELLO (the baseline sends none: until its upgrade completes).
+async fn storm(kind: Kind, clients: usize) -> Result<()> {
+    let label = format!("storm {} C={clients}", kind.name());
+    eprintln!("{label}: starting");
+    let seed = Seed::OneChannel {
+        members: clients,
+        probes: 0,
+    };
+    let server = Arc::new(Server::start(kind, Database::Sqlite, seed).await?);
+    let cpu = CpuMeter::start(&server);
+    let started = cpu.wall;
+    let tasks: Vec<_> = (0..clients)
+        .map(|i| {
+            let server = server.clone();
+            tokio::spawn(async move {
+                let begun = Instant::now();
+                let ws = subscribe(&server, i).await;
+                (ws, begun.elapsed())
+            })
+        })
+        .collect();
+    let mut open = Vec::with_capacity(clients);
+    let mut times = Vec::with_capacity(clients);
+    let mut errors = 0;
+    for task in tasks {
+        match task.await {
+            Ok((Ok(ws), took)) => {
+                open.push(ws);
+                times.push(took.as_micros() as u64);
+            }
+            _ => errors += 1,
+        }
+    }
+    let total = started.elapsed().as_secs_f64();
+    let (cpu_fields, cpu_summary) = cpu.finish(0, 0);
+    times.sort_unstable();
+    let (p50, p99, max) = percentiles(&times);
+    report(
+        merged(
+            json!({"workload": "storm", "target": kind.name(), "clients": clients, "connected": open.len(),
+                   "errors": errors, "total_s": total, "p50_ms": p50, "p99_ms": p99, "max_ms": max}),
+            cpu_fields,
+        ),
+        format!(
+            "{label}: all connected in {total:.2} s ({errors} errors), each p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms; {cpu_summary}"
+        ),
+    );
+    Ok(())
+}
+
+/// p50, p99 and max of sorted microsecond samples, in milliseconds.
+fn percentiles(sorted: &[u64]) -> (f64, f64, f64) {
+    let pct = |p: f64| {
+        sorted
+            .get(((sorted.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or(0) as f64
+            / 1000.0
+    };
+    (
+        pct(0.50),
+        pct(0.99),
+        sorted.last().copied().unwrap_or(0) as f64 / 1000.0,
+    )
+}
+
+/// The event number an ack is for: the gateway's `"event_id":"2-N"`, the
+/// baseline's `{"ack":N}`.
+fn ack_number(text: &str) -> Option<usize> {
+    let rest = match text.split_once(r#""event_id":"2-"#) {
+        Some((_, rest)) => rest,
+        None => text.split_once(r#""ack":"#)?.1,
+    };
+    let digits: &str = rest.split(|c: char| !c.is_ascii_digit()).next()?;
+    digits.parse().ok()
 }
 
 async fn idle(kind: Kind, sessions: usize) -> Result<()> {
     eprintln!("idle {} N={sessions}: starting", kind.name());
-    let server = Server::start(kind, Database::Sqlite, sessions).await?;
+    let seed = Seed::OneChannel {
+        members: sessions,
+        probes: 0,
+    };
+    let server = Server::start(kind, Database::Sqlite, seed).await?;
     // Warm the server's allocator and code paths with a few sessions first.
     let warm = subscribe_all(&server, 10.min(sessions)).await?;
     drop(warm);
@@ -852,22 +1404,25 @@ async fn ack_rate(connections: usize, seconds: u64, database: Database) -> Resul
     };
     eprintln!("ack-rate gateway K={connections} on {db}: starting");
     // One member in channel 1; the recipient is its only member.
-    let server = Server::start(Kind::Gateway, database, 1).await?;
+    let seed = Seed::OneChannel {
+        members: 1,
+        probes: 0,
+    };
+    let server = Server::start(Kind::Gateway, database, seed).await?;
     let recipient = subscribe_all(&server, 1).await?;
-    let tally = Arc::new(Tally::default());
-    spawn_readers(recipient, tally.clone(), None);
+    let tally = Tally::new();
+    let _readers = spawn_readers(recipient, &tally, None);
     let started = Instant::now();
     let deadline = started + Duration::from_secs(seconds);
     let mut pumps = Vec::new();
     for k in 0..connections {
         let publisher = Publisher::connect(&server).await?;
+        let label = 100 + k as u64;
         pumps.push(tokio::spawn(pump(
             publisher,
-            1024,
+            Pace::Acks(MAX_INFLIGHT),
             deadline,
-            1,
-            1,
-            100 + k as u64,
+            move |n| event_text(Kind::Gateway, n, 1, 1, label),
         )));
     }
     let (mut acked, mut failed) = (0, 0);

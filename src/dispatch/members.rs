@@ -8,20 +8,50 @@
 //! pending read. A read always starts after the request
 //! was queued, so no event is answered from a version older than itself.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::db::{Batcher, Db};
-use crate::ids::{ChannelId, UserId};
+use crate::ids::{ChannelId, IdHash, UserId};
 use crate::{keyed_sql, with_pool};
 
 /// Channels kept; past this the cache starts over (cheap, and bounded
 /// memory matters more than the hit rate of a huge working set).
 const MAX_CACHED: usize = 4096;
 
+/// Channels up to this size are searched by a scan; bigger ones get a set.
+const SCAN_MAX: usize = 64;
+
+/// A channel's members (distinct: the table's primary key), listed and,
+/// for big channels, hashed, so fan-out can walk the open sessions and
+/// ask "member?" when they are fewer than the members.
+#[derive(Debug)]
+pub struct MemberSet {
+    users: Box<[UserId]>,
+    set: Option<HashSet<UserId, IdHash>>,
+}
+
+impl MemberSet {
+    pub fn new(users: Box<[UserId]>) -> MemberSet {
+        let set = (users.len() > SCAN_MAX).then(|| users.iter().copied().collect());
+        MemberSet { users, set }
+    }
+
+    pub fn users(&self) -> &[UserId] {
+        &self.users
+    }
+
+    pub fn contains(&self, user: &UserId) -> bool {
+        match &self.set {
+            Some(set) => set.contains(user),
+            None => self.users.contains(user),
+        }
+    }
+}
+
 struct Cached {
     version: i64,
-    users: Arc<[UserId]>,
+    members: Arc<MemberSet>,
 }
 
 /// Channel id → its members as of a membership version.
@@ -48,15 +78,15 @@ impl Members {
         }
     }
 
-    /// The channel's members (distinct: the table's primary key).
-    pub async fn of(&self, channel: ChannelId) -> Result<Arc<[UserId]>, sqlx::Error> {
+    /// The channel's members.
+    pub async fn of(&self, channel: ChannelId) -> Result<Arc<MemberSet>, sqlx::Error> {
         // The version is read before the list: a change in between leaves
         // the list newer than its label, which only costs a reread later.
         let version = self.version(channel).await?;
         if let Some(hit) = self.lock().get(&channel)
             && hit.version == version
         {
-            return Ok(hit.users.clone());
+            return Ok(hit.members.clone());
         }
         let rows: Vec<(i64,)> = with_pool!(self.db, p => sqlx::query_as(
             "SELECT user_id FROM channel_members WHERE channel_id = $1",
@@ -64,10 +94,11 @@ impl Members {
         .bind(channel.as_i64())
         .fetch_all(p)
         .await)?;
-        let users: Arc<[UserId]> = rows
-            .into_iter()
-            .filter_map(|(id,)| UserId::from_i64(id))
-            .collect();
+        let members = Arc::new(MemberSet::new(
+            rows.into_iter()
+                .filter_map(|(id,)| UserId::from_i64(id))
+                .collect(),
+        ));
         let mut cache = self.lock();
         if cache.len() >= MAX_CACHED && !cache.contains_key(&channel) {
             cache.clear();
@@ -76,10 +107,10 @@ impl Members {
             channel,
             Cached {
                 version,
-                users: users.clone(),
+                members: members.clone(),
             },
         );
-        Ok(users)
+        Ok(members)
     }
 
     /// 0 for a channel whose membership never changed (it has none).
@@ -117,4 +148,28 @@ async fn read_versions(reads: &Db, channels: Vec<ChannelId>) -> Result<Vec<i64>,
         .iter()
         .map(|c| found.get(&c.as_i64()).copied().unwrap_or(0))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn users(ids: impl Iterator<Item = u64>) -> Box<[UserId]> {
+        ids.filter_map(UserId::new).collect()
+    }
+
+    #[test]
+    fn small_and_big_member_sets_answer_alike() {
+        for size in [3, SCAN_MAX, SCAN_MAX + 1, 10_000] {
+            let set = MemberSet::new(users((1..=size as u64).map(|n| n * 3)));
+            assert_eq!(set.users().len(), size);
+            assert_eq!(set.set.is_some(), size > SCAN_MAX, "size {size}");
+            for n in 1..=size as u64 {
+                let member = UserId::new(n * 3).unwrap();
+                assert!(set.contains(&member), "size {size}: {n}");
+                let other = UserId::new(n * 3 + 1).unwrap();
+                assert!(!set.contains(&other), "size {size}: {n}");
+            }
+        }
+    }
 }

@@ -19,14 +19,14 @@ use crate::telemetry::Metrics;
 
 use super::claims::{Begin, Claim, Claimed, Claims};
 use super::frame::{Body, DispatchEvent, Outcome};
-use super::members::Members;
+use super::members::{MemberSet, Members};
 use super::order::Turn;
 
 /// Who a resolved delivery goes to.
 pub enum Recipients {
     Users(Vec<UserId>),
     /// A channel's members, shared with the membership cache.
-    Members(Arc<[UserId]>),
+    Members(Arc<MemberSet>),
     Everyone,
 }
 
@@ -41,7 +41,9 @@ impl Fanout for Sessions {
     fn fan_out(&self, frame: &Arc<ClientFrame>, to: &Recipients) -> usize {
         match to {
             Recipients::Users(users) => self.deliver(users, frame),
-            Recipients::Members(users) => self.deliver(users, frame),
+            Recipients::Members(members) => {
+                self.deliver_members(members.users(), |u| members.contains(u), frame)
+            }
             Recipients::Everyone => self.deliver_all(frame),
         }
     }

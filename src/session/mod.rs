@@ -152,6 +152,21 @@ impl Sessions {
         self.count(self.inner.registry.deliver(users, frame))
     }
 
+    /// [`deliver`](Self::deliver) to a channel's members (distinct), at a
+    /// cost bounded by the smaller of the member list and the open sessions.
+    pub fn deliver_members(
+        &self,
+        members: &[UserId],
+        is_member: impl Fn(&UserId) -> bool,
+        frame: &Arc<ClientFrame>,
+    ) -> usize {
+        self.count(
+            self.inner
+                .registry
+                .deliver_members(members, is_member, frame),
+        )
+    }
+
     /// [`deliver`](Self::deliver) to every open session.
     pub fn deliver_all(&self, frame: &Arc<ClientFrame>) -> usize {
         self.count(self.inner.registry.deliver_all(frame))

@@ -13,7 +13,7 @@ use futures_util::future::BoxFuture;
 use super::frame::ClientFrame;
 use super::queue::{Pushed, Queue, REPLACED, REVOKED};
 use crate::config::OnLimit;
-use crate::ids::{Snowflake, UserId};
+use crate::ids::{IdHash, Snowflake, UserId};
 
 /// A registered session as the delivering side sees it.
 #[derive(Debug)]
@@ -84,7 +84,7 @@ impl Admission for Registry {
 pub(crate) struct Registry {
     /// Sharded locks: fan-out to different users doesn't contend, and a
     /// user's check-then-insert is atomic under its shard's write lock.
-    users: DashMap<UserId, Vec<Arc<Slot>>>,
+    users: DashMap<UserId, Vec<Arc<Slot>>, IdHash>,
     count: AtomicUsize,
 }
 
@@ -137,6 +137,30 @@ impl Registry {
         for user in users {
             if let Some(slots) = self.users.get(user) {
                 for slot in slots.iter() {
+                    done.add(slot.queue.push(frame));
+                }
+            }
+        }
+        done
+    }
+
+    /// [`deliver`](Self::deliver) to the members of a channel, walking
+    /// whichever side is smaller: the member list, or the open sessions
+    /// filtered by `is_member` (a big channel is mostly offline members,
+    /// and they should cost nothing).
+    pub(crate) fn deliver_members(
+        &self,
+        members: &[UserId],
+        is_member: impl Fn(&UserId) -> bool,
+        frame: &Arc<ClientFrame>,
+    ) -> Delivered {
+        if self.count() >= members.len() {
+            return self.deliver(members, frame);
+        }
+        let mut done = Delivered::default();
+        for entry in self.users.iter() {
+            if is_member(entry.key()) {
+                for slot in entry.value() {
                     done.add(slot.queue.push(frame));
                 }
             }
@@ -308,6 +332,41 @@ mod tests {
             registry.online(&[user(3), user(2), user(1), user(2)]),
             vec![user(2), user(1)]
         );
+    }
+
+    #[test]
+    fn deliver_members_reaches_the_same_sessions_from_either_side() {
+        let registry = Registry::default();
+        let ids = IdGen::new(0);
+        // Users 1..=6 online (user 2 twice); members are even users up to 400.
+        let slots: Vec<(u64, Arc<Slot>)> = [1, 2, 2, 3, 4, 5, 6]
+            .into_iter()
+            .map(|u| (u, slot(&ids)))
+            .collect();
+        for (u, s) in &slots {
+            registry
+                .register(user(*u), s.clone(), 5, OnLimit::Reject)
+                .unwrap();
+        }
+        let frame = Arc::new(ClientFrame::new("E", "{}"));
+        let is_member = |u: &UserId| u.get() % 2 == 0;
+        // More members than sessions: walks the sessions.
+        let many: Vec<UserId> = (1..=200).map(|n| user(2 * n)).collect();
+        assert_eq!(
+            registry.deliver_members(&many, is_member, &frame).reached,
+            4
+        );
+        // Fewer members than sessions: walks the members.
+        let few = [user(2), user(4)];
+        assert_eq!(registry.deliver_members(&few, is_member, &frame).reached, 3);
+        for (u, s) in &slots {
+            let expected = match u {
+                2 | 4 => 2,
+                6 => 1,
+                _ => 0,
+            };
+            assert_eq!(s.queue.len(), expected, "user {u}");
+        }
     }
 
     #[test]
