@@ -10,23 +10,26 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::LevelFilter;
 
 /// Installs the global tracing subscriber. `RUST_LOG` overrides the level;
 /// `OTAKO_LOG_FORMAT=json` switches to JSON lines for log shippers.
 pub fn init_tracing() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Caps that hold whatever RUST_LOG says. tungstenite traces every
+    // Caps that hold whatever RUST_LOG says (and never raise a target above
+    // the filter's own most verbose level). tungstenite traces every
     // frame's payload (HELLO's session id, event bodies) and the client's
     // request head (the dispatch secret), and secrets are never logged.
     // notify traces every raw file event: with the log written into a
     // watched folder, each line would be an event and log another line.
+    let most = filter.max_level_hint().unwrap_or(LevelFilter::TRACE);
     let filter = [
-        "tungstenite=debug",
-        "notify=warn",
-        "notify_debouncer_full=warn",
+        ("tungstenite", LevelFilter::DEBUG),
+        ("notify", LevelFilter::WARN),
+        ("notify_debouncer_full", LevelFilter::WARN),
     ]
     .into_iter()
-    .filter_map(|cap| cap.parse().ok())
+    .filter_map(|(target, cap)| format!("{target}={}", most.min(cap)).parse().ok())
     .fold(filter, EnvFilter::add_directive);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
