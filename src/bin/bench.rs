@@ -784,19 +784,11 @@ async fn latency(kind: Kind, clients: usize, rate: u64, seconds: u64) -> Result<
     let publisher = Publisher::connect(&server).await?;
     let acked = publish_paced(publisher, &book, events, rate).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut samples = book.samples.lock().map(|s| s.clone()).unwrap_or_default();
-    samples.sort_unstable();
-    let pct = |p: f64| {
-        samples
-            .get(((samples.len() as f64 - 1.0) * p) as usize)
-            .copied()
-            .unwrap_or(0) as f64
-            / 1000.0
-    };
+    let samples = sorted(&book.samples);
     let (p50, p99, max) = (
-        pct(0.50),
-        pct(0.99),
-        samples.last().copied().unwrap_or(0) as f64 / 1000.0,
+        percentile_ms(&samples, 0.50),
+        percentile_ms(&samples, 0.99),
+        percentile_ms(&samples, 1.0),
     );
     let lost = (acked * clients).saturating_sub(samples.len());
     report(
@@ -808,6 +800,22 @@ async fn latency(kind: Kind, clients: usize, rate: u64, seconds: u64) -> Result<
         ),
     );
     Ok(())
+}
+
+/// A copy of the samples (µs), sorted.
+fn sorted(samples: &std::sync::Mutex<Vec<u64>>) -> Vec<u64> {
+    let mut samples = samples.lock().map(|s| s.clone()).unwrap_or_default();
+    samples.sort_unstable();
+    samples
+}
+
+/// The `p` quantile (0..=1) of sorted µs samples, in ms (0 with none).
+fn percentile_ms(sorted: &[u64], p: f64) -> f64 {
+    sorted
+        .get(((sorted.len() as f64 - 1.0) * p) as usize)
+        .copied()
+        .unwrap_or(0) as f64
+        / 1000.0
 }
 
 /// Sends events 1..=`events` (about probe messages) at `rate` per
@@ -985,20 +993,8 @@ async fn resume(
     for reader in readers {
         let _ = reader.await;
     }
-    let mut samples = tally
-        .catch_up_us
-        .lock()
-        .map(|s| s.clone())
-        .unwrap_or_default();
-    samples.sort_unstable();
-    let pct = |p: f64| {
-        samples
-            .get(((samples.len() as f64 - 1.0) * p) as usize)
-            .copied()
-            .unwrap_or(0) as f64
-            / 1000.0
-    };
-    let (p50, p99) = (pct(0.50), pct(0.99));
+    let samples = sorted(&tally.catch_up_us);
+    let (p50, p99) = (percentile_ms(&samples, 0.50), percentile_ms(&samples, 0.99));
     let resumed = tally.resumed.load(Ordering::Relaxed);
     let refused = tally.refused.load(Ordering::Relaxed);
     let gaps = tally.gaps.load(Ordering::Relaxed);

@@ -131,7 +131,7 @@ impl Queue {
     fn with<R>(&self, change: impl FnOnce(&mut State) -> R) -> R {
         let mut state = self.lock();
         let before = state.log.capacity();
-        let out = change(&mut *state);
+        let out = change(&mut state);
         let after = state.log.capacity();
         if after != before {
             self.bytes
