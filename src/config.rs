@@ -196,6 +196,10 @@ pub struct SessionsConfig {
     pub on_limit: OnLimit,
     pub heartbeat_interval_ms: NonZeroU64,
     pub outbound_queue: NonZeroUsize,
+    /// How long a session whose socket dropped stays resumable.
+    pub resume_window_ms: NonZeroU64,
+    /// Frames a session keeps for a resume (written ones included).
+    pub resume_buffer: NonZeroUsize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -536,6 +540,8 @@ mod raw {
         on_limit: OnLimit,
         heartbeat_interval_ms: NonZeroU64,
         outbound_queue: NonZeroUsize,
+        resume_window_ms: NonZeroU64,
+        resume_buffer: NonZeroUsize,
     }
 
     impl Default for Sessions {
@@ -545,6 +551,8 @@ mod raw {
                 on_limit: OnLimit::Reject,
                 heartbeat_interval_ms: nz64(30_000),
                 outbound_queue: nzu(1024),
+                resume_window_ms: nz64(120_000),
+                resume_buffer: nzu(1024),
             }
         }
     }
@@ -909,6 +917,8 @@ mod raw {
                     on_limit: self.sessions.on_limit,
                     heartbeat_interval_ms: self.sessions.heartbeat_interval_ms,
                     outbound_queue: self.sessions.outbound_queue,
+                    resume_window_ms: self.sessions.resume_window_ms,
+                    resume_buffer: self.sessions.resume_buffer,
                 },
                 dispatch: DispatchConfig {
                     ping_timeout_ms: self.dispatch.ping_timeout_ms,

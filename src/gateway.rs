@@ -146,7 +146,6 @@ pub async fn serve(
     let sessions = Sessions::new(
         config.sessions.clone(),
         Edge::new(&config.server),
-        config.cluster.node_id.get(),
         tokens,
         Some(read_db.clone()),
         metrics.clone(),

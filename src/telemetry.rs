@@ -54,6 +54,15 @@ pub struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResumeLabels {
+    /// `resumed`, `new_session` or `refused` (4010: no free slot).
+    pub result: &'static str,
+    /// Why not resumed: `unknown_session`, `too_far_behind`,
+    /// `session_limit`; `none` when resumed.
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EventLabels {
     pub event: String,
     pub outcome: String,
@@ -93,6 +102,10 @@ pub struct Metrics {
     pub config_reload_failures: Counter,
     pub revocations_applied: Counter,
     pub sessions_revoked: Counter,
+    pub resumes: Family<ResumeLabels, Counter>,
+    pub sessions_detached: Gauge,
+    pub frames_replayed: Counter,
+    pub resume_buffer_bytes: Gauge,
 }
 
 impl Metrics {
@@ -123,6 +136,10 @@ impl Metrics {
             config_reload_failures: Counter::default(),
             revocations_applied: Counter::default(),
             sessions_revoked: Counter::default(),
+            resumes: Family::default(),
+            sessions_detached: Gauge::default(),
+            frames_replayed: Counter::default(),
+            resume_buffer_bytes: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -240,6 +257,26 @@ impl Metrics {
             "Client sessions closed with 4004 because their token was revoked or expired",
             m.sessions_revoked.clone(),
         );
+        registry.register(
+            "resumes",
+            "Client handshakes naming a session to resume, by result and reason",
+            m.resumes.clone(),
+        );
+        registry.register(
+            "sessions_detached",
+            "Sessions whose connection dropped, kept for a resume now",
+            m.sessions_detached.clone(),
+        );
+        registry.register(
+            "frames_replayed",
+            "Event frames replayed to resumed sessions",
+            m.frames_replayed.clone(),
+        );
+        registry.register(
+            "resume_buffer_bytes",
+            "Bytes the sessions' frame logs take for their slots (the frames themselves are shared across sessions)",
+            m.resume_buffer_bytes.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -264,6 +301,13 @@ impl Metrics {
     pub fn handshake_refused(&self, reason: &'static str) {
         self.handshakes_refused
             .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// Counts one resume attempt.
+    pub fn resume(&self, result: &'static str, reason: &'static str) {
+        self.resumes
+            .get_or_create(&ResumeLabels { result, reason })
             .inc();
     }
 

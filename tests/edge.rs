@@ -9,7 +9,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{Setup, read_json, token, try_ws, wait_metric, ws_refusal};
+use common::{Setup, assert_no_secrets, read_json, token, try_ws, wait_metric, ws_refusal};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -249,22 +249,6 @@ async fn connect_three_ways(addr: SocketAddr) -> (Vec<String>, Vec<String>) {
         401
     );
     (vec![a, b, c, forged], sessions)
-}
-
-/// Fails naming any secret found in `output`, as written or hex-encoded
-/// (tungstenite traces frame payloads in hex).
-fn assert_no_secrets(output: &str, secrets: &[String]) {
-    let hex = |s: &str| s.bytes().map(|b| format!("{b:02x}")).collect::<String>();
-    for secret in secrets {
-        assert!(
-            !output.contains(secret.as_str()),
-            "{secret} was written out"
-        );
-        assert!(
-            !output.contains(&hex(secret)),
-            "{secret} was written out in hex"
-        );
-    }
 }
 
 /// The tokens, their signature parts, the session ids, and both configured

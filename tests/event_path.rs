@@ -13,27 +13,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::client::Client;
-use common::dispatch::{DispatchClient, Seed};
+use common::dispatch::{DispatchClient, Seed, echo_event, echo_setup};
 use common::{Setup, Tmpfs, eventually, test_plugin};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
-
-fn echo_setup() -> Setup {
-    let mut setup = Setup::sqlite();
-    // A generous limit: these tests load a shared machine hard.
-    setup.route(
-        "EVENT_ECHO",
-        &test_plugin("config_echo_plugin"),
-        "timeout_ms = 5000",
-    );
-    setup
-}
-
-fn echo_event(id: u64) -> String {
-    json!({"t": "EVENT_ECHO", "d": {"channel_id": "1"}, "op": 0, "s": id, "event_id": id.to_string()})
-        .to_string()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_acks_every_event_it_read_before_sessions_close() {

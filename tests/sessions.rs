@@ -100,7 +100,13 @@ async fn hello_carries_session_user_and_heartbeat() {
     assert_eq!(hello["d"]["user_id"], "42");
     assert_eq!(hello["d"]["heartbeat_interval_ms"], 12345);
     let first_id = hello["d"]["session_id"].as_str().unwrap().to_owned();
-    assert!(first_id.parse::<u64>().unwrap() > 0, "snowflake string");
+    assert!(
+        first_id.len() == 32 && first_id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "128 random bits in hex: {first_id}"
+    );
+    // A plain connect: not resumed, and no reason.
+    assert_eq!(hello["d"]["resumed"], false);
+    assert!(hello["d"].get("reason").is_none(), "{hello}");
 
     // `?token=` for browsers, and a `Bearer` prefix, work too.
     let mut by_query = try_ws(gw.client, &format!("/gateway?token={}", token(7)), &[])

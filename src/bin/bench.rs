@@ -11,6 +11,7 @@
 //! target/release/bench storm --clients 10000
 //! target/release/bench idle --sessions 10000
 //! target/release/bench ack-rate --connections 1,8 [--database postgres]
+//! target/release/bench resume --clients 1000 --rate 200
 //! ```
 
 use std::io::{BufRead, BufReader};
@@ -118,6 +119,23 @@ enum Workload {
         #[arg(long, value_delimiter = ',', default_value = "10000")]
         sessions: Vec<usize>,
     },
+    /// C members of one channel at a fixed event rate; every connection
+    /// drops at once (no close frame), stays away, and resumes: how many
+    /// resumed, gaps and duplicates in `s`, and reconnect-to-caught-up time.
+    Resume {
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        #[arg(long, default_value_t = 200)]
+        rate: u64,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// When (after the first event) the connections drop.
+        #[arg(long, default_value_t = 3000)]
+        drop_after_ms: u64,
+        /// How long they stay away before resuming.
+        #[arg(long, default_value_t = 2000)]
+        away_ms: u64,
+    },
     /// Acked events per second with one recipient.
     AckRate {
         #[arg(long, value_delimiter = ',', default_value = "1,8")]
@@ -191,6 +209,21 @@ async fn main() -> Result<()> {
                     }
                 }
             }
+        }
+        Workload::Resume {
+            clients,
+            rate,
+            seconds,
+            drop_after_ms,
+            away_ms,
+        } => {
+            // The baseline has no sessions to resume: gateway only.
+            let times = (
+                Duration::from_secs(seconds),
+                Duration::from_millis(drop_after_ms),
+                Duration::from_millis(away_ms),
+            );
+            resume(clients, rate, times).await?;
         }
         Workload::AckRate {
             connections,
@@ -559,9 +592,13 @@ fn client_config() -> WebSocketConfig {
     config
 }
 
-/// Opens subscriber `i` (user `i % users + 1`), from a source address chosen so
-/// no address runs out of ephemeral ports.
-async fn subscribe(server: &Server, i: usize) -> Result<WebSocketStream<TcpStream>> {
+/// A subscriber's socket and its HELLO (empty for the baseline).
+type Subscriber = (WebSocketStream<TcpStream>, String);
+
+/// Opens subscriber `i` (user `i % users + 1`), from a source address
+/// chosen so no address runs out of ephemeral ports; `resume` names a
+/// gateway session and the last `s` read.
+async fn subscribe(server: &Server, i: usize, resume: Option<(&str, u64)>) -> Result<Subscriber> {
     let block = u8::try_from(i / PER_SOURCE).unwrap_or(200);
     let source = Ipv4Addr::new(127, server.source_net, block, 1);
     let socket = TcpSocket::new_v4()?;
@@ -571,7 +608,10 @@ async fn subscribe(server: &Server, i: usize) -> Result<WebSocketStream<TcpStrea
         Kind::Gateway => {
             let user = UserId::new((i % server.users) as u64 + 1).context("bad user id")?;
             let token = TokenKey::new(TOKEN_SECRET.as_bytes(), None).issue(user, 1_800_000_000);
-            format!("ws://{}/gateway?token={token}", server.client)
+            let resume = resume
+                .map(|(id, seq)| format!("&resume={id}&seq={seq}"))
+                .unwrap_or_default();
+            format!("ws://{}/gateway?token={token}{resume}", server.client)
         }
         Kind::Baseline => format!("ws://{}/sub", server.client),
     };
@@ -581,21 +621,22 @@ async fn subscribe(server: &Server, i: usize) -> Result<WebSocketStream<TcpStrea
         Some(client_config()),
     )
     .await?;
+    let mut hello = String::new();
     if server.kind == Kind::Gateway {
         // HELLO first.
         match ws.next().await {
-            Some(Ok(Message::Text(_))) => {}
+            Some(Ok(Message::Text(text))) => hello = text.to_string(),
             other => bail!("no HELLO: {other:?}"),
         }
     }
-    Ok(ws)
+    Ok((ws, hello))
 }
 
 /// This process's open-file limit once raised (every subscriber is a socket).
 static FD_LIMIT: AtomicU64 = AtomicU64::new(u64::MAX);
 
 /// Opens `n` subscribers, a few hundred handshakes at a time.
-async fn subscribe_all(server: &Server, n: usize) -> Result<Vec<WebSocketStream<TcpStream>>> {
+async fn subscribe_all(server: &Server, n: usize) -> Result<Vec<Subscriber>> {
     let limit = FD_LIMIT.load(Ordering::Relaxed);
     if n as u64 + 64 > limit {
         bail!(
@@ -607,9 +648,10 @@ async fn subscribe_all(server: &Server, n: usize) -> Result<Vec<WebSocketStream<
     let started = Instant::now();
     for chunk_start in (0..n).step_by(500) {
         let chunk_end = (chunk_start + 500).min(n);
-        let opened =
-            futures_util::future::join_all((chunk_start..chunk_end).map(|i| subscribe(server, i)))
-                .await;
+        let opened = futures_util::future::join_all(
+            (chunk_start..chunk_end).map(|i| subscribe(server, i, None)),
+        )
+        .await;
         for ws in opened {
             sessions.push(ws?);
         }
@@ -666,7 +708,7 @@ impl Tally {
 /// One task per subscriber, counting frames; with a latency book each
 /// task keeps its own samples and returns them when its socket closes.
 fn spawn_readers(
-    sessions: Vec<WebSocketStream<TcpStream>>,
+    sessions: Vec<Subscriber>,
     tally: &Arc<Tally>,
     latency: Option<&Arc<LatencyBook>>,
 ) -> Vec<tokio::task::JoinHandle<Vec<u64>>> {
@@ -674,7 +716,7 @@ fn spawn_readers(
     sessions
         .into_iter()
         .enumerate()
-        .map(|(i, mut ws)| {
+        .map(|(i, (mut ws, _))| {
             let tally = tally.clone();
             let latency = latency.cloned();
             tokio::spawn(async move {
@@ -712,17 +754,39 @@ impl LatencyBook {
     /// [`MESSAGE_OFFSET`]), found by a scan rather than a JSON parse: both
     /// servers write the message's `id` first.
     fn latency_of(&self, text: &str) -> Option<u64> {
-        const KEY: &str = r#""d":{"id":""#;
-        let at = text.find(KEY)? + KEY.len();
-        let id: usize = text[at..].split('"').next()?.parse().ok()?;
-        let sent = self
-            .sent_us
-            .get(id.checked_sub(MESSAGE_OFFSET)?)?
-            .load(Ordering::Acquire);
+        let sent = self.sent_us_of(text)?;
         if sent == 0 {
             return None;
         }
         Some((self.start.elapsed().as_micros() as u64).saturating_sub(sent))
+    }
+
+    /// When the event a frame is about was sent (µs after `start`; 0 if
+    /// not yet known).
+    fn sent_us_of(&self, text: &str) -> Option<u64> {
+        let id: usize = field_after(text, r#""d":{"id":""#)?;
+        Some(
+            self.sent_us
+                .get(id.checked_sub(MESSAGE_OFFSET)?)?
+                .load(Ordering::Acquire),
+        )
+    }
+}
+
+/// The number right after the first `key` in `text`.
+fn field_after<T: std::str::FromStr>(text: &str, key: &str) -> Option<T> {
+    let at = text.find(key)? + key.len();
+    let rest = &text[at..];
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+impl LatencyBook {
+    /// A gateway frame's `s`, and when its event was sent.
+    fn read(&self, text: &str) -> Option<(u64, u64)> {
+        Some((field_after(text, r#""s":"#)?, self.sent_us_of(text)?))
     }
 }
 
@@ -1175,6 +1239,174 @@ async fn send_at_rate(
     Ok(acks.await.unwrap_or_default())
 }
 
+/// What the subscribers of a resume run saw.
+#[derive(Default)]
+struct ResumeTally {
+    resumed: AtomicU64,
+    refused: AtomicU64,
+    gaps: AtomicU64,
+    duplicates: AtomicU64,
+    /// Reconnect to the first frame of an event sent after it (µs).
+    catch_up_us: std::sync::Mutex<Vec<u64>>,
+}
+
+impl ResumeTally {
+    /// Checks `s` against the last one read; returns the new last.
+    fn check(&self, last: u64, s: u64) -> u64 {
+        if s <= last {
+            self.duplicates.fetch_add(1, Ordering::Relaxed);
+            return last;
+        }
+        if s > last + 1 {
+            self.gaps.fetch_add(s - last - 1, Ordering::Relaxed);
+        }
+        s
+    }
+}
+
+/// Reads a resume subscriber's frames until `until`, checking `s`;
+/// `Some(reconnect)` times the first frame of an event sent after it.
+async fn read_frames(
+    ws: &mut WebSocketStream<TcpStream>,
+    last: &mut u64,
+    until: Instant,
+    mut reconnect: Option<Instant>,
+    book: &LatencyBook,
+    tally: &ResumeTally,
+) {
+    let stop = tokio::time::sleep_until(until.into());
+    tokio::pin!(stop);
+    loop {
+        let text = tokio::select! {
+            _ = &mut stop => return,
+            message = ws.next() => match message {
+                Some(Ok(Message::Text(text))) => text,
+                Some(Ok(_)) => continue,
+                _ => return,
+            },
+        };
+        let Some((s, sent_us)) = book.read(&text) else {
+            continue;
+        };
+        *last = tally.check(*last, s);
+        if let Some(at) = reconnect {
+            let at_us = at.duration_since(book.start).as_micros() as u64;
+            if sent_us >= at_us {
+                if let Ok(mut samples) = tally.catch_up_us.lock() {
+                    samples.push(at.elapsed().as_micros() as u64);
+                }
+                reconnect = None;
+            }
+        }
+    }
+}
+
+/// One subscriber of a resume run: reads until `drop_at`, drops its
+/// connection without a close frame, comes back at `back_at` naming its
+/// session and last `s`, and reads until `end`.
+async fn resume_subscriber(
+    server: Arc<Server>,
+    i: usize,
+    (mut ws, hello): Subscriber,
+    book: Arc<LatencyBook>,
+    tally: Arc<ResumeTally>,
+    (drop_at, back_at, end): (Instant, Instant, Instant),
+) {
+    let hello: serde_json::Value = serde_json::from_str(&hello).unwrap_or_default();
+    let id = hello["d"]["session_id"].as_str().unwrap_or("").to_owned();
+    let mut last = 0;
+    read_frames(&mut ws, &mut last, drop_at, None, &book, &tally).await;
+    drop(ws);
+    tokio::time::sleep_until(back_at.into()).await;
+    let reconnect = Instant::now();
+    let Ok((mut ws, hello)) = subscribe(&server, i, Some((&id, last))).await else {
+        tally.refused.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    if hello.contains(r#""resumed":true"#) {
+        tally.resumed.fetch_add(1, Ordering::Relaxed);
+    } else {
+        // A new session counts `s` from 1 again.
+        tally.refused.fetch_add(1, Ordering::Relaxed);
+        last = 0;
+    }
+    read_frames(&mut ws, &mut last, end, Some(reconnect), &book, &tally).await;
+}
+
+/// `bench resume`: see [`Workload::Resume`].
+async fn resume(
+    clients: usize,
+    rate: u64,
+    (run, drop_after, away): (Duration, Duration, Duration),
+) -> Result<()> {
+    eprintln!("resume gateway C={clients} at {rate}/s: starting");
+    let events = usize::try_from(rate * run.as_secs())?;
+    let seed = Seed::OneChannel {
+        members: clients,
+        probes: events,
+    };
+    let server = Server::start(Kind::Gateway, Database::Sqlite, seed).await?;
+    let sessions = subscribe_all(&server, clients).await?;
+    let server = Arc::new(server);
+    let book = Arc::new(LatencyBook {
+        start: Instant::now(),
+        sent_us: (0..=events).map(|_| AtomicU64::new(0)).collect(),
+    });
+    let tally = Arc::new(ResumeTally::default());
+    let drop_at = book.start + drop_after;
+    let times = (
+        drop_at,
+        drop_at + away,
+        book.start + run + Duration::from_secs(3),
+    );
+    let readers: Vec<_> = sessions
+        .into_iter()
+        .enumerate()
+        .map(|(i, sub)| {
+            tokio::spawn(resume_subscriber(
+                server.clone(),
+                i,
+                sub,
+                book.clone(),
+                tally.clone(),
+                times,
+            ))
+        })
+        .collect();
+    let publisher = Publisher::connect(&server).await?;
+    let acked = send_at_rate(publisher, &book, events, rate, |n| {
+        event_text(Kind::Gateway, n, probe_message(n), 1, 2)
+    })
+    .await?
+    .len();
+    for reader in readers {
+        let _ = reader.await;
+    }
+    let mut samples = tally
+        .catch_up_us
+        .lock()
+        .map(|s| s.clone())
+        .unwrap_or_default();
+    samples.sort_unstable();
+    let (p50, p99, _) = percentiles(&samples);
+    let resumed = tally.resumed.load(Ordering::Relaxed);
+    let refused = tally.refused.load(Ordering::Relaxed);
+    let gaps = tally.gaps.load(Ordering::Relaxed);
+    let duplicates = tally.duplicates.load(Ordering::Relaxed);
+    let pct_resumed = 100.0 * resumed as f64 / clients.max(1) as f64;
+    report(
+        json!({"workload": "resume", "target": "gateway", "clients": clients, "rate": rate, "events": events,
+               "acked": acked, "away_ms": away.as_millis() as u64, "resumed": resumed, "refused": refused,
+               "resumed_pct": pct_resumed, "gaps": gaps, "duplicates": duplicates,
+               "caught_up": samples.len(), "catch_up_p50_ms": p50, "catch_up_p99_ms": p99}),
+        format!(
+            "resume gateway C={clients} {rate}/s, away {} ms: {pct_resumed:.1}% resumed ({refused} not), gaps {gaps}, duplicates {duplicates}, reconnect→caught up p50 {p50:.1} ms, p99 {p99:.1} ms",
+            away.as_millis()
+        ),
+    );
+    Ok(())
+}
+
 /// Every reader's latency samples, sorted; the readers end when the
 /// server has been stopped.
 async fn collect_samples(readers: Vec<tokio::task::JoinHandle<Vec<u64>>>) -> Vec<u64> {
@@ -1305,7 +1537,7 @@ async fn storm(kind: Kind, clients: usize) -> Result<()> {
             let server = server.clone();
             tokio::spawn(async move {
                 let begun = Instant::now();
-                let ws = subscribe(&server, i).await;
+                let ws = subscribe(&server, i, None).await;
                 (ws, begun.elapsed())
             })
         })
@@ -1358,12 +1590,7 @@ fn percentiles(sorted: &[u64]) -> (f64, f64, f64) {
 /// The event number an ack is for: the gateway's `"event_id":"2-N"`, the
 /// baseline's `{"ack":N}`.
 fn ack_number(text: &str) -> Option<usize> {
-    let rest = match text.split_once(r#""event_id":"2-"#) {
-        Some((_, rest)) => rest,
-        None => text.split_once(r#""ack":"#)?.1,
-    };
-    let digits: &str = rest.split(|c: char| !c.is_ascii_digit()).next()?;
-    digits.parse().ok()
+    field_after(text, r#""event_id":"2-"#).or_else(|| field_after(text, r#""ack":"#))
 }
 
 async fn idle(kind: Kind, sessions: usize) -> Result<()> {

@@ -26,8 +26,9 @@ use tracing::Instrument;
 
 use super::Inner;
 use super::frame;
-use super::queue::{REPLACED, REVOKED, SLOW_CONSUMER};
-use super::registry::Slot;
+use super::queue::{Epoch, Queue, REPLACED, REVOKED, SLOW_CONSUMER};
+use super::registry::{Released, ResumeFailed, Resumed, Slot};
+use super::resume::{self, Greeting, Refused};
 use crate::ids::UserId;
 use crate::revoke;
 use crate::shutdown::Shutdown;
@@ -100,6 +101,16 @@ enum Exit {
 }
 
 impl Exit {
+    /// Whether the session stays detached for a resume: the network
+    /// dropped, or we closed for a heartbeat timeout or a slow consumer.
+    /// A client close (1000), 4003/4004/4010/4011 and shutdown end it.
+    fn resumable(self) -> bool {
+        matches!(
+            self,
+            Exit::Dropped | Exit::Close(code::HEARTBEAT | SLOW_CONSUMER)
+        )
+    }
+
     /// The `sessions_closed` label.
     fn code(self) -> u16 {
         match self {
@@ -196,6 +207,7 @@ pub(super) async fn handle(inner: Arc<Inner>, mut stream: TcpStream, shutdown: S
     let Some(Admission {
         claims: Claims { user, issued_at },
         connection: _connection,
+        resume,
         ..
     }) = admitted
     else {
@@ -204,38 +216,36 @@ pub(super) async fn handle(inner: Arc<Inner>, mut stream: TcpStream, shutdown: S
         return;
     };
 
-    let slot = Arc::new(Slot {
-        id: inner.ids.next(),
-        queue: super::queue::Queue::new(inner.config.outbound_queue.get()),
-        issued_at,
-    });
     // Debug level: an enabled span keeps its fields on the heap for the
     // session's life, which at the default `info` level would cost every
     // idle session; turn on `otako_gateway=debug` to get per-session context.
     // No session id: like tokens, it is a credential (a resume names it).
     let span = tracing::debug_span!("session", user_id = %user);
     async {
-        let max = usize::try_from(inner.config.max_per_user.get()).unwrap_or(usize::MAX);
-        match inner
-            .admission
-            .admit(user, slot.clone(), max, inner.config.on_limit)
-            .await
-        {
-            Err(_) => {
-                tracing::debug!("session limit reached; closing with 4010");
-                finish(&mut ws, Exit::Close(code::LIMIT)).await;
-                inner.metrics.session_closed(code::LIMIT);
-                return;
-            }
-            Ok(Some(_)) => tracing::debug!("replaced the user's oldest session"),
-            Ok(None) => {}
-        }
-        inner.metrics.sessions_opened.inc();
+        let Some((slot, epoch, greeting)) = attach(&inner, user, issued_at, resume).await else {
+            tracing::debug!("session limit reached; closing with 4010");
+            finish(&mut ws, Exit::Close(code::LIMIT)).await;
+            inner.metrics.session_closed(code::LIMIT);
+            return;
+        };
         inner.metrics.sessions_open.inc();
-        tracing::debug!("session open");
+        match greeting {
+            Greeting::Resumed { .. } => tracing::debug!("session resumed"),
+            _ => tracing::debug!("session open"),
+        }
 
-        let exit = run(&inner, &mut ws, &slot, user, &shutdown).await;
-        inner.admission.release(user, slot.id);
+        let exit = run(&inner, &mut ws, &slot, epoch, user, greeting, &shutdown).await;
+        let resumable = exit
+            .resumable()
+            .then(|| std::time::Instant::now() + inner.resume_window);
+        match inner.admission.release(user, &slot, epoch, resumable) {
+            Released::Detached => {
+                inner.detached_changed();
+                tracing::debug!(code = exit.code(), "session detached; resumable");
+            }
+            Released::TakenOver => tracing::debug!("session taken over by a resume"),
+            Released::Ended => {}
+        }
         finish(&mut ws, exit).await;
 
         inner.metrics.sessions_open.dec();
@@ -247,6 +257,66 @@ pub(super) async fn handle(inner: Arc<Inner>, mut stream: TcpStream, shutdown: S
     }
     .instrument(span)
     .await;
+}
+
+/// The session this connection serves: the one a resume names if it can
+/// be resumed, else a new one (HELLO says why). `None`: no free slot
+/// under `max_per_user` (4010).
+async fn attach(
+    inner: &Arc<Inner>,
+    user: UserId,
+    issued_at: u64,
+    request: resume::Request,
+) -> Option<(Arc<Slot>, Epoch, Greeting)> {
+    let max = usize::try_from(inner.config.max_per_user.get()).unwrap_or(usize::MAX);
+    let on_limit = inner.config.on_limit;
+    let greeting = match request {
+        resume::Request::Fresh => Greeting::Fresh,
+        resume::Request::Malformed => Greeting::Refused(Refused::UnknownSession),
+        resume::Request::Resume { id, seq } => {
+            let resumed = inner
+                .admission
+                .resume(user, id, seq, issued_at, max, on_limit)
+                .await;
+            match resumed {
+                Ok(Resumed {
+                    slot,
+                    epoch,
+                    replayed,
+                }) => {
+                    inner.detached_changed();
+                    inner.metrics.resume("resumed", "none");
+                    inner.metrics.frames_replayed.inc_by(replayed);
+                    return Some((slot, epoch, Greeting::Resumed { replayed }));
+                }
+                Err(ResumeFailed::Limit) => {
+                    inner.metrics.resume("refused", "session_limit");
+                    return None;
+                }
+                Err(ResumeFailed::Refused(why)) => Greeting::Refused(why),
+            }
+        }
+    };
+    if let Greeting::Refused(why) = greeting {
+        inner.metrics.resume("new_session", why.reason());
+    }
+    let queue = Queue::new(
+        inner.config.outbound_queue.get(),
+        inner.config.resume_buffer.get(),
+        inner.metrics.resume_buffer_bytes.clone(),
+    );
+    let slot = Arc::new(Slot::new(queue, issued_at));
+    match inner
+        .admission
+        .admit(user, slot.clone(), max, on_limit)
+        .await
+    {
+        Err(_) => return None,
+        Ok(Some(_)) => tracing::debug!("replaced the user's oldest session"),
+        Ok(None) => {}
+    }
+    inner.metrics.sessions_opened.inc();
+    Some((slot, 0, greeting))
 }
 
 /// Plain HTTP is told to upgrade (426); an upgrade request that breaks
@@ -301,6 +371,8 @@ struct Admission {
     claims: Claims,
     otako_v1: bool,
     connection: Connection,
+    /// What the query asks for: a plain connect or a resume.
+    resume: resume::Request,
 }
 
 /// One upgraded client connection counted against `max_connections`;
@@ -375,6 +447,7 @@ fn admit(inner: &Arc<Inner>, req: &Request, lookup: Lookup) -> Result<Admission,
         claims,
         otako_v1,
         connection,
+        resume: resume::Request::from_query(req.uri().query()),
     })
 }
 
@@ -609,19 +682,33 @@ async fn run(
     inner: &Inner,
     ws: &mut Ws<'_>,
     slot: &Slot,
+    epoch: Epoch,
     user: UserId,
+    greeting: Greeting,
     shutdown: &Shutdown,
 ) -> Exit {
+    let issued_at = slot.issued_at.load(std::sync::atomic::Ordering::Relaxed);
     let interval = inner.heartbeat;
     // With `auth.token_ttl_s`, the session ends (4004) when its token
     // expires; the heartbeat timer doubles as the expiry timer.
-    let expiry = inner.tokens.expires_at(slot.issued_at).map(|at| {
+    let expiry = inner.tokens.expires_at(issued_at).map(|at| {
         let left_ms = (u128::from(at) * 1000).saturating_sub(crate::db::now_ms().max(0) as u128);
         Instant::now() + Duration::from_millis(u64::try_from(left_ms).unwrap_or(u64::MAX))
     });
     let wake_at = |next_ping: Instant| expiry.map_or(next_ping, |e| e.min(next_ping));
-    let hello = frame::hello(slot.id, user, inner.config.heartbeat_interval_ms.get());
-    if let Err(exit) = guarded(ws.send(Message::text(hello)), slot, shutdown, 2 * interval).await {
+    let hello = frame::hello(
+        slot.id,
+        user,
+        inner.config.heartbeat_interval_ms.get(),
+        greeting,
+    );
+    let guard = Guard {
+        slot,
+        epoch,
+        shutdown,
+        stall: 2 * interval,
+    };
+    if let Err(exit) = guard.run(ws.send(Message::text(hello))).await {
         return exit;
     }
 
@@ -631,7 +718,6 @@ async fn run(
     let mut timer = pin!(sleep_until(wake_at(next_ping)));
     // When the oldest unanswered ping went out.
     let mut unanswered: Option<Instant> = None;
-    let mut seq: u64 = 0;
 
     loop {
         let wake = tokio::select! {
@@ -639,7 +725,7 @@ async fn run(
             _ = shutdown.cancelled() => Wake::Shutdown,
             _ = timer.as_mut() => Wake::Tick,
             msg = ws.next() => Wake::Inbound(msg),
-            _ = slot.queue.ready() => Wake::Queue,
+            _ = slot.queue.ready(epoch) => Wake::Queue,
         };
         match wake {
             Wake::Shutdown => return Exit::Close(code::GOING_AWAY),
@@ -657,7 +743,7 @@ async fn run(
                 next_ping = now + interval;
                 timer.as_mut().reset(wake_at(next_ping));
                 let ping = ws.send(Message::Ping(Bytes::new()));
-                if let Err(exit) = guarded(ping, slot, shutdown, 2 * interval).await {
+                if let Err(exit) = guard.run(ping).await {
                     return exit;
                 }
             }
@@ -667,11 +753,11 @@ async fn run(
                 Inbound::End(exit) => return exit,
             },
             Wake::Queue => {
-                if let Some(code) = slot.queue.close_code() {
+                if let Some(code) = slot.queue.close_code(epoch) {
                     return Exit::Close(code);
                 }
-                let batch = write_batch(inner, ws, slot, &mut seq);
-                if let Err(exit) = guarded(batch, slot, shutdown, 2 * interval).await {
+                let batch = write_batch(inner, ws, slot, epoch);
+                if let Err(exit) = guard.run(batch).await {
                     return exit;
                 }
             }
@@ -719,20 +805,20 @@ fn inbound(inner: &Inner, msg: Option<Result<Message, WsError>>) -> Inbound {
     }
 }
 
-/// Writes up to one batch of queued frames, then flushes once.
+/// Writes up to one batch of queued frames (a resume's replay first:
+/// they are the same log), then flushes once.
 async fn write_batch(
     inner: &Inner,
     ws: &mut Ws<'_>,
     slot: &Slot,
-    seq: &mut u64,
+    epoch: Epoch,
 ) -> Result<(), WsError> {
     let (mut frames, mut bytes) = (0u64, 0usize);
     while frames < MAX_BATCH as u64 && bytes < MAX_BATCH_BYTES {
-        let Some(frame) = slot.queue.pop() else {
+        let Some((seq, frame)) = slot.queue.pop(epoch) else {
             break;
         };
-        *seq += 1;
-        let text = frame.encode(*seq);
+        let text = frame.encode(seq);
         bytes += text.len();
         ws.feed(Message::Text(Utf8Bytes::from(text))).await?;
         frames += 1;
@@ -742,24 +828,30 @@ async fn write_batch(
     Ok(())
 }
 
-/// Runs a write, but gives up on it if the session is told to close,
-/// shutdown begins, or it stalls past `stall` (a client that stopped
-/// reading can't answer pings either: 4008).
-async fn guarded(
-    write: impl Future<Output = Result<(), WsError>>,
-    slot: &Slot,
-    shutdown: &Shutdown,
+/// What a write is guarded by: the session's close request (for this
+/// connection's epoch), shutdown, and a stall limit.
+struct Guard<'a> {
+    slot: &'a Slot,
+    epoch: Epoch,
+    shutdown: &'a Shutdown,
     stall: Duration,
-) -> Result<(), Exit> {
-    tokio::select! {
-        biased;
-        result = write => result.map_err(|err| {
-            tracing::debug!(error = %err, "write failed");
-            Exit::Dropped
-        }),
-        _ = shutdown.cancelled() => Err(Exit::Close(code::GOING_AWAY)),
-        code = slot.queue.closed() => Err(Exit::Close(code)),
-        _ = sleep(stall) => Err(Exit::Close(code::HEARTBEAT)),
+}
+
+impl Guard<'_> {
+    /// Runs a write, but gives up on it if the session is told to close
+    /// (or taken over), shutdown begins, or it stalls past `stall` (a
+    /// client that stopped reading can't answer pings either: 4008).
+    async fn run(&self, write: impl Future<Output = Result<(), WsError>>) -> Result<(), Exit> {
+        tokio::select! {
+            biased;
+            result = write => result.map_err(|err| {
+                tracing::debug!(error = %err, "write failed");
+                Exit::Dropped
+            }),
+            _ = self.shutdown.cancelled() => Err(Exit::Close(code::GOING_AWAY)),
+            code = self.slot.queue.closed(self.epoch) => Err(Exit::Close(code)),
+            _ = sleep(self.stall) => Err(Exit::Close(code::HEARTBEAT)),
+        }
     }
 }
 

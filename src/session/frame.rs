@@ -3,7 +3,8 @@
 
 use std::fmt::Write as _;
 
-use crate::ids::{Snowflake, UserId};
+use super::resume::{Greeting, SessionId};
+use crate::ids::UserId;
 
 /// A client event serialized once and shared by all recipients.
 ///
@@ -54,14 +55,30 @@ impl ClientFrame {
 }
 
 /// The first frame of every session. HELLO carries no `s`.
-pub(crate) fn hello(session: Snowflake, user: UserId, heartbeat_interval_ms: u64) -> String {
-    format!(
-        "{{\"op\":10,\"t\":\"HELLO\",\"d\":{{\"session_id\":\"{session}\",\"user_id\":\"{user}\",\"heartbeat_interval_ms\":{heartbeat_interval_ms}}}}}"
-    )
+pub(crate) fn hello(
+    session: SessionId,
+    user: UserId,
+    heartbeat_interval_ms: u64,
+    greeting: Greeting,
+) -> String {
+    let mut out = format!(
+        "{{\"op\":10,\"t\":\"HELLO\",\"d\":{{\"session_id\":\"{session}\",\"user_id\":\"{user}\",\"heartbeat_interval_ms\":{heartbeat_interval_ms},"
+    );
+    // Writing to a String cannot fail.
+    let _ = match greeting {
+        Greeting::Fresh => write!(out, "\"resumed\":false"),
+        Greeting::Resumed { replayed } => {
+            write!(out, "\"resumed\":true,\"replayed\":{replayed}")
+        }
+        Greeting::Refused(why) => write!(out, "\"resumed\":false,\"reason\":\"{}\"", why.reason()),
+    };
+    out.push_str("}}");
+    out
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::resume::Refused;
     use super::*;
 
     #[test]
@@ -84,12 +101,29 @@ mod tests {
     }
 
     #[test]
-    fn hello_shape() {
-        let text = hello(Snowflake::new(9).unwrap(), UserId::new(42).unwrap(), 30000);
-        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    fn hello_shapes() {
+        let id = SessionId::random();
+        let user = UserId::new(42).unwrap();
+        let parse =
+            |g| -> serde_json::Value { serde_json::from_str(&hello(id, user, 30000, g)).unwrap() };
+        let d = |extra: serde_json::Value| {
+            let mut d = serde_json::json!({"session_id":id.to_string(),"user_id":"42","heartbeat_interval_ms":30000});
+            d.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            serde_json::json!({"op":10,"t":"HELLO","d":d})
+        };
         assert_eq!(
-            v,
-            serde_json::json!({"op":10,"t":"HELLO","d":{"session_id":"9","user_id":"42","heartbeat_interval_ms":30000}})
+            parse(Greeting::Fresh),
+            d(serde_json::json!({"resumed":false}))
+        );
+        assert_eq!(
+            parse(Greeting::Resumed { replayed: 3 }),
+            d(serde_json::json!({"resumed":true,"replayed":3}))
+        );
+        assert_eq!(
+            parse(Greeting::Refused(Refused::TooFarBehind)),
+            d(serde_json::json!({"resumed":false,"reason":"too_far_behind"}))
         );
     }
 }

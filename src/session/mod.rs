@@ -3,22 +3,28 @@
 //! pings, and fed through bounded per-session queues.
 //!
 //! - [`frame`]: the client frames; an event is serialized once per delivery.
-//! - `queue`: one session's bounded queue and close request.
-//! - `registry`: user id → sessions; the per-user limit lives here.
+//! - `queue`: one session's bounded log (outbound queue and resume buffer
+//!   in one, `s` assigned on entry) and close request.
+//! - `registry`: user id → sessions, attached or detached; the per-user
+//!   limit and resume's takeover live here.
+//! - `resume`: session ids, the `resume=`/`seq=` query, HELLO's outcome.
 //! - `conn`: one connection's task: handshake, HELLO, the select loop, close.
 //!
 //! The delivering side ([`Sessions::deliver`]) never waits on a socket: it
 //! pushes into queues, and a session that can't keep up is closed (4009)
-//! instead of slowing anyone else down.
+//! instead of slowing anyone else down. A session whose socket drops
+//! without a clean close stays detached (still a recipient) for
+//! `resume_window_ms`; one sweeper task ends those that expire.
 
 mod conn;
 pub mod frame;
 mod queue;
 mod registry;
+mod resume;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -27,7 +33,7 @@ pub use frame::ClientFrame;
 
 use crate::config::{ServerConfig, SessionsConfig};
 use crate::db::Db;
-use crate::ids::{IdGen, UserId};
+use crate::ids::UserId;
 use crate::shutdown::Shutdown;
 use crate::telemetry::Metrics;
 use crate::token::TokenKey;
@@ -87,7 +93,7 @@ struct Inner {
     registry: Arc<Registry>,
     /// Connect's view: the same registry today (see [`Admission`]).
     admission: Arc<dyn Admission>,
-    ids: IdGen,
+    resume_window: Duration,
     ws_config: WebSocketConfig,
 }
 
@@ -106,19 +112,19 @@ impl std::fmt::Debug for Sessions {
 }
 
 impl Sessions {
-    /// `node` is `cluster.node_id`: the node bits of the session ids.
     /// `revocations` is the read-only database handle the handshake checks
     /// revoked tokens against.
     pub fn new(
         config: SessionsConfig,
         edge: Edge,
-        node: u16,
         tokens: TokenKey,
         revocations: Option<Db>,
         metrics: Arc<Metrics>,
     ) -> Sessions {
         let heartbeat = Duration::from_millis(config.heartbeat_interval_ms.get());
-        let registry = Arc::new(Registry::default());
+        let max_detached = usize::try_from(config.max_per_user.get()).unwrap_or(usize::MAX);
+        let registry = Arc::new(Registry::new(max_detached));
+        let resume_window = Duration::from_millis(config.resume_window_ms.get());
         Sessions {
             inner: Arc::new(Inner {
                 config,
@@ -130,16 +136,18 @@ impl Sessions {
                 metrics,
                 admission: registry.clone(),
                 registry,
-                ids: IdGen::new(node),
+                resume_window,
                 ws_config: ws_config(),
             }),
         }
     }
 
     /// Accept loop for `GET /gateway` until shutdown; on shutdown every
-    /// session is closed with 1001. Connection tasks are spawned on the
-    /// shutdown tracker so drain waits for them.
+    /// session is closed with 1001 (and ends: resume buffers live in this
+    /// process only). Connection tasks are spawned on the shutdown tracker
+    /// so drain waits for them; so is the sweeper of detached sessions.
     pub async fn serve(&self, listener: TcpListener, shutdown: Shutdown) {
+        shutdown.spawn(sweep(self.inner.clone(), shutdown.clone()));
         while let Some((stream, _)) = shutdown.accept(&listener, "client").await {
             shutdown.spawn(conn::handle(self.inner.clone(), stream, shutdown.clone()));
         }
@@ -186,21 +194,49 @@ impl Sessions {
         done.reached
     }
 
-    /// Which of these users have at least one open session (order kept, no
-    /// duplicates).
+    /// Which of these users have at least one session with a connection
+    /// attached (order kept, no duplicates).
     pub fn online(&self, users: &[UserId]) -> Vec<UserId> {
         self.inner.registry.online(users)
     }
 
     /// Closes `user`'s sessions whose token was issued at or before
-    /// `revoked_at` (unix seconds) with 4004; returns how many.
+    /// `revoked_at` (unix seconds) with 4004, ending detached ones too;
+    /// returns how many.
     pub fn revoke(&self, user: UserId, revoked_at: u64) -> usize {
-        self.inner.registry.revoke(user, revoked_at)
+        let closed = self.inner.registry.revoke(user, revoked_at);
+        self.inner.detached_changed();
+        closed
     }
 
-    /// Sessions registered now (deliverable; closing ones excluded).
+    /// Sessions with a connection attached now (detached ones excluded).
     pub fn session_count(&self) -> usize {
         self.inner.registry.count()
+    }
+}
+
+impl Inner {
+    /// Brings `otako_sessions_detached` up to date.
+    fn detached_changed(&self) {
+        let detached = i64::try_from(self.registry.detached()).unwrap_or(i64::MAX);
+        self.metrics.sessions_detached.set(detached);
+    }
+}
+
+/// Ends detached sessions once their `resume_window_ms` has passed,
+/// checking a few times per window (at most once a second).
+async fn sweep(inner: Arc<Inner>, shutdown: Shutdown) {
+    let tick = (inner.resume_window / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(tick) => {}
+        }
+        let ended = inner.registry.sweep(Instant::now());
+        if ended > 0 {
+            inner.detached_changed();
+            tracing::debug!(sessions = ended, "detached sessions expired");
+        }
     }
 }
 

@@ -34,6 +34,8 @@ async fn start(outbound_queue: usize) -> Harness {
         on_limit: OnLimit::Reject,
         heartbeat_interval_ms: NonZeroU64::new(30_000).unwrap(),
         outbound_queue: NonZeroUsize::new(outbound_queue).unwrap(),
+        resume_window_ms: NonZeroU64::new(120_000).unwrap(),
+        resume_buffer: NonZeroUsize::new(1024).unwrap(),
     };
     let metrics = Metrics::new();
     let edge = Edge {
@@ -44,7 +46,6 @@ async fn start(outbound_queue: usize) -> Harness {
     let sessions = Sessions::new(
         config,
         edge,
-        0,
         TokenKey::new(SECRET, None),
         None,
         metrics.clone(),
@@ -209,8 +210,8 @@ async fn a_client_that_never_reads_is_closed_4009_without_slowing_others() {
         reached_slow_until_overflow > 8,
         "the kernel buffers absorbed some first"
     );
-    // After the overflow only `fast` is reached.
-    assert_eq!(h.sessions.deliver(&[user(1), user(2)], &frame), 1);
+    // After the overflow `slow` keeps the frame for a resume.
+    assert_eq!(h.sessions.deliver(&[user(1), user(2)], &frame), 2);
     sent_to_fast += 1;
     let end = Arc::new(ClientFrame::new("END", "{}"));
     assert_eq!(h.sessions.deliver(&[user(2)], &end), 1);
@@ -238,8 +239,9 @@ async fn a_client_that_never_reads_is_closed_4009_without_slowing_others() {
             == 1
     })
     .await;
-    // `fast` (still held) is the one session left.
+    // `fast` (still held) is the one session attached; `slow` is detached.
     assert_eq!(h.sessions.session_count(), 1);
+    assert_eq!(h.metrics.sessions_detached.get(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,26 @@ use futures_util::SinkExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{DISPATCH_SECRET, Setup, TestDb, WsClient, read_json, try_ws};
+use super::{DISPATCH_SECRET, Setup, TestDb, WsClient, read_json, test_plugin, try_ws};
+
+/// A setup routing `EVENT_ECHO` to the config echo test plugin, which
+/// delivers `CONFIG_ECHO` carrying the event's id to every session.
+pub fn echo_setup() -> Setup {
+    let mut setup = Setup::sqlite();
+    // A generous limit: these tests load a shared machine hard.
+    setup.route(
+        "EVENT_ECHO",
+        &test_plugin("config_echo_plugin"),
+        "timeout_ms = 5000",
+    );
+    setup
+}
+
+/// An `EVENT_ECHO` dispatch frame with event id (and `s`) `id`.
+pub fn echo_event(id: u64) -> String {
+    json!({"t": "EVENT_ECHO", "d": {"channel_id": "1"}, "op": 0, "s": id, "event_id": id.to_string()})
+        .to_string()
+}
 
 /// A backend's dispatch connection.
 pub struct DispatchClient {
@@ -81,6 +100,18 @@ impl DispatchClient {
             acks.insert(key, ack);
         }
         acks
+    }
+
+    /// Sends `EVENT_ECHO` for each id and waits for every ack (each must
+    /// succeed): the frames are then with every recipient session.
+    pub async fn echo(&mut self, ids: std::ops::RangeInclusive<u64>) {
+        let n = ids.clone().count();
+        for id in ids {
+            self.send_text(&echo_event(id)).await;
+        }
+        for (id, ack) in self.acks(n).await {
+            assert_eq!(ack["success"], true, "event {id}: {ack}");
+        }
     }
 
     /// PING, and the PONG's `d`.

@@ -700,6 +700,22 @@ pub async fn read_close(ws: &mut WsClient) -> Option<u16> {
     read_close_within(ws, Duration::from_secs(10)).await
 }
 
+/// Fails naming any secret found in `output`, as written or hex-encoded
+/// (tungstenite traces frame payloads in hex).
+pub fn assert_no_secrets(output: &str, secrets: &[String]) {
+    let hex = |s: &str| s.bytes().map(|b| format!("{b:02x}")).collect::<String>();
+    for secret in secrets {
+        assert!(
+            !output.contains(secret.as_str()),
+            "{secret} was written out"
+        );
+        assert!(
+            !output.contains(&hex(secret)),
+            "{secret} was written out in hex"
+        );
+    }
+}
+
 /// A small tmpfs mounted over a folder for the life of the value, to give
 /// a test a disk that can fill up. Needs root (tests run as root here).
 pub struct Tmpfs {
