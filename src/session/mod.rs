@@ -21,6 +21,7 @@ use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 pub use frame::ClientFrame;
@@ -28,6 +29,7 @@ pub use frame::ClientFrame;
 use crate::config::{ServerConfig, SessionsConfig};
 use crate::db::Db;
 use crate::ids::{IdGen, UserId};
+use crate::listen::Guard;
 use crate::shutdown::Shutdown;
 use crate::telemetry::Metrics;
 use crate::token::TokenKey;
@@ -53,20 +55,23 @@ fn ws_config() -> WebSocketConfig {
 }
 
 /// What the client handshake checks and limits (`[server]`, DESIGN §2).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Edge {
     /// Lowercased `scheme://host[:port]` or `*`; `None`: same-origin only.
     pub allowed_origins: Option<Vec<String>>,
     pub handshake_timeout: Duration,
     pub max_connections: usize,
+    /// `server.tls_cert`/`tls_key`, loaded: clients connect with wss://.
+    pub tls: Option<TlsAcceptor>,
 }
 
 impl Edge {
-    pub fn new(server: &ServerConfig) -> Edge {
+    pub fn new(server: &ServerConfig, tls: Option<TlsAcceptor>) -> Edge {
         Edge {
             allowed_origins: server.allowed_origins.clone(),
             handshake_timeout: Duration::from_millis(server.handshake_timeout_ms.get()),
             max_connections: server.max_connections.get(),
+            tls,
         }
     }
 }
@@ -75,6 +80,8 @@ impl Edge {
 struct Inner {
     config: SessionsConfig,
     edge: Edge,
+    /// TLS and the request head under the handshake timeout.
+    guard: Guard,
     /// Upgraded client connections, held against `edge.max_connections`.
     connections: AtomicUsize,
     heartbeat: Duration,
@@ -119,10 +126,17 @@ impl Sessions {
     ) -> Sessions {
         let heartbeat = Duration::from_millis(config.heartbeat_interval_ms.get());
         let registry = Arc::new(Registry::default());
+        let guard = Guard {
+            listener: "client",
+            timeout: edge.handshake_timeout,
+            tls: edge.tls.clone(),
+            metrics: Some(metrics.clone()),
+        };
         Sessions {
             inner: Arc::new(Inner {
                 config,
                 edge,
+                guard,
                 connections: AtomicUsize::new(0),
                 heartbeat,
                 tokens,
