@@ -151,17 +151,48 @@ pub async fn hang_up<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) {
     .await;
 }
 
+/// Sees every byte read through a [`Prefixed`], head included, before the
+/// protocol does; an error fails that read and withholds its bytes.
+pub trait ReadCheck {
+    fn check(&mut self, bytes: &[u8]) -> std::io::Result<()>;
+}
+
+/// No check.
+impl ReadCheck for () {
+    fn check(&mut self, _: &[u8]) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A connection with its request head, read ahead, put back in front of
-/// it for the protocol to read again.
-pub struct Prefixed<S> {
+/// it for the protocol to read again; reads pass `check`.
+pub struct Prefixed<S, C = ()> {
     head: Vec<u8>,
     read: usize,
     io: S,
+    check: C,
 }
 
 impl<S> Prefixed<S> {
     pub fn new(head: Vec<u8>, io: S) -> Prefixed<S> {
-        Prefixed { head, read: 0, io }
+        Prefixed {
+            head,
+            read: 0,
+            io,
+            check: (),
+        }
+    }
+}
+
+impl<S, C> Prefixed<S, C> {
+    pub fn checked<D: ReadCheck>(self, check: D) -> Prefixed<S, D> {
+        let Prefixed { head, read, io, .. } = self;
+        Prefixed {
+            head,
+            read,
+            io,
+            check,
+        }
     }
 
     pub fn get_mut(&mut self) -> &mut S {
@@ -169,13 +200,14 @@ impl<S> Prefixed<S> {
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+impl<S: AsyncRead + Unpin, C: ReadCheck + Unpin> AsyncRead for Prefixed<S, C> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
+        let before = buf.filled().len();
         if this.read < this.head.len() {
             let n = (this.head.len() - this.read).min(buf.remaining());
             buf.put_slice(&this.head[this.read..this.read + n]);
@@ -185,13 +217,21 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
                 this.head = Vec::new();
                 this.read = 0;
             }
-            return Poll::Ready(Ok(()));
+        } else {
+            match Pin::new(&mut this.io).poll_read(cx, buf) {
+                Poll::Ready(Ok(())) => {}
+                other => return other,
+            }
         }
-        Pin::new(&mut this.io).poll_read(cx, buf)
+        if let Err(err) = this.check.check(&buf.filled()[before..]) {
+            buf.set_filled(before);
+            return Poll::Ready(Err(err));
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+impl<S: AsyncWrite + Unpin, C: Unpin> AsyncWrite for Prefixed<S, C> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -24,6 +24,7 @@ use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
 use tracing::Instrument;
 
 use super::Inner;
+use super::control_only::{ControlOnly, is_data_frame};
 use super::frame;
 use super::queue::{REPLACED, REVOKED, SLOW_CONSUMER};
 use super::registry::Slot;
@@ -72,7 +73,7 @@ fn reason(code: u16) -> &'static str {
     }
 }
 
-type Ws<'a> = WebSocketStream<Prefixed<&'a mut Stream>>;
+type Ws<'a> = WebSocketStream<Prefixed<&'a mut Stream, ControlOnly>>;
 
 /// How a session ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,7 +131,7 @@ pub(super) async fn handle(inner: Arc<Inner>, tcp: TcpStream, shutdown: Shutdown
             }
             Err(refusal) => Err(refusal.response()),
         };
-        let io = Prefixed::new(head, &mut stream);
+        let io = Prefixed::new(head, &mut stream).checked(ControlOnly::new());
         tokio_tungstenite::accept_hdr_async_with_config(io, callback, Some(inner.ws_config)).await
     };
     let result = tokio::select! {
@@ -601,6 +602,9 @@ fn inbound(inner: &Inner, msg: Option<Result<Message, WsError>>) -> Inbound {
         Some(Ok(Message::Text(_) | Message::Binary(_))) => reject(),
         // Over the tiny inbound cap, or text that isn't UTF-8: data either way.
         Some(Err(WsError::Capacity(_) | WsError::Utf8(_))) => reject(),
+        // A data frame's header (a first fragment, a continuation), caught
+        // before tungstenite buffers any of it.
+        Some(Err(WsError::Io(err))) if is_data_frame(&err) => reject(),
         Some(Err(WsError::Protocol(err))) => {
             tracing::debug!(error = %err, "client broke the websocket protocol");
             if matches!(

@@ -6,12 +6,14 @@
 //! - `queue`: one session's bounded queue and close request.
 //! - `registry`: user id → sessions; the per-user limit lives here.
 //! - `conn`: one connection's task: handshake, HELLO, the select loop, close.
+//! - `control_only`: the read side, refusing data frames at their header.
 //!
 //! The delivering side ([`Sessions::deliver`]) never waits on a socket: it
 //! pushes into queues, and a session that can't keep up is closed (4009)
 //! instead of slowing anyone else down.
 
 mod conn;
+mod control_only;
 pub mod frame;
 mod queue;
 mod registry;
