@@ -77,9 +77,10 @@ pub async fn run(
         .map(TlsFiles::acceptor)
         .transpose()?;
     let url = dispatch_url.unwrap_or_else(|| config.api.dispatch_url.clone());
-    let connector = match url.starts_with("wss://") {
-        true => Some(crate::tls::connector(config.api.dispatch_ca.as_deref())?),
-        false => None,
+    let connector = if url.starts_with("wss://") {
+        Some(crate::tls::connector(config.api.dispatch_ca.as_deref())?)
+    } else {
+        None
     };
     let listener = TcpListener::bind(config.api.listen)
         .await
