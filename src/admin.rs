@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use crate::db::Db;
 use crate::http::{self, BearerSecret, HttpResponse};
 use crate::ids::UserId;
+use crate::listen::Guard;
 use crate::shutdown::Shutdown;
 use crate::telemetry::Metrics;
 
@@ -67,16 +68,18 @@ const REVOKE: &str = "/admin/revoke";
 const MAX_REVOKE_BODY: usize = 4096;
 
 /// Serves the admin endpoints until shutdown. `dispatch_secret` guards
-/// the one that changes state.
+/// the one that changes state; `guard` holds handshakes to the client
+/// listener's timeout and head caps.
 pub async fn serve(
     listener: TcpListener,
     shutdown: Shutdown,
+    guard: Guard,
     db: Db,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
     dispatch_secret: BearerSecret,
 ) {
-    http::serve(listener, shutdown, move |req| {
+    http::serve(listener, shutdown, guard, move |req| {
         let db = db.clone();
         let metrics = metrics.clone();
         let readiness = readiness.clone();

@@ -174,6 +174,27 @@ pub struct ServerConfig {
     /// thousands must not overflow it into 1 s SYN retries (the usual 128
     /// does at about 200 simultaneous connects).
     pub listen_backlog: NonZeroU32,
+    /// `tls_cert`/`tls_key`: the client listener speaks wss://.
+    #[serde(flatten)]
+    pub tls: Option<TlsFiles>,
+    /// The dispatch listener speaks wss:// too, with the same identity.
+    pub dispatch_tls: bool,
+}
+
+/// A listener's TLS identity: PEM files, checked loadable at load time.
+/// Serialized with the file's keys, for hot reload's messages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TlsFiles {
+    #[serde(rename = "tls_cert")]
+    pub cert: PathBuf,
+    #[serde(rename = "tls_key")]
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    pub fn acceptor(&self) -> Result<tokio_rustls::TlsAcceptor, crate::tls::TlsError> {
+        crate::tls::acceptor(&self.cert, &self.key)
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -279,6 +300,12 @@ pub struct ApiConfig {
     pub max_body_bytes: NonZeroUsize,
     /// Longest message content accepted, in characters (422 beyond).
     pub max_content_len: NonZeroUsize,
+    /// `tls_cert`/`tls_key`: the API listener speaks https://.
+    #[serde(flatten)]
+    pub tls: Option<TlsFiles>,
+    /// PEM certificates a wss:// `dispatch_url` is trusted by (a private
+    /// CA or a self-signed gateway); unset: the webpki (Mozilla) roots.
+    pub dispatch_ca: Option<PathBuf>,
 }
 
 /// A validated `gateway.toml`. `Serialize` gives the tree hot reload
@@ -493,6 +520,9 @@ mod raw {
         handshake_timeout_ms: NonZeroU64,
         max_connections: NonZeroUsize,
         listen_backlog: NonZeroU32,
+        tls_cert: Option<Spanned<PathBuf>>,
+        tls_key: Option<Spanned<PathBuf>>,
+        dispatch_tls: Spanned<bool>,
     }
 
     impl Default for Server {
@@ -505,6 +535,9 @@ mod raw {
                 handshake_timeout_ms: nz64(10_000),
                 max_connections: nzu(100_000),
                 listen_backlog: NonZeroU32::new(4096).unwrap_or(NonZeroU32::MIN),
+                tls_cert: None,
+                tls_key: None,
+                dispatch_tls: Spanned::new(0..0, false),
             }
         }
     }
@@ -672,6 +705,9 @@ mod raw {
         attempt_timeout_ms: NonZeroU64,
         max_body_bytes: NonZeroUsize,
         max_content_len: NonZeroUsize,
+        tls_cert: Option<Spanned<PathBuf>>,
+        tls_key: Option<Spanned<PathBuf>>,
+        dispatch_ca: Option<Spanned<PathBuf>>,
     }
 
     impl Default for Api {
@@ -683,6 +719,9 @@ mod raw {
                 attempt_timeout_ms: nz64(2_000),
                 max_body_bytes: nzu(64 * 1024),
                 max_content_len: nzu(4_000),
+                tls_cert: None,
+                tls_key: None,
+                dispatch_ca: None,
             }
         }
     }
@@ -721,6 +760,41 @@ mod raw {
             }
         }
         Ok(())
+    }
+
+    /// `tls_cert` and `tls_key` of `[table]`: both or neither, and loadable
+    /// (a missing or bad file is an error naming it).
+    fn tls_files(
+        table: &str,
+        cert: Option<Spanned<PathBuf>>,
+        key: Option<Spanned<PathBuf>>,
+        base: &Path,
+        text: &str,
+        errors: &mut Vec<(usize, String)>,
+    ) -> Option<TlsFiles> {
+        match (cert, key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => {
+                let files = TlsFiles {
+                    cert: resolve(base, cert.get_ref()),
+                    key: resolve(base, key.get_ref()),
+                };
+                if let Err(err) = files.acceptor() {
+                    errors.push((
+                        line_of(text, cert.span().start),
+                        format!("in [{table}]: tls_cert/tls_key: {err}"),
+                    ));
+                }
+                Some(files)
+            }
+            (Some(one), None) | (None, Some(one)) => {
+                errors.push((
+                    line_of(text, one.span().start),
+                    format!("in [{table}]: tls_cert and tls_key go together: set both or neither"),
+                ));
+                None
+            }
+        }
     }
 
     /// Largest memory limit a route may ask for: a wasm32 guest can't
@@ -823,19 +897,44 @@ mod raw {
             }
 
             let dispatch_url = self.api.dispatch_url.get_ref();
-            if dispatch_url.starts_with("wss://") {
+            if !dispatch_url.starts_with("ws://") && !dispatch_url.starts_with("wss://") {
                 errors.push((
                     at(self.api.dispatch_url.span()),
                     format!(
-                        "in [api]: dispatch_url '{dispatch_url}': TLS for the dispatch client is not supported yet; use ws://"
+                        "in [api]: dispatch_url '{dispatch_url}' must start with ws:// or wss://"
                     ),
                 ));
-            } else if !dispatch_url.starts_with("ws://") {
+            }
+            let dispatch_ca = self.api.dispatch_ca.map(|ca| {
+                let path = resolve(base, ca.get_ref());
+                if let Err(err) = crate::tls::connector(Some(&path)) {
+                    errors.push((at(ca.span()), format!("in [api]: dispatch_ca: {err}")));
+                }
+                path
+            });
+            let server_tls = tls_files(
+                "server",
+                self.server.tls_cert,
+                self.server.tls_key,
+                base,
+                text,
+                &mut errors,
+            );
+            let dispatch_tls = *self.server.dispatch_tls.get_ref();
+            if dispatch_tls && server_tls.is_none() {
                 errors.push((
-                    at(self.api.dispatch_url.span()),
-                    format!("in [api]: dispatch_url '{dispatch_url}' must start with ws://"),
+                    at(self.server.dispatch_tls.span()),
+                    "in [server]: dispatch_tls needs tls_cert and tls_key".to_owned(),
                 ));
             }
+            let api_tls = tls_files(
+                "api",
+                self.api.tls_cert,
+                self.api.tls_key,
+                base,
+                text,
+                &mut errors,
+            );
 
             let node_id = NodeId::new(*self.cluster.node_id.get_ref());
             if node_id.is_none() {
@@ -898,6 +997,8 @@ mod raw {
                     handshake_timeout_ms: self.server.handshake_timeout_ms,
                     max_connections: self.server.max_connections,
                     listen_backlog: self.server.listen_backlog,
+                    tls: server_tls,
+                    dispatch_tls,
                 },
                 auth: AuthConfig {
                     token_secret: self.auth.token_secret.filter(|s| !s.is_empty()).map(Secret),
@@ -946,6 +1047,8 @@ mod raw {
                     attempt_timeout_ms: self.api.attempt_timeout_ms,
                     max_body_bytes: self.api.max_body_bytes,
                     max_content_len: self.api.max_content_len,
+                    tls: api_tls,
+                    dispatch_ca,
                 },
             })
         }
@@ -1098,12 +1201,36 @@ mod tests {
     }
 
     #[test]
-    fn a_tls_dispatch_url_is_refused() {
-        let err = parse("[api]\ndispatch_url = \"wss://gw:7071/dispatch\"\n")
+    fn tls_keys_go_in_pairs_and_name_missing_files() {
+        parse("[api]\ndispatch_url = \"wss://gw:7071/dispatch\"\n").unwrap();
+        let err = parse("[server]\ntls_cert = \"/nonexistent/gw.pem\"\n")
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains(":2: in [api]: dispatch_url 'wss://gw:7071/dispatch': TLS for the dispatch client is not supported yet; use ws://"),
+            err.contains(":2: in [server]: tls_cert and tls_key go together"),
+            "{err}"
+        );
+        let err = parse(
+            "[server]\ntls_cert = \"/nonexistent/gw.pem\"\ntls_key = \"/nonexistent/gw.key\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains(":2: in [server]: tls_cert/tls_key: /nonexistent/gw.pem: cannot read"),
+            "{err}"
+        );
+        let err = parse("[api]\ndispatch_ca = \"/nonexistent/ca.pem\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(":2: in [api]: dispatch_ca: /nonexistent/ca.pem: cannot read"),
+            "{err}"
+        );
+        let err = parse("[server]\ndispatch_tls = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("dispatch_tls needs tls_cert and tls_key"),
             "{err}"
         );
     }

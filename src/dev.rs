@@ -77,7 +77,12 @@ pub async fn run(
             _ => Ok(()),
         };
     };
-    let dispatch_url = format!("ws://{}/dispatch", bound.dispatch);
+    let scheme = if config.server.dispatch_tls {
+        "wss"
+    } else {
+        "ws"
+    };
+    let dispatch_url = format!("{scheme}://{}/dispatch", bound.dispatch);
     let (token_secret, _) = config.require_secrets()?;
     let tokens = TokenKey::new(token_secret.expose().as_bytes(), None);
     let api_task = {
@@ -132,8 +137,17 @@ fn print_welcome(bound: Bound, api: std::net::SocketAddr, tokens: &TokenKey) {
     let (alice, bob) = (token(DEMO_USERS[0].0), token(DEMO_USERS[1].0));
     println!("otako-gateway listening {bound}");
     println!("otako-gateway dev is running (Ctrl-C stops it):");
-    println!("  clients   ws://{}/gateway", bound.client);
-    println!("  dispatch  ws://{}/dispatch", bound.dispatch);
+    let ws = |tls| if tls { "wss" } else { "ws" };
+    println!(
+        "  clients   {}://{}/gateway",
+        ws(bound.client_tls),
+        bound.client
+    );
+    println!(
+        "  dispatch  {}://{}/dispatch",
+        ws(bound.dispatch_tls),
+        bound.dispatch
+    );
     println!("  admin     http://{}/metrics", bound.admin);
     println!("otako-gateway api listening http://{api}");
     println!("  demo users: alice (id 1) and bob (id 2), both in channel {DEMO_CHANNEL}");

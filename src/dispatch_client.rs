@@ -24,7 +24,9 @@
 //! ```
 //!
 //! Retrying is the caller's policy: [`RetryPolicy`] gives the backoff the
-//! reference backend uses.
+//! reference backend uses. A `wss://` url is verified against the webpki
+//! roots, or against the roots of a [`TlsConnector`] from
+//! [`crate::tls::connector`] given to [`DispatchClient::connect_with`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,8 +36,11 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_util::either::Either;
 
 /// Why an event did not get an ack.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +106,17 @@ impl DispatchClient {
         secret: &str,
         ping_every: Duration,
     ) -> Result<DispatchClient, ClientError> {
+        Self::connect_with(url, secret, ping_every, None).await
+    }
+
+    /// [`connect`](Self::connect), trusting `tls`'s roots for a `wss://`
+    /// url (`None`: the webpki roots).
+    pub async fn connect_with(
+        url: &str,
+        secret: &str,
+        ping_every: Duration,
+        tls: Option<&TlsConnector>,
+    ) -> Result<DispatchClient, ClientError> {
         let bad_url = |reason: String| ClientError::Url {
             url: url.to_owned(),
             reason,
@@ -112,8 +128,12 @@ impl DispatchClient {
             .parse()
             .map_err(|_| bad_url("the dispatch secret is not a valid header value".into()))?;
         request.headers_mut().insert("authorization", bearer);
+        let secure = request.uri().scheme_str() == Some("wss");
         let host = request.uri().host().unwrap_or("").to_owned();
-        let port = request.uri().port_u16().unwrap_or(80);
+        let port = request
+            .uri()
+            .port_u16()
+            .unwrap_or(if secure { 443 } else { 80 });
         let fail = |reason: String| ClientError::Connect {
             url: url.to_owned(),
             reason,
@@ -122,6 +142,26 @@ impl DispatchClient {
             .await
             .map_err(|e| fail(e.to_string()))?;
         let _ = stream.set_nodelay(true);
+        let stream = if secure {
+            let default;
+            let tls = match tls {
+                Some(tls) => tls,
+                None => {
+                    default = crate::tls::connector(None).map_err(|e| fail(e.to_string()))?;
+                    &default
+                }
+            };
+            // `[::1]` in a url is the name `::1`.
+            let name = ServerName::try_from(host.trim_matches(['[', ']']).to_owned())
+                .map_err(|e| bad_url(e.to_string()))?;
+            let tls = tls
+                .connect(name, stream)
+                .await
+                .map_err(|e| fail(format!("TLS: {e}")))?;
+            Either::Right(tls)
+        } else {
+            Either::Left(stream)
+        };
         let (ws, _) = tokio_tungstenite::client_async(request, stream)
             .await
             .map_err(|e| fail(e.to_string()))?;

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 use crate::admin::{self, Readiness};
-use crate::config::Config;
+use crate::config::{Config, TlsFiles};
 use crate::db::{Access, Db, DbError};
 use crate::dispatch::claims::{Claims, SqlClaims};
 use crate::dispatch::members::Members;
@@ -18,6 +19,7 @@ use crate::dispatch::{self, Listener, Pipeline};
 use crate::errlog::ErrorLog;
 use crate::http::BearerSecret;
 use crate::ids::UserId;
+use crate::listen::Guard;
 use crate::plugin::{PluginError, Plugins, Presence};
 use crate::reload;
 use crate::session::{Edge, Sessions};
@@ -37,6 +39,8 @@ pub enum StartError {
     Db(#[from] DbError),
     #[error(transparent)]
     Plugin(#[from] PluginError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
         what: &'static str,
@@ -51,14 +55,22 @@ pub struct Bound {
     pub client: SocketAddr,
     pub dispatch: SocketAddr,
     pub admin: SocketAddr,
+    /// Whether the client and dispatch listeners speak TLS.
+    pub client_tls: bool,
+    pub dispatch_tls: bool,
 }
 
 impl std::fmt::Display for Bound {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = |tls| if tls { "https" } else { "http" };
         write!(
             f,
-            "client=http://{}/gateway dispatch=http://{}/dispatch admin=http://{}/metrics",
-            self.client, self.dispatch, self.admin
+            "client={}://{}/gateway dispatch={}://{}/dispatch admin=http://{}/metrics",
+            scheme(self.client_tls),
+            self.client,
+            scheme(self.dispatch_tls),
+            self.dispatch,
+            self.admin
         )
     }
 }
@@ -112,6 +124,19 @@ pub async fn serve(
     )
     .await?;
 
+    // Loaded (and so checked) before anything binds.
+    let client_tls = config
+        .server
+        .tls
+        .as_ref()
+        .map(TlsFiles::acceptor)
+        .transpose()?;
+    let guard = |listener, tls: Option<&TlsAcceptor>| Guard {
+        listener,
+        timeout: Duration::from_millis(config.server.handshake_timeout_ms.get()),
+        tls: tls.cloned(),
+        metrics: Some(metrics.clone()),
+    };
     let backlog = config.server.listen_backlog.get();
     let client = bind("server.client_listen", config.server.client_listen, backlog)?;
     let dispatch_listener = bind(
@@ -124,6 +149,8 @@ pub async fn serve(
         client: local(&client, config.server.client_listen),
         dispatch: local(&dispatch_listener, config.server.dispatch_listen),
         admin: local(&admin_listener, config.server.admin_listen),
+        client_tls: client_tls.is_some(),
+        dispatch_tls: config.server.dispatch_tls,
     };
 
     let front = Shutdown::new();
@@ -133,6 +160,7 @@ pub async fn serve(
     background.spawn(admin::serve(
         admin_listener,
         background.clone(),
+        guard("admin", None),
         db.clone(),
         metrics.clone(),
         readiness.clone(),
@@ -145,7 +173,7 @@ pub async fn serve(
     );
     let sessions = Sessions::new(
         config.sessions.clone(),
-        Edge::new(&config.server),
+        Edge::new(&config.server, client_tls.clone()),
         tokens,
         Some(read_db.clone()),
         metrics.clone(),
@@ -192,7 +220,13 @@ pub async fn serve(
         errlog,
         metrics: metrics.clone(),
     };
-    let listener = Listener::new(pipeline, &dispatch_secret, config.dispatch.clone());
+    let dispatch_tls = client_tls.as_ref().filter(|_| config.server.dispatch_tls);
+    let listener = Listener::new(
+        pipeline,
+        &dispatch_secret,
+        config.dispatch.clone(),
+        guard("dispatch", dispatch_tls),
+    );
     front.spawn(dispatch::serve(
         listener.clone(),
         dispatch_listener,

@@ -1,6 +1,7 @@
 //! A small HTTP/1 server loop over hyper, shared by the admin listener and
-//! the reference API: one task per connection, graceful shutdown, and
-//! accept errors that back off instead of spinning.
+//! the reference API: one task per connection, TLS and the first request
+//! head guarded like the WebSocket listeners ([`Guard`]), graceful
+//! shutdown, and accept errors that back off instead of spinning.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -12,35 +13,49 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
+use crate::listen::{Guard, MAX_HEAD, Prefixed};
 use crate::shutdown::Shutdown;
 
 /// The response type every handler returns.
 pub type HttpResponse = Response<Full<Bytes>>;
 
 /// Serves `handler` on `listener` until shutdown, then lets open requests
-/// finish.
-pub async fn serve<H, Fut>(listener: TcpListener, shutdown: Shutdown, handler: H)
+/// finish. `guard` takes each connection through TLS and its first
+/// request head; later heads on a kept-alive connection get hyper's own
+/// limits, set to the same timeout and size.
+pub async fn serve<H, Fut>(listener: TcpListener, shutdown: Shutdown, guard: Guard, handler: H)
 where
     H: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = HttpResponse> + Send + 'static,
 {
     let handler = Arc::new(handler);
-    while let Some((stream, _)) = shutdown.accept(&listener, "http").await {
+    while let Some((tcp, _)) = shutdown.accept(&listener, guard.listener).await {
         let handler = handler.clone();
         let stop = shutdown.clone();
+        let guard = guard.clone();
         shutdown.spawn(async move {
+            let opened = tokio::select! {
+                opened = guard.accept(tcp, guard.deadline()) => opened,
+                _ = stop.cancelled() => return,
+            };
+            let Some((stream, head)) = opened else {
+                return;
+            };
             let service = service_fn(move |req| {
                 let handler = handler.clone();
                 async move { Ok::<_, Infallible>(handler(req).await) }
             });
             let conn = http1::Builder::new()
                 .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), service);
+                .timer(TokioTimer::new())
+                .header_read_timeout(guard.timeout)
+                .max_buf_size(MAX_HEAD)
+                .serve_connection(TokioIo::new(Prefixed::new(head, stream)), service);
             tokio::pin!(conn);
             tokio::select! {
                 result = conn.as_mut() => {

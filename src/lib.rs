@@ -27,7 +27,9 @@
 //! [`api`] and [`dispatch_client`] (the reference HTTP backend and the
 //! Rust client for the dispatch protocol), [`logsink`] (the reference
 //! logging server), [`http`] (the small hyper server loop the HTTP
-//! listeners share), [`sys`] (OS limits), [`failpoint`] (crash points for
+//! listeners share), [`listen`] (what every listener does before its
+//! protocol: TLS, the request head under the handshake timeout and caps),
+//! [`tls`] (rustls identities and trust roots), [`sys`] (OS limits), [`failpoint`] (crash points for
 //! tests).
 
 pub(crate) mod admin;
@@ -43,6 +45,7 @@ pub mod failure;
 pub mod gateway;
 pub mod http;
 pub mod ids;
+pub mod listen;
 pub mod logsink;
 pub mod plugin;
 pub(crate) mod reload;
@@ -51,4 +54,5 @@ pub mod session;
 pub mod shutdown;
 pub mod sys;
 pub mod telemetry;
+pub mod tls;
 pub mod token;

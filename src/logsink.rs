@@ -12,6 +12,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use http_body_util::{BodyExt, Limited};
 use hyper::{Method, StatusCode};
@@ -20,6 +21,7 @@ use tokio::sync::Mutex;
 
 use crate::errlog::{append_durably, blocking, open_locked, repair_tail};
 use crate::http;
+use crate::listen::Guard;
 use crate::shutdown::Shutdown;
 
 /// Largest record accepted.
@@ -113,7 +115,14 @@ pub async fn serve(listener: TcpListener, out: PathBuf, shutdown: Shutdown) {
         seen: Mutex::new(seen),
         path: out,
     });
-    http::serve(listener, shutdown, move |req| {
+    // A reference tool: plain HTTP, the gateway's default head limits.
+    let guard = Guard {
+        listener: "log-sink",
+        timeout: Duration::from_secs(10),
+        tls: None,
+        metrics: None,
+    };
+    http::serve(listener, shutdown, guard, move |req| {
         let state = state.clone();
         async move {
             if req.method() != Method::POST {

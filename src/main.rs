@@ -196,8 +196,13 @@ async fn run(cli: Cli) -> Result<()> {
             let config = Config::load(&cli.config)?;
             config.require_secrets()?;
             let db = gateway::open_database(&config).await?;
+            let scheme = if config.api.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
             api::run(&config, db.clone(), None, shutdown::signal(), |addr| {
-                println!("otako-gateway api listening http://{addr}");
+                println!("otako-gateway api listening {scheme}://{addr}");
             })
             .await?;
             db.close().await;

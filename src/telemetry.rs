@@ -49,7 +49,9 @@ pub struct CodeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabel {
+pub struct HandshakeLabels {
+    /// `client`, `dispatch` or `admin`.
+    pub listener: &'static str,
     pub reason: &'static str,
 }
 
@@ -87,7 +89,7 @@ pub struct Metrics {
     pub client_data_rejected: Counter,
     pub auth_failures: Counter,
     pub client_connections: Gauge,
-    pub handshakes_refused: Family<ReasonLabel, Counter>,
+    pub handshakes_refused: Family<HandshakeLabels, Counter>,
     pub dispatch_connections: Gauge,
     pub events: Family<EventLabels, Counter>,
     pub ack_latency: Histogram,
@@ -184,7 +186,7 @@ impl Metrics {
         );
         registry.register(
             "handshakes_refused",
-            "Client handshakes refused: origin (403), limit (503), too_large (431), timeout (closed)",
+            "Handshakes refused per listener: origin (403), limit (503), too_large (431), timeout and tls (closed)",
             m.handshakes_refused.clone(),
         );
         registry.register(
@@ -297,10 +299,10 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts one client handshake refused for `reason`.
-    pub fn handshake_refused(&self, reason: &'static str) {
+    /// Counts one handshake on `listener` refused for `reason`.
+    pub fn handshake_refused(&self, listener: &'static str, reason: &'static str) {
         self.handshakes_refused
-            .get_or_create(&ReasonLabel { reason })
+            .get_or_create(&HandshakeLabels { listener, reason })
             .inc();
     }
 

@@ -430,3 +430,58 @@ async fn a_backend_killed_with_pending_rows_resumes_them_on_restart() {
         .await;
     assert!(rows.iter().all(|r| r.1 == "done"), "{rows:?}");
 }
+
+/// TLS on every hop: the API over https, its dispatch client over wss to
+/// a dispatch listener with `dispatch_tls` (trusting the test certificate
+/// through `api.dispatch_ca`), and the client session over wss.
+#[tokio::test]
+async fn with_tls_everywhere_a_message_posted_over_https_reaches_a_wss_client() {
+    let mut stack = Stack::new(5);
+    let cert = common::tls::TestCert::new(stack.setup.dir.path());
+    let (pem, key) = (cert.cert.display(), cert.key.display());
+    for section in ["server", "api"] {
+        stack.setup.set(section, "tls_cert", &format!("\"{pem}\""));
+        stack.setup.set(section, "tls_key", &format!("\"{key}\""));
+    }
+    stack.setup.set("server", "dispatch_tls", "true");
+    stack.setup.set("api", "dispatch_ca", &format!("\"{pem}\""));
+    let url = format!("\"wss://{}/dispatch\"", stack.dispatch);
+    stack.setup.set("api", "dispatch_url", &url);
+    let gateway = stack.gateway();
+    let (_api, api) = stack.api();
+
+    let https = async |method: &str, path: &str, auth: Option<&str>, body: &str| {
+        let mut headers = vec![("Accept", "application/json")];
+        headers.extend(auth.map(|a| ("Authorization", a)));
+        let (status, text) = cert
+            .https_request(api, method, path, &headers, Some(body))
+            .await;
+        (
+            status,
+            serde_json::from_str::<Value>(&text).unwrap_or(Value::Null),
+        )
+    };
+    let (status, alice) = https("POST", "/users", None, r#"{"name":"alice"}"#).await;
+    assert_eq!(status, 201, "{alice}");
+    let token = alice["token"].as_str().unwrap();
+    let (status, channel) = https(
+        "POST",
+        "/channels",
+        Some(token),
+        r#"{"name":"tls","members":[]}"#,
+    )
+    .await;
+    assert_eq!(status, 201, "{channel}");
+    let mut ws = cert
+        .wss(gateway.client, "/gateway", &[("Authorization", token)])
+        .await;
+    assert_eq!(common::read_json(&mut ws).await["t"], "HELLO");
+
+    let path = format!("/channels/{}/messages", channel["id"].as_str().unwrap());
+    let body = r#"{"content":"over TLS","nonce":"tls-1"}"#;
+    let (status, message) = https("POST", &path, Some(token), body).await;
+    assert_eq!(status, 201, "{message}");
+    let frame = common::read_json(&mut ws).await;
+    assert_eq!(frame["t"], "MESSAGE_CREATE", "{frame}");
+    assert_eq!(frame["d"], message);
+}

@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 use common::client::Client;
 use common::dispatch::{DispatchClient, Seed};
-use common::{Setup, eventually, free_port, test_plugin};
+use common::{
+    Setup, eventually, free_port, send_megabyte_head, test_plugin, wait_closed_by_server,
+    wait_metric,
+};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -520,7 +523,8 @@ async fn same_channel_events_reach_clients_in_dispatch_order() {
     }
     backend.ws.flush().await.unwrap();
     let acks = backend.acks(N as usize).await;
-    assert!(acks.values().all(|a| a["success"] == true));
+    let failed: Vec<&Value> = acks.values().filter(|a| a["success"] != true).collect();
+    assert!(failed.is_empty(), "{failed:?}");
 
     let mut last = [0i64; 3];
     for expected_s in 1..=N {
@@ -603,4 +607,44 @@ async fn max_inflight_applies_backpressure_instead_of_buffering() {
     );
     let growth = rss_peak.saturating_sub(rss_before);
     assert!(growth < 10 * 1024 * 1024, "RSS grew by {growth} bytes");
+}
+
+/// The dispatch and admin listeners guard their handshakes like the client
+/// listener: `handshake_timeout_ms` and the request-head caps (431).
+#[tokio::test]
+async fn dispatch_and_admin_handshakes_time_out_and_oversized_heads_get_431() {
+    let mut setup = Setup::sqlite();
+    setup.set("server", "handshake_timeout_ms", "1500");
+    let gw = setup.start();
+    for (listener, addr, path) in [
+        ("dispatch", gw.dispatch, "/dispatch"),
+        ("admin", gw.admin, "/healthz"),
+    ] {
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let text = send_megabyte_head(addr, path).await;
+        assert!(
+            text.starts_with("HTTP/1.1 431 "),
+            "{listener}: {:?}",
+            &text[..text.len().min(200)]
+        );
+        wait_closed_by_server(&mut silent, Duration::from_secs(20)).await;
+        let labels = |reason| format!("listener=\"{listener}\",reason=\"{reason}\"");
+        wait_metric(
+            &gw,
+            "otako_handshakes_refused_total",
+            &labels("too_large"),
+            1.0,
+        )
+        .await;
+        wait_metric(
+            &gw,
+            "otako_handshakes_refused_total",
+            &labels("timeout"),
+            1.0,
+        )
+        .await;
+    }
+    // Both still serve.
+    DispatchClient::connect(gw.dispatch).await;
+    assert_eq!(gw.admin_get("/healthz").await.0, 200);
 }

@@ -9,8 +9,14 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{Setup, assert_no_secrets, read_json, token, try_ws, wait_metric, ws_refusal};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use common::dispatch::DispatchClient;
+use common::tls::TestCert;
+use common::{
+    Setup, assert_no_secrets, read_json, send_megabyte_head, test_plugin, token, try_ws,
+    wait_closed_by_server, wait_metric, ws_refusal,
+};
+use serde_json::json;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -153,11 +159,7 @@ async fn silent_handshakes_are_closed_and_do_not_starve_clients() {
     assert_eq!(read_json(&mut ws).await["t"], "HELLO");
     // Every silent socket is closed by the gateway (EOF or reset).
     for mut socket in silent {
-        let mut buf = [0u8; 64];
-        let read = tokio::time::timeout(Duration::from_secs(20), socket.read(&mut buf))
-            .await
-            .expect("a silent handshake was left open");
-        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        wait_closed_by_server(&mut socket, Duration::from_secs(20)).await;
     }
     wait_metric(&gw, REFUSED, "reason=\"timeout\"", 300.0).await;
     assert_eq!(gw.metric("otako_sessions_open", "").await, 1.0);
@@ -192,26 +194,12 @@ async fn beyond_max_connections_handshakes_get_503() {
 async fn a_megabyte_of_headers_gets_431() {
     let setup = Setup::sqlite();
     let gw = setup.start();
-    let socket = TcpStream::connect(gw.client).await.unwrap();
-    let (mut read, mut write) = socket.into_split();
-    let writer = tokio::spawn(async move {
-        let mut head = b"GET /gateway HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
-        head.extend(std::iter::repeat_n(b'a', 1 << 20));
-        head.extend(b"\r\n\r\n");
-        // The gateway may stop reading and close: a failed write is fine.
-        let _ = write.write_all(&head).await;
-    });
-    let mut response = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), read.read_to_end(&mut response))
-        .await
-        .expect("the gateway kept the connection open");
-    let text = String::from_utf8_lossy(&response);
+    let text = send_megabyte_head(gw.client, "/gateway").await;
     assert!(
         text.starts_with("HTTP/1.1 431 "),
         "{:?}",
         &text[..text.len().min(200)]
     );
-    writer.await.unwrap();
     wait_metric(&gw, REFUSED, "reason=\"too_large\"", 1.0).await;
 }
 
@@ -323,4 +311,43 @@ async fn dev_writes_no_secret_even_at_trace() {
     secrets.push(alice);
     // dev prints its own demo tokens on purpose (issued now, not these).
     assert_no_secrets(&format!("{}\n{stdout}", gw.log()), &secrets);
+}
+
+#[tokio::test]
+async fn with_a_certificate_clients_connect_over_wss_and_silent_tls_handshakes_time_out() {
+    let mut setup = Setup::sqlite();
+    let cert = TestCert::new(setup.dir.path());
+    setup.set(
+        "server",
+        "tls_cert",
+        &format!("\"{}\"", cert.cert.display()),
+    );
+    setup.set("server", "tls_key", &format!("\"{}\"", cert.key.display()));
+    setup.set("server", "handshake_timeout_ms", "1500");
+    setup.route("ECHO", &test_plugin("config_echo_plugin"), "");
+    let gw = setup.start();
+
+    // Silent sockets and a plaintext request on the TLS listener.
+    let mut silent = TcpStream::connect(gw.client).await.unwrap();
+    let mut plain = TcpStream::connect(gw.client).await.unwrap();
+    plain
+        .write_all(b"GET /gateway HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+
+    let mut ws = cert
+        .wss(gw.client, "/gateway", &[("Authorization", &token(1))])
+        .await;
+    assert_eq!(read_json(&mut ws).await["t"], "HELLO");
+    let mut backend = DispatchClient::connect(gw.dispatch).await;
+    let ack = backend.roundtrip("ECHO", json!({}), json!("tls-1")).await;
+    assert_eq!(ack["success"], true, "{ack}");
+    let event = read_json(&mut ws).await;
+    assert_eq!(event["t"], "CONFIG_ECHO", "{event}");
+    assert_eq!(event["d"]["event_id"], "tls-1", "{event}");
+
+    wait_closed_by_server(&mut silent, Duration::from_secs(20)).await;
+    wait_closed_by_server(&mut plain, Duration::from_secs(20)).await;
+    wait_metric(&gw, REFUSED, "listener=\"client\",reason=\"timeout\"", 1.0).await;
+    wait_metric(&gw, REFUSED, "listener=\"client\",reason=\"tls\"", 1.0).await;
 }

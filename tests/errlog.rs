@@ -224,6 +224,12 @@ async fn counting_server() -> (
     tokio::spawn(otako_gateway::http::serve(
         listener,
         otako_gateway::shutdown::Shutdown::new(),
+        otako_gateway::listen::Guard {
+            listener: "test-sink",
+            timeout: Duration::from_secs(10),
+            tls: None,
+            metrics: None,
+        },
         move |req| {
             let seen = seen.clone();
             async move {

@@ -192,15 +192,66 @@ async fn admin_endpoints_and_graceful_shutdown() {
 }
 
 #[test]
-fn a_tls_dispatch_url_is_refused_by_check_and_every_verb() {
+fn a_missing_or_bad_tls_file_is_named_by_check_and_every_verb() {
     let mut setup = Setup::sqlite();
-    setup.set("api", "dispatch_url", "\"wss://127.0.0.1:7071/dispatch\"");
+    let cert = common::tls::TestCert::new(setup.dir.path());
+    let missing = setup.dir.path().join("missing.pem");
+    setup.set("server", "tls_cert", &format!("\"{}\"", missing.display()));
+    setup.set("server", "tls_key", &format!("\"{}\"", cert.key.display()));
     setup.write_config();
-    let expected = "in [api]: dispatch_url 'wss://127.0.0.1:7071/dispatch': TLS for the dispatch client is not supported yet; use ws://";
+    let expected = format!(
+        "in [server]: tls_cert/tls_key: {}: cannot read",
+        missing.display()
+    );
     for verb in ["check", "api", "serve"] {
         let err = failure(&setup.run_expecting_exit(&[verb], Duration::from_secs(30)));
-        assert!(err.contains(expected), "{verb}: {err}");
+        assert!(err.contains(&expected), "{verb}: {err}");
     }
+
+    // A file that is there but holds no key; then a CA file that is no PEM.
+    let garbage = setup.dir.path().join("garbage.key");
+    std::fs::write(&garbage, "not a key\n").unwrap();
+    setup.set(
+        "server",
+        "tls_cert",
+        &format!("\"{}\"", cert.cert.display()),
+    );
+    setup.set("api", "tls_cert", &format!("\"{}\"", cert.cert.display()));
+    setup.set("api", "tls_key", &format!("\"{}\"", garbage.display()));
+    setup.set("api", "dispatch_ca", &format!("\"{}\"", garbage.display()));
+    setup.write_config();
+    let err = failure(&setup.run(&["check"]));
+    assert!(
+        err.contains(&format!(
+            "in [api]: tls_cert/tls_key: {}: no PEM private key",
+            garbage.display()
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "in [api]: dispatch_ca: {}: no PEM certificate",
+            garbage.display()
+        )),
+        "{err}"
+    );
+
+    // Right files: wss:// and https:// configs check out.
+    setup.set("api", "tls_key", &format!("\"{}\"", cert.key.display()));
+    setup.set(
+        "api",
+        "dispatch_ca",
+        &format!("\"{}\"", cert.cert.display()),
+    );
+    setup.set("api", "dispatch_url", "\"wss://127.0.0.1:7071/dispatch\"");
+    setup.set("server", "dispatch_tls", "true");
+    setup.write_config();
+    let out = setup.run(&["check"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

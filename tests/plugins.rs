@@ -745,3 +745,34 @@ fn check_prints_each_plugin_and_fails_on_a_bad_one() {
         "{stderr}"
     );
 }
+
+/// What a plugin prints is logged as one quoted `plugin_output` field: a
+/// newline in it can't start a line of the gateway's own log.
+#[tokio::test]
+async fn plugin_output_is_one_quoted_field_and_cannot_forge_log_lines() {
+    let mut setup = Setup::sqlite();
+    setup.route("LOG", &test_plugin("log_plugin"), "");
+    let gw = setup.start();
+    let mut backend = common::dispatch::DispatchClient::connect(gw.dispatch).await;
+    let ack = backend
+        .roundtrip("LOG", json!({"user_ids": []}), json!("out-1"))
+        .await;
+    assert_eq!(ack["success"], true, "{ack}");
+    let quoted =
+        r#""log_plugin: stdout for event out-1\nERROR otako_gateway: forged by log_plugin""#;
+    common::eventually(
+        Duration::from_secs(10),
+        "the plugin's output in the log",
+        async || gw.log().contains(quoted),
+    )
+    .await;
+    let log = gw.log();
+    let line = log.lines().find(|l| l.contains(quoted)).unwrap();
+    assert!(line.contains("plugin_output"), "{line}");
+    assert!(line.contains("log_plugin.wasm"), "{line}");
+    assert!(
+        !log.lines()
+            .any(|l| l.trim_start().starts_with("ERROR otako_gateway: forged")),
+        "{log}"
+    );
+}

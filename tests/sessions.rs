@@ -296,6 +296,34 @@ async fn data_frames_from_clients_are_refused_with_4003() {
     gw.stop();
 }
 
+/// Frames written byte for byte: a first fragment (FIN=0 text) closes the
+/// session at its header, before its payload is even sent, and so does a
+/// stream of empty continuation frames; nothing waits for a whole message.
+#[tokio::test]
+async fn a_first_fragment_or_empty_continuations_close_4003_at_once() {
+    use tokio::io::AsyncWriteExt;
+    let setup = Setup::sqlite();
+    let gw = setup.start();
+    let mask = [0x11, 0x22, 0x33, 0x44];
+    // FIN=0 text with 5 payload bytes announced; only the header is sent.
+    let first_fragment_header = [&[0x01, 0x85][..], &mask].concat();
+    // FIN=0 text "hi", then empty continuations (FIN=0), without end.
+    let mut continuations = [&[0x01, 0x82][..], &mask, &[b'h' ^ 0x11, b'i' ^ 0x22]].concat();
+    for _ in 0..100 {
+        continuations.extend([&[0x00, 0x80][..], &mask].concat());
+    }
+    // Continuations alone.
+    let bare = [&[0x00, 0x80][..], &mask].concat().repeat(100);
+    for (user, bytes) in [(1, first_fragment_header), (2, continuations), (3, bare)] {
+        let mut ws = connect_client(gw.client, &token(user)).await;
+        read_json(&mut ws).await;
+        ws.get_mut().write_all(&bytes).await.unwrap();
+        assert_eq!(read_close(&mut ws).await, Some(4003), "user {user}");
+    }
+    wait_metric(&gw, "otako_client_data_rejected_total", "", 3.0).await;
+    wait_metric(&gw, "otako_sessions_open", "", 0.0).await;
+}
+
 #[tokio::test]
 async fn a_client_that_never_pongs_is_closed_4008_and_one_that_does_stays() {
     let mut setup = Setup::sqlite();

@@ -20,10 +20,11 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use crate::config::Config;
+use crate::config::{Config, TlsFiles};
 use crate::db::{Db, DbError};
 use crate::errlog::ErrorLog;
 use crate::ids::IdGen;
+use crate::listen::Guard;
 use crate::shutdown::Shutdown;
 use crate::telemetry::Metrics;
 use crate::token::TokenKey;
@@ -37,6 +38,8 @@ pub enum ApiError {
     Db(#[from] DbError),
     #[error(transparent)]
     Lease(#[from] lease::LeaseError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("cannot listen on {addr} (api.listen): {source}")]
     Bind {
         addr: SocketAddr,
@@ -66,6 +69,18 @@ pub async fn run(
     on_bound: impl FnOnce(SocketAddr),
 ) -> Result<(), ApiError> {
     let (token_secret, dispatch_secret) = config.require_secrets()?;
+    let acceptor = config
+        .api
+        .tls
+        .as_ref()
+        .map(TlsFiles::acceptor)
+        .transpose()?;
+    let url = dispatch_url.unwrap_or_else(|| config.api.dispatch_url.clone());
+    let connector = if url.starts_with("wss://") {
+        Some(crate::tls::connector(config.api.dispatch_ca.as_deref())?)
+    } else {
+        None
+    };
     let listener = crate::sys::listen(config.api.listen, config.server.listen_backlog.get())
         .map_err(|source| ApiError::Bind {
             addr: config.api.listen,
@@ -106,7 +121,8 @@ pub async fn run(
     );
     let relay = outbox::Relay {
         db: db.clone(),
-        url: dispatch_url.unwrap_or_else(|| config.api.dispatch_url.clone()),
+        url,
+        tls: connector,
         secret: dispatch_secret,
         policy: crate::dispatch_client::RetryPolicy {
             attempts: config.api.dispatch_attempts.get(),
@@ -118,7 +134,13 @@ pub async fn run(
         ready: outbox_ready,
     };
     shutdown.spawn(relay.run(shutdown.clone()));
-    shutdown.spawn(routes::serve(listener, state, shutdown.clone()));
+    let guard = Guard {
+        listener: "api",
+        timeout: Duration::from_millis(config.server.handshake_timeout_ms.get()),
+        tls: acceptor,
+        metrics: None,
+    };
+    shutdown.spawn(routes::serve(listener, state, shutdown.clone(), guard));
     tracing::info!(%bound, "api listening");
     on_bound(bound);
 

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio_rustls::TlsConnector;
 
 use crate::config::Secret;
 use crate::db::{Db, now_ms};
@@ -30,6 +31,8 @@ const PING_EVERY: Duration = Duration::from_secs(5);
 pub struct Relay {
     pub db: Db,
     pub url: String,
+    /// The trust roots for a wss:// `url` (`api.dispatch_ca`).
+    pub tls: Option<TlsConnector>,
     pub secret: Secret,
     pub policy: RetryPolicy,
     pub errlog: ErrorLog,
@@ -134,7 +137,12 @@ impl Relay {
         }
         let attempt = tokio::time::timeout(
             self.policy.attempt_timeout,
-            DispatchClient::connect(&self.url, self.secret.expose(), PING_EVERY),
+            DispatchClient::connect_with(
+                &self.url,
+                self.secret.expose(),
+                PING_EVERY,
+                self.tls.as_ref(),
+            ),
         )
         .await;
         match attempt {

@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 
 use crate::http::{self, HttpResponse};
 use crate::ids::{ChannelId, MessageId, UserId};
+use crate::listen::Guard;
 use crate::shutdown::Shutdown;
 use crate::token;
 
@@ -59,8 +60,8 @@ impl From<sqlx::Error> for Reject {
     }
 }
 
-pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: Shutdown) {
-    http::serve(listener, shutdown, move |req| {
+pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: Shutdown, guard: Guard) {
+    http::serve(listener, shutdown, guard, move |req| {
         let state = state.clone();
         async move {
             match route(req, &state).await {

@@ -28,18 +28,17 @@ use tracing::Instrument;
 
 use crate::config::{DispatchConfig, Secret};
 use crate::http::BearerSecret;
+use crate::listen::{Guard, Prefixed, Stream};
 use crate::shutdown::Shutdown;
 
 use super::frame::{self, DispatchEvent, Inbound};
 use super::order::Order;
 use super::pipeline::Pipeline;
 
-/// How long a handshake may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long, after sending our close, we read for the peer's.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
-type Ws = WebSocketStream<TcpStream>;
+type Ws = WebSocketStream<Prefixed<Stream>>;
 
 /// Why a connection ends, as its close frame says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,14 +68,23 @@ pub struct Listener {
     pipeline: Arc<Pipeline>,
     secret: BearerSecret,
     config: DispatchConfig,
+    /// TLS (`server.dispatch_tls`) and the request head under
+    /// `server.handshake_timeout_ms`, as on the client listener.
+    guard: Guard,
 }
 
 impl Listener {
-    pub fn new(pipeline: Pipeline, secret: &Secret, config: DispatchConfig) -> Arc<Listener> {
+    pub fn new(
+        pipeline: Pipeline,
+        secret: &Secret,
+        config: DispatchConfig,
+        guard: Guard,
+    ) -> Arc<Listener> {
         Arc::new(Listener {
             pipeline: Arc::new(pipeline),
             secret: BearerSecret::new(secret.expose()),
             config,
+            guard,
         })
     }
 
@@ -89,7 +97,6 @@ impl Listener {
 /// and finishes its in-flight events before closing with 1001.
 pub async fn serve(dispatch: Arc<Listener>, listener: TcpListener, shutdown: Shutdown) {
     while let Some((stream, peer)) = shutdown.accept(&listener, "dispatch").await {
-        let _ = stream.set_nodelay(true);
         let span = tracing::info_span!("dispatch", %peer);
         shutdown.spawn(connection(dispatch.clone(), stream, shutdown.clone()).instrument(span));
     }
@@ -144,8 +151,10 @@ async fn connection(dispatch: Arc<Listener>, stream: TcpStream, shutdown: Shutdo
 
 // The handshake callback's error type is tungstenite's, not ours to shrink.
 #[allow(clippy::result_large_err)]
-async fn handshake(dispatch: &Listener, stream: TcpStream) -> Option<Ws> {
+async fn handshake(dispatch: &Listener, tcp: TcpStream) -> Option<Ws> {
     let metrics = &dispatch.pipeline.metrics;
+    let deadline = dispatch.guard.deadline();
+    let (stream, head) = dispatch.guard.accept(tcp, deadline).await?;
     let max_frame = dispatch.config.max_frame_bytes.get();
     // Frames up to this size are read and answered with INVALID_FRAME;
     // only beyond it does the connection close (1009).
@@ -174,9 +183,10 @@ async fn handshake(dispatch: &Listener, stream: TcpStream) -> Option<Ws> {
             ))
         }
     };
-    match tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config)),
+    let io = Prefixed::new(head, stream);
+    match tokio::time::timeout_at(
+        deadline,
+        tokio_tungstenite::accept_hdr_async_with_config(io, callback, Some(ws_config)),
     )
     .await
     {
@@ -186,6 +196,7 @@ async fn handshake(dispatch: &Listener, stream: TcpStream) -> Option<Ws> {
             None
         }
         Err(_) => {
+            dispatch.guard.refused("timeout");
             tracing::debug!("dispatch handshake timed out");
             None
         }

@@ -192,7 +192,7 @@ impl host::Host for HostState {
             }
             return;
         }
-        let message = truncate(&message, MAX_LOG_BYTES);
+        let message = escape_controls(truncate(&message, MAX_LOG_BYTES));
         let plugin = &self.route.plugin;
         let event_id = &self.call.event_id;
         match level {
@@ -207,6 +207,23 @@ impl host::Host for HostState {
     fn config(&mut self, key: String) -> Option<String> {
         self.route.config.get(&key).cloned()
     }
+}
+
+/// `s` with control characters escaped (`\n`, `\u{1b}`), so a plugin's
+/// message can't start a forged gateway log line.
+fn escape_controls(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// `s` cut to at most `max` bytes on a character boundary.

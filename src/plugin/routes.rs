@@ -239,8 +239,10 @@ impl Route {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Forwards what the plugin printed to tracing; returns its stderr for
-    /// a failure's trace.
+    /// Forwards what the plugin printed to tracing, as one quoted field
+    /// (`plugin_output`, control characters escaped) so a printed newline
+    /// can't start a forged gateway log line; returns its stderr for a
+    /// failure's trace.
     fn drain_output(&self, store: &Store<HostState>, event_id: &str) -> Captured {
         let state = store.data();
         let stdout = state.stdout.take();
@@ -252,8 +254,8 @@ impl Route {
                     event_id,
                     stream,
                     dropped = out.dropped,
-                    "plugin output: {}",
-                    out.text.trim_end()
+                    plugin_output = ?out.text.trim_end(),
+                    "plugin output"
                 );
             }
         }

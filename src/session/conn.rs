@@ -5,18 +5,17 @@
 //! the close handshake.
 
 use std::future::Future;
-use std::pin::{Pin, pin};
+use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio::time::{Instant, sleep, sleep_until, timeout, timeout_at};
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{StatusCode, header};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -25,11 +24,13 @@ use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
 use tracing::Instrument;
 
 use super::Inner;
+use super::control_only::{ControlOnly, is_data_frame};
 use super::frame;
 use super::queue::{Epoch, Queue, REPLACED, REVOKED, SLOW_CONSUMER};
 use super::registry::{Released, ResumeFailed, Resumed, Slot};
 use super::resume::{self, Greeting, Refused};
 use crate::ids::UserId;
+use crate::listen::{CLOSE_TIMEOUT, MAX_HEADERS, Prefixed, Stream, hang_up};
 use crate::revoke;
 use crate::shutdown::Shutdown;
 use crate::token::{self, Claims};
@@ -40,25 +41,11 @@ const PATH: &str = "/gateway";
 const SUBPROTOCOL: &str = "otako.v1";
 /// A subprotocol carrying the token, for browsers that keep it out of URLs.
 const TOKEN_PROTOCOL: &str = "otako.token.";
-/// The answer to a request head over tungstenite's 64 KiB cap.
-const TOO_LARGE: &str = "HTTP/1.1 431 Request Header Fields Too Large\r\n\
-    Connection: close\r\nContent-Length: 0\r\n\r\n";
-/// How long our close frame (behind any unsent frames) may take to go out
-/// before the socket is simply dropped.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
-/// After our close frame and FIN, how long we keep reading for the client
-/// to hang up, so unread input doesn't turn the close into a reset.
-const LINGER: Duration = Duration::from_secs(1);
 /// Most frames written per flush, and the byte budget of one batch: enough
 /// to cut syscalls under load, small enough to keep heartbeats and reads
 /// responsive between batches.
 const MAX_BATCH: usize = 32;
 const MAX_BATCH_BYTES: usize = 64 * 1024;
-/// Most request-head bytes read ahead of the handshake (for the revocation
-/// lookup): tungstenite's own cap, so a bigger head still reaches its 431.
-const MAX_HEAD: usize = 64 * 1024;
-/// Request headers parsed ahead of the handshake: tungstenite's limit.
-const MAX_HEADERS: usize = 124;
 
 /// Close codes (DESIGN §2).
 mod code {
@@ -87,7 +74,7 @@ fn reason(code: u16) -> &'static str {
     }
 }
 
-type Ws<'a> = WebSocketStream<Prefixed<'a>>;
+type Ws<'a> = WebSocketStream<Prefixed<&'a mut Stream, ControlOnly>>;
 
 /// How a session ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,15 +109,22 @@ impl Exit {
 }
 
 /// Serves one accepted TCP connection until it closes or shutdown.
-pub(super) async fn handle(inner: Arc<Inner>, mut stream: TcpStream, shutdown: Shutdown) {
-    // Frames are batched by the session itself; Nagle would only add latency.
-    let _ = stream.set_nodelay(true);
+pub(super) async fn handle(inner: Arc<Inner>, tcp: TcpStream, shutdown: Shutdown) {
     let mut admitted = None;
     let mut lookup = Lookup::Unchecked;
+    let deadline = inner.guard.deadline();
+    // TLS and the request head under the handshake timeout (an oversized
+    // head is answered 431 there).
+    let opened = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        opened = inner.guard.accept(tcp, deadline) => opened,
+    };
+    let Some((mut stream, head)) = opened else {
+        return;
+    };
     let handshake = async {
-        // tungstenite's callback can't await, so the request head is read
-        // first and the token's revocation looked up; the callback compares.
-        let head = read_head(&mut stream).await;
+        // tungstenite's callback can't await, so the token's revocation
+        // is looked up from the head read ahead; the callback compares.
         lookup = look_up_revocation(&inner, &head).await;
         let checked = lookup;
         // tungstenite fixes the callback's error type (an HTTP response).
@@ -148,42 +142,29 @@ pub(super) async fn handle(inner: Arc<Inner>, mut stream: TcpStream, shutdown: S
             }
             Err(refusal) => Err(refusal.response()),
         };
-        let io = Prefixed {
-            head,
-            read: 0,
-            tcp: &mut stream,
-        };
+        let io = Prefixed::new(head, &mut stream).checked(ControlOnly::new());
         tokio_tungstenite::accept_hdr_async_with_config(io, callback, Some(inner.ws_config)).await
     };
     let result = tokio::select! {
         _ = shutdown.cancelled() => return,
-        r = timeout(inner.edge.handshake_timeout, handshake) => r,
+        r = timeout_at(deadline, handshake) => r,
     };
     let mut ws = match result {
         Ok(Ok(ws)) => ws,
         Ok(Err(WsError::Http(response))) => {
             // The refusal was already written by the handshake.
+            let refused = |reason| inner.guard.refused(reason);
             match response.status() {
                 StatusCode::UNAUTHORIZED => {
                     inner.metrics.auth_failures.inc();
                 }
-                StatusCode::FORBIDDEN => inner.metrics.handshake_refused("origin"),
+                StatusCode::FORBIDDEN => refused("origin"),
                 StatusCode::SERVICE_UNAVAILABLE if lookup == Lookup::Failed => {
-                    inner.metrics.handshake_refused("revocation_check");
+                    refused("revocation_check");
                 }
-                StatusCode::SERVICE_UNAVAILABLE => inner.metrics.handshake_refused("limit"),
+                StatusCode::SERVICE_UNAVAILABLE => refused("limit"),
                 _ => {}
             }
-            return;
-        }
-        Ok(Err(WsError::AttackAttempt | WsError::Capacity(CapacityError::TooManyHeaders))) => {
-            // tungstenite stopped reading past 64 KiB of request head (or
-            // too many headers, or a trickle of tiny packets): say so,
-            // then discard the rest instead of buffering it.
-            inner.metrics.handshake_refused("too_large");
-            tracing::debug!("refused an oversized handshake request");
-            let _ = timeout(CLOSE_TIMEOUT, stream.write_all(TOO_LARGE.as_bytes())).await;
-            hang_up(&mut stream).await;
             return;
         }
         Ok(Err(WsError::Protocol(err))) => {
@@ -199,7 +180,7 @@ pub(super) async fn handle(inner: Arc<Inner>, mut stream: TcpStream, shutdown: S
             return;
         }
         Err(_) => {
-            inner.metrics.handshake_refused("timeout");
+            inner.guard.refused("timeout");
             tracing::debug!("handshake timed out");
             return;
         }
@@ -463,25 +444,6 @@ enum Lookup {
     Failed,
 }
 
-/// Reads the request head (up to `\r\n\r\n`, [`MAX_HEAD`], EOF or a read
-/// error: tungstenite judges what it got). Called within the handshake
-/// timeout.
-async fn read_head(tcp: &mut TcpStream) -> Vec<u8> {
-    let mut head = Vec::new();
-    while head.len() < MAX_HEAD {
-        if head.capacity() - head.len() < 1024 {
-            head.reserve(4096);
-        }
-        let from = head.len().saturating_sub(3);
-        match tcp.read_buf(&mut head).await {
-            Ok(0) | Err(_) => break,
-            Ok(_) if head[from..].windows(4).any(|w| w == b"\r\n\r\n") => break,
-            Ok(_) => {}
-        }
-    }
-    head
-}
-
 /// Looks up the revocation of the user whose token `head` carries, if
 /// its signature holds: a forged or malformed token costs no read.
 async fn look_up_revocation(inner: &Inner, head: &[u8]) -> Lookup {
@@ -519,66 +481,6 @@ async fn look_up_revocation(inner: &Inner, head: &[u8]) -> Lookup {
             tracing::warn!(error = %err, "handshake refused: cannot read token revocations");
             Lookup::Failed
         }
-    }
-}
-
-/// The client's socket with the request head read ahead put back in
-/// front of it, for tungstenite to read again.
-struct Prefixed<'a> {
-    head: Vec<u8>,
-    read: usize,
-    tcp: &'a mut TcpStream,
-}
-
-impl AsyncRead for Prefixed<'_> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = &mut *self;
-        if this.read < this.head.len() {
-            let n = (this.head.len() - this.read).min(buf.remaining());
-            buf.put_slice(&this.head[this.read..this.read + n]);
-            this.read += n;
-            if this.read == this.head.len() {
-                // Given back: an idle session keeps no head buffer.
-                this.head = Vec::new();
-                this.read = 0;
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut *this.tcp).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Prefixed<'_> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut *self.tcp).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut *self.tcp).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.tcp.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut *self.tcp).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut *self.tcp).poll_shutdown(cx)
     }
 }
 
@@ -786,6 +688,9 @@ fn inbound(inner: &Inner, msg: Option<Result<Message, WsError>>) -> Inbound {
         Some(Ok(Message::Text(_) | Message::Binary(_))) => reject(),
         // Over the tiny inbound cap, or text that isn't UTF-8: data either way.
         Some(Err(WsError::Capacity(_) | WsError::Utf8(_))) => reject(),
+        // A data frame's header (a first fragment, a continuation), caught
+        // before tungstenite buffers any of it.
+        Some(Err(WsError::Io(err))) if is_data_frame(&err) => reject(),
         Some(Err(WsError::Protocol(err))) => {
             tracing::debug!(error = %err, "client broke the websocket protocol");
             if matches!(
@@ -876,18 +781,5 @@ async fn finish(ws: &mut Ws<'_>, exit: Exit) {
         }
         Exit::Dropped => return,
     }
-    hang_up(ws.get_mut().tcp).await;
-}
-
-/// TCP FIN, then reading (and discarding) until the client hangs up, for
-/// at most [`LINGER`], so unread input can't turn our close into a reset.
-async fn hang_up(tcp: &mut TcpStream) {
-    let _ = timeout(LINGER, async {
-        let _ = tcp.shutdown().await;
-        let mut sink = [0u8; 256];
-        while let Ok(n) = tcp.read(&mut sink).await
-            && n > 0
-        {}
-    })
-    .await;
+    hang_up(ws.get_mut().get_mut()).await;
 }

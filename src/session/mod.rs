@@ -9,6 +9,7 @@
 //!   limit and resume's takeover live here.
 //! - `resume`: session ids, the `resume=`/`seq=` query, HELLO's outcome.
 //! - `conn`: one connection's task: handshake, HELLO, the select loop, close.
+//! - `control_only`: the read side, refusing data frames at their header.
 //!
 //! The delivering side ([`Sessions::deliver`]) never waits on a socket: it
 //! pushes into queues, and a session that can't keep up is closed (4009)
@@ -17,6 +18,7 @@
 //! `resume_window_ms`; one sweeper task ends those that expire.
 
 mod conn;
+mod control_only;
 pub mod frame;
 mod queue;
 mod registry;
@@ -27,6 +29,7 @@ use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 pub use frame::ClientFrame;
@@ -34,6 +37,7 @@ pub use frame::ClientFrame;
 use crate::config::{ServerConfig, SessionsConfig};
 use crate::db::Db;
 use crate::ids::UserId;
+use crate::listen::Guard;
 use crate::shutdown::Shutdown;
 use crate::telemetry::Metrics;
 use crate::token::TokenKey;
@@ -59,20 +63,23 @@ fn ws_config() -> WebSocketConfig {
 }
 
 /// What the client handshake checks and limits (`[server]`, DESIGN §2).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Edge {
     /// Lowercased `scheme://host[:port]` or `*`; `None`: same-origin only.
     pub allowed_origins: Option<Vec<String>>,
     pub handshake_timeout: Duration,
     pub max_connections: usize,
+    /// `server.tls_cert`/`tls_key`, loaded: clients connect with wss://.
+    pub tls: Option<TlsAcceptor>,
 }
 
 impl Edge {
-    pub fn new(server: &ServerConfig) -> Edge {
+    pub fn new(server: &ServerConfig, tls: Option<TlsAcceptor>) -> Edge {
         Edge {
             allowed_origins: server.allowed_origins.clone(),
             handshake_timeout: Duration::from_millis(server.handshake_timeout_ms.get()),
             max_connections: server.max_connections.get(),
+            tls,
         }
     }
 }
@@ -81,6 +88,8 @@ impl Edge {
 struct Inner {
     config: SessionsConfig,
     edge: Edge,
+    /// TLS and the request head under the handshake timeout.
+    guard: Guard,
     /// Upgraded client connections, held against `edge.max_connections`.
     connections: AtomicUsize,
     heartbeat: Duration,
@@ -125,10 +134,17 @@ impl Sessions {
         let max_detached = usize::try_from(config.max_per_user.get()).unwrap_or(usize::MAX);
         let registry = Arc::new(Registry::new(max_detached));
         let resume_window = Duration::from_millis(config.resume_window_ms.get());
+        let guard = Guard {
+            listener: "client",
+            timeout: edge.handshake_timeout,
+            tls: edge.tls.clone(),
+            metrics: Some(metrics.clone()),
+        };
         Sessions {
             inner: Arc::new(Inner {
                 config,
                 edge,
+                guard,
                 connections: AtomicUsize::new(0),
                 heartbeat,
                 tokens,

@@ -204,7 +204,7 @@ impl Default for Registry {
 impl Registry {
     pub(crate) fn new(max_detached: usize) -> Registry {
         Registry {
-            users: DashMap::new(),
+            users: DashMap::default(),
             count: AtomicUsize::new(0),
             detached: AtomicUsize::new(0),
             expiries: Mutex::new(VecDeque::new()),

@@ -42,6 +42,7 @@ async fn start(outbound_queue: usize) -> Harness {
         allowed_origins: None,
         handshake_timeout: Duration::from_secs(10),
         max_connections: 100_000,
+        tls: None,
     };
     let sessions = Sessions::new(
         config,

@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod dispatch;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -354,9 +355,12 @@ pub struct Gateway {
     printed: Arc<Mutex<Vec<String>>>,
 }
 
-/// The address after `key=http://` (or `key http://`) in an announce line.
+/// The address after `key=http://` or `key=https://` in an announce line.
 fn announced(line: &str, key: &str) -> Option<SocketAddr> {
-    let rest = line.split_once(&format!("{key}=http://")).map(|(_, r)| r)?;
+    let rest = ["http", "https"]
+        .iter()
+        .find_map(|scheme| line.split_once(&format!("{key}={scheme}://")))
+        .map(|(_, r)| r)?;
     rest.split(['/', ' ']).next()?.parse().ok()
 }
 
@@ -407,7 +411,7 @@ impl Gateway {
                     gateway_line = Some(line)
                 }
                 Ok(line) if line.starts_with("otako-gateway api listening ") => {
-                    api_line = Some(line.replace("listening http://", "listening api=http://"))
+                    api_line = Some(line.replace("listening http", "listening api=http"))
                 }
                 Ok(_) => {}
                 Err(_) => {
@@ -548,8 +552,20 @@ pub async fn http_request(
     headers: &[(&str, &str)],
     body: Option<&str>,
 ) -> (u16, String) {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    http_request_over(stream, addr, method, path, headers, body).await
+}
+
+/// [`http_request`] over an open connection (e.g. TLS).
+pub async fn http_request_over(
+    mut stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n");
     // The caller's own Connection header (an upgrade) replaces ours.
     if !headers
@@ -608,6 +624,42 @@ fn dechunk(mut body: &str) -> String {
     out
 }
 
+/// Sends a request for `path` with 1 MiB of headers and returns what the
+/// server answered before closing (panics if it keeps the connection open).
+pub async fn send_megabyte_head(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut read, mut write) = socket.into_split();
+    let mut head = format!("GET {path} HTTP/1.1\r\nHost: x\r\nX-Big: ").into_bytes();
+    let writer = tokio::spawn(async move {
+        head.extend(std::iter::repeat_n(b'a', 1 << 20));
+        head.extend(b"\r\n\r\n");
+        // The server may stop reading and close: a failed write is fine.
+        let _ = write.write_all(&head).await;
+    });
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), read.read_to_end(&mut response))
+        .await
+        .expect("the server kept the connection open");
+    writer.await.unwrap();
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+/// Reads (and discards, e.g. a TLS alert) from a socket that sends nothing
+/// more until the server closes it (EOF or reset); panics if it is still
+/// open after `within`.
+pub async fn wait_closed_by_server(socket: &mut tokio::net::TcpStream, within: Duration) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    tokio::time::timeout(within, async {
+        while let Ok(n) = socket.read(&mut buf).await
+            && n > 0
+        {}
+    })
+    .await
+    .expect("a silent handshake was left open");
+}
+
 /// A WebSocket client connection (tokio-tungstenite over plain TCP).
 pub type WsClient = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 pub use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -660,7 +712,10 @@ pub async fn connect_client(addr: SocketAddr, token: &str) -> WsClient {
 
 /// The next text frame as JSON, skipping control frames. Panics on a close
 /// or after 10 s.
-pub async fn read_json(ws: &mut WsClient) -> serde_json::Value {
+pub async fn read_json<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> serde_json::Value
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     use futures_util::StreamExt;
     loop {
         let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())

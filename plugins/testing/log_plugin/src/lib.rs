@@ -1,6 +1,7 @@
 //! Test plugin: logs `log_plugin: <level> for event <id>` at each of trace,
-//! debug, info, warn and error, asks the host which of `d.user_ids` are
-//! online, and delivers `ONLINE` `{"online": [...]}` (the host's answer) to
+//! debug, info, warn and error, prints a line with a forged gateway `ERROR`
+//! line in it to stdout, asks the host which of `d.user_ids` are online,
+//! and delivers `ONLINE` `{"online": [...]}` (the host's answer) to
 //! everyone.
 
 use otako_plugin_sdk::prelude::*;
@@ -21,6 +22,7 @@ fn handle(event: Event) -> Result<Vec<Delivery>, HandlerError> {
     log::info(&format!("log_plugin: info for event {id}"));
     log::warn(&format!("log_plugin: warn for event {id}"));
     log::error(&format!("log_plugin: error for event {id}"));
+    println!("log_plugin: stdout for event {id}\nERROR otako_gateway: forged by log_plugin");
     let ids: Vec<String> = presence.user_ids.iter().map(Id::to_string).collect();
     let online = online(&ids);
     Ok(vec![deliver_to_everyone(
