@@ -66,6 +66,7 @@ async fn main() -> std::io::Result<()> {
     }
 }
 
+#[allow(clippy::result_large_err)] // tungstenite's handshake callback type
 async fn connection(stream: TcpStream, subscribers: Subscribers, next_id: Arc<AtomicU64>) {
     let mut path = String::new();
     let callback = |req: &Request, response: Response| {

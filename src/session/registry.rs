@@ -635,7 +635,7 @@ mod tests {
                 .unwrap();
         }
         let frame = Arc::new(ClientFrame::new("E", "{}"));
-        let is_member = |u: &UserId| u.get() % 2 == 0;
+        let is_member = |u: &UserId| u.get().is_multiple_of(2);
         // More members than sessions: walks the sessions.
         let many: Vec<UserId> = (1..=200).map(|n| user(2 * n)).collect();
         assert_eq!(
