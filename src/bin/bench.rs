@@ -56,6 +56,9 @@ struct Cli {
     /// Which server to measure; `both` runs them side by side.
     #[arg(long, value_enum, default_value = "both", global = true)]
     target: Which,
+    /// The gateway's `sessions.resume_buffer` (1: resume buffers all but off).
+    #[arg(long, default_value_t = 1024, global = true)]
+    resume_buffer: usize,
     #[command(subcommand)]
     workload: Workload,
 }
@@ -150,6 +153,7 @@ enum Workload {
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
+    RESUME_BUFFER.store(cli.resume_buffer.max(1) as u64, Ordering::Relaxed);
     match otako_gateway::sys::raise_fd_limit() {
         Ok(limit) => FD_LIMIT.store(limit, Ordering::Relaxed),
         Err(err) => eprintln!("cannot raise the open-file limit: {err}"),
@@ -488,7 +492,8 @@ dispatch_secret = "{DISPATCH_SECRET}"
 url = "{db_url}"
 [sessions]
 max_per_user = 5
-outbound_queue = 8192
+outbound_queue = 1024
+resume_buffer = {resume_buffer}
 heartbeat_interval_ms = 60000
 [dispatch]
 max_inflight = 1024
@@ -504,6 +509,7 @@ plugin = "{plugin}"
 timeout_ms = 1000
 memory_mb = 32
 "#,
+                    resume_buffer = RESUME_BUFFER.load(Ordering::Relaxed),
                     cache = repo().join("target/bench-plugin-cache").display(),
                     plugin = repo().join("plugins/message_create.wasm").display(),
                 );
@@ -631,6 +637,9 @@ async fn subscribe(server: &Server, i: usize, resume: Option<(&str, u64)>) -> Re
     }
     Ok((ws, hello))
 }
+
+/// `--resume-buffer`, for the gateway's config.
+static RESUME_BUFFER: AtomicU64 = AtomicU64::new(1024);
 
 /// This process's open-file limit once raised (every subscriber is a socket).
 static FD_LIMIT: AtomicU64 = AtomicU64::new(u64::MAX);
