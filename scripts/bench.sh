@@ -11,7 +11,12 @@ cargo build --release --bins
 out=bench-results.jsonl
 bench=target/release/bench
 "$bench" fanout --clients 100,1000,5000 --seconds 10 | tee -a "$out"
+"$bench" --target gateway fanout --clients 100 --members 10000 --seconds 10 | tee -a "$out"
+"$bench" --target gateway fanout --clients 1000 --database postgres --seconds 10 | tee -a "$out"
 "$bench" latency --clients 1000 --rate 200 --seconds 10 | tee -a "$out"
+"$bench" --target gateway chat --seconds 10 | tee -a "$out"
+"$bench" storm --clients 10000 | tee -a "$out"
+"$bench" --target gateway resume --clients 1000 --rate 200 --seconds 10 | tee -a "$out"
 "$bench" idle --sessions 10000,19000,50000 | tee -a "$out"
 "$bench" ack-rate --connections 1,8 --seconds 10 | tee -a "$out"
 "$bench" ack-rate --connections 1,8 --seconds 10 --database postgres | tee -a "$out"

@@ -342,6 +342,21 @@ fn inserts(table_columns: &str, rows: impl Iterator<Item = String>) -> Vec<Strin
         .collect()
 }
 
+/// Latency-probe messages 1..=`probes` (no nonce: a nonce is unique per
+/// author and channel), probe `n` in channel `channel(n)`.
+fn probe_inserts(probes: usize, channel: impl Fn(u64) -> u64) -> Vec<String> {
+    inserts(
+        "messages (id, channel_id, author_id, content, nonce, created_at)",
+        (1..=probes as u64).map(|n| {
+            format!(
+                "({}, {}, 1, {SEED_TEXT}, NULL, {SEED_TIME})",
+                probe_message(n),
+                channel(n)
+            )
+        }),
+    )
+}
+
 impl Seed {
     fn users(&self) -> usize {
         match self {
@@ -356,16 +371,7 @@ impl Seed {
         let Seed::Chat { probes } = *self else {
             return Vec::new();
         };
-        inserts(
-            "messages (id, channel_id, author_id, content, nonce, created_at)",
-            (1..=probes as u64).map(|n| {
-                format!(
-                    "({}, {}, 1, {SEED_TEXT}, NULL, {SEED_TIME})",
-                    probe_message(n),
-                    chat_channel(n)
-                )
-            }),
-        )
+        probe_inserts(probes, chat_channel)
     }
 
     fn sql(&self) -> Vec<String> {
@@ -391,10 +397,9 @@ impl Seed {
                 ));
                 sql.extend(inserts(
                     messages,
-                    [message(1, 1), message(2, 2)]
-                        .into_iter()
-                        .chain((1..=probes as u64).map(|n| message(probe_message(n), 1))),
+                    [message(1, 1), message(2, 2)].into_iter(),
                 ));
+                sql.extend(probe_inserts(probes, |_| 1));
             }
             Seed::Chat { probes } => {
                 sql.extend(inserts(

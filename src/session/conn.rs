@@ -46,6 +46,8 @@ const TOKEN_PROTOCOL: &str = "otako.token.";
 /// responsive between batches.
 const MAX_BATCH: usize = 32;
 const MAX_BATCH_BYTES: usize = 64 * 1024;
+/// Times a session woken for a short queue yields before writing.
+const COALESCE_YIELDS: usize = 4;
 
 /// Close codes (DESIGN §2).
 mod code {
@@ -115,9 +117,13 @@ pub(super) async fn handle(inner: Arc<Inner>, tcp: TcpStream, shutdown: Shutdown
     let deadline = inner.guard.deadline();
     // TLS and the request head under the handshake timeout (an oversized
     // head is answered 431 there).
+    // The handshake's two phases are boxed: their state (TLS, the head,
+    // tungstenite's handshake machine) is large and would otherwise stay
+    // reserved inline in this task for the session's whole life, making
+    // every idle session pay for it.
     let opened = tokio::select! {
         _ = shutdown.cancelled() => return,
-        opened = inner.guard.accept(tcp, deadline) => opened,
+        opened = Box::pin(inner.guard.accept(tcp, deadline)) => opened,
     };
     let Some((mut stream, head)) = opened else {
         return;
@@ -147,7 +153,7 @@ pub(super) async fn handle(inner: Arc<Inner>, tcp: TcpStream, shutdown: Shutdown
     };
     let result = tokio::select! {
         _ = shutdown.cancelled() => return,
-        r = timeout_at(deadline, handshake) => r,
+        r = timeout_at(deadline, Box::pin(handshake)) => r,
     };
     let mut ws = match result {
         Ok(Ok(ws)) => ws,
@@ -657,6 +663,16 @@ async fn run(
             Wake::Queue => {
                 if let Some(code) = slot.queue.close_code(epoch) {
                     return Exit::Close(code);
+                }
+                // Woken for a frame or two: let the fan-outs already
+                // runnable go first, so their frames share this write.
+                // Each socket write costs far more than a frame; under
+                // load this is what batches, and idle it costs one poll.
+                for _ in 0..COALESCE_YIELDS {
+                    if slot.queue.pending() >= MAX_BATCH as u64 / 2 {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
                 }
                 let batch = write_batch(inner, ws, slot, epoch);
                 if let Err(exit) = guard.run(batch).await {

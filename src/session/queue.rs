@@ -192,6 +192,11 @@ impl Queue {
         self.lock().epoch
     }
 
+    /// Frames waiting to be written.
+    pub(crate) fn pending(&self) -> u64 {
+        self.with(|state| state.last().saturating_sub(state.written))
+    }
+
     /// The next frame for the connection holding `epoch`, with its `s`.
     pub(crate) fn pop(&self, epoch: Epoch) -> Option<(u64, Arc<ClientFrame>)> {
         self.with(|state| {
