@@ -116,11 +116,10 @@ pub(super) async fn handle(inner: Arc<Inner>, tcp: TcpStream, shutdown: Shutdown
     let mut lookup = Lookup::Unchecked;
     let deadline = inner.guard.deadline();
     // TLS and the request head under the handshake timeout (an oversized
-    // head is answered 431 there).
-    // The handshake's two phases are boxed: their state (TLS, the head,
-    // tungstenite's handshake machine) is large and would otherwise stay
-    // reserved inline in this task for the session's whole life, making
-    // every idle session pay for it.
+    // head is answered 431 there). Both handshake phases are boxed: their
+    // state (TLS, the head, tungstenite's handshake machine) is large and
+    // would otherwise stay reserved inline in this task for the session's
+    // whole life, so every idle session would pay for it.
     let opened = tokio::select! {
         _ = shutdown.cancelled() => return,
         opened = Box::pin(inner.guard.accept(tcp, deadline)) => opened,
