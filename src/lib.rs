@@ -30,7 +30,7 @@
 //! listeners share), [`listen`] (what every listener does before its
 //! protocol: TLS, the request head under the handshake timeout and caps),
 //! [`tls`] (rustls identities and trust roots), [`sys`] (OS limits), [`failpoint`] (crash points for
-//! tests).
+//! tests), [`fuzz`] (the fuzz targets' bodies).
 
 pub(crate) mod admin;
 pub mod api;
@@ -42,6 +42,7 @@ pub mod dispatch_client;
 pub(crate) mod errlog;
 pub(crate) mod failpoint;
 pub mod failure;
+pub mod fuzz;
 pub mod gateway;
 pub mod http;
 pub mod ids;

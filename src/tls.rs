@@ -36,11 +36,31 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Largest PEM file read: a long chain is a few tens of KiB.
+const MAX_PEM_BYTES: u64 = 1 << 20;
+
+/// A PEM file's bytes. Only regular files, and at most [`MAX_PEM_BYTES`]:
+/// a path naming a FIFO or `/dev/zero` is an error, not a hang.
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
+    use std::io::Read as _;
+    let error = |source| TlsError::Read {
         path: path.to_owned(),
         source,
-    })
+    };
+    let invalid = |what: &str| error(std::io::Error::new(std::io::ErrorKind::InvalidInput, what));
+    // Checked before opening: opening a FIFO blocks until a writer comes.
+    if !std::fs::metadata(path).map_err(error)?.is_file() {
+        return Err(invalid("not a regular file"));
+    }
+    let file = std::fs::File::open(path).map_err(error)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_PEM_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(error)?;
+    if bytes.len() as u64 > MAX_PEM_BYTES {
+        return Err(invalid("larger than 1 MiB"));
+    }
+    Ok(bytes)
 }
 
 /// Every certificate in a PEM file (at least one).

@@ -12,6 +12,9 @@
 //! target/release/bench idle --sessions 10000
 //! target/release/bench ack-rate --connections 1,8 [--database postgres]
 //! target/release/bench resume --clients 1000 --rate 200
+//! target/release/bench --target gateway [--tls] handshakes --concurrency 32
+//! target/release/bench --target gateway slowloris --sockets 5000 --connects 1000
+//! target/release/bench --target gateway --tls fanout --clients 1000
 //! ```
 
 use std::io::{BufRead, BufReader};
@@ -32,6 +35,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_util::either::Either;
 
 use otako_gateway::ids::UserId;
 use otako_gateway::token::TokenKey;
@@ -59,6 +63,10 @@ struct Cli {
     /// The gateway's `sessions.resume_buffer` (1: resume buffers all but off).
     #[arg(long, default_value_t = 1024, global = true)]
     resume_buffer: usize,
+    /// Clients connect over TLS (`wss://`) to a gateway with a self-signed
+    /// certificate made with `openssl` (gateway only).
+    #[arg(long, global = true)]
+    tls: bool,
     #[command(subcommand)]
     workload: Workload,
 }
@@ -139,6 +147,27 @@ enum Workload {
         #[arg(long, default_value_t = 2000)]
         away_ms: u64,
     },
+    /// Client handshakes per second: `concurrency` loops of connect,
+    /// HELLO, close (gateway only).
+    Handshakes {
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// Real clients' connect time (connect to HELLO) while `sockets`
+    /// slowloris connections hold half-sent handshakes open, against the
+    /// same with none (gateway only).
+    Slowloris {
+        #[arg(long, default_value_t = 5000)]
+        sockets: usize,
+        /// Real connects measured in each phase.
+        #[arg(long, default_value_t = 1000)]
+        connects: usize,
+        /// The gateway's `server.handshake_timeout_ms`.
+        #[arg(long, default_value_t = 10_000)]
+        handshake_timeout_ms: u64,
+    },
     /// Acked events per second with one recipient.
     AckRate {
         #[arg(long, value_delimiter = ',', default_value = "1,8")]
@@ -154,6 +183,13 @@ enum Workload {
 async fn main() -> Result<()> {
     let cli = Cli::parse();
     RESUME_BUFFER.store(cli.resume_buffer.max(1) as u64, Ordering::Relaxed);
+    if cli.tls {
+        if cli.target != Which::Gateway {
+            bail!("--tls needs --target gateway: the baseline speaks plain WebSocket only");
+        }
+        let tls = Tls::make().context("making a self-signed certificate with openssl")?;
+        let _ = TLS.set(tls);
+    }
     match otako_gateway::sys::raise_fd_limit() {
         Ok(limit) => FD_LIMIT.store(limit, Ordering::Relaxed),
         Err(err) => eprintln!("cannot raise the open-file limit: {err}"),
@@ -228,6 +264,18 @@ async fn main() -> Result<()> {
                 Duration::from_millis(away_ms),
             );
             resume(clients, rate, times).await?;
+        }
+        Workload::Handshakes {
+            concurrency,
+            seconds,
+        } => handshakes(concurrency, Duration::from_secs(seconds)).await?,
+        Workload::Slowloris {
+            sockets,
+            connects,
+            handshake_timeout_ms,
+        } => {
+            HANDSHAKE_TIMEOUT_MS.store(handshake_timeout_ms, Ordering::Relaxed);
+            slowloris(sockets, connects).await?;
         }
         Workload::AckRate {
             connections,
@@ -312,9 +360,11 @@ fn wait_line(child: &mut Child, prefix: &str) -> Result<String> {
         .context("server did not start")
 }
 
+/// The address after `key` and a scheme, e.g. `client=https://127.0.0.1:80/`.
 fn addr_after(line: &str, key: &str) -> Result<SocketAddr> {
     let rest = line
         .split_once(key)
+        .and_then(|(_, r)| r.split_once("://"))
         .map(|(_, r)| r)
         .context("address missing")?;
     Ok(rest.split(['/', ' ']).next().unwrap_or("").parse()?)
@@ -485,12 +535,23 @@ impl Server {
                     Database::Sqlite => format!("sqlite://{}/bench.db", dir.path().display()),
                     Database::Postgres => postgres_schema().await?,
                 };
+                let tls = TLS
+                    .get()
+                    .map(|tls| {
+                        format!(
+                            "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                            tls.cert.display(),
+                            tls.key.display()
+                        )
+                    })
+                    .unwrap_or_default();
                 let config = format!(
                     r#"[server]
 client_listen = "127.0.0.1:0"
 dispatch_listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
-[auth]
+handshake_timeout_ms = {handshake_timeout_ms}
+{tls}[auth]
 token_secret = "{TOKEN_SECRET}"
 dispatch_secret = "{DISPATCH_SECRET}"
 [database]
@@ -515,6 +576,7 @@ timeout_ms = 1000
 memory_mb = 32
 "#,
                     resume_buffer = RESUME_BUFFER.load(Ordering::Relaxed),
+                    handshake_timeout_ms = HANDSHAKE_TIMEOUT_MS.load(Ordering::Relaxed),
                     cache = repo().join("target/bench-plugin-cache").display(),
                     plugin = repo().join("plugins/message_create.wasm").display(),
                 );
@@ -530,8 +592,8 @@ memory_mb = 32
                 let line = wait_line(&mut child, "otako-gateway listening ")?;
                 let server = Server {
                     kind,
-                    client: addr_after(&line, "client=http://")?,
-                    dispatch: addr_after(&line, "dispatch=http://")?,
+                    client: addr_after(&line, "client=")?,
+                    dispatch: addr_after(&line, "dispatch=")?,
                     child,
                     _dir: dir,
                     db_url,
@@ -603,8 +665,75 @@ fn client_config() -> WebSocketConfig {
     config
 }
 
+/// A client's connection: plain, or TLS under `--tls`.
+type Conn = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
+
 /// A subscriber's socket and its HELLO (empty for the baseline).
-type Subscriber = (WebSocketStream<TcpStream>, String);
+type Subscriber = (WebSocketStream<Conn>, String);
+
+/// `--tls`: the gateway's certificate files and a client that trusts them.
+struct Tls {
+    _dir: tempfile::TempDir,
+    cert: PathBuf,
+    key: PathBuf,
+    connector: tokio_rustls::TlsConnector,
+}
+
+static TLS: std::sync::OnceLock<Tls> = std::sync::OnceLock::new();
+
+impl Tls {
+    /// An ECDSA P-256 certificate for 127.0.0.1, as a deployment would use.
+    fn make() -> Result<Tls> {
+        let dir = tempfile::tempdir()?;
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        let status = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+            ])
+            .args(["-nodes", "-days", "2", "-subj", "/CN=localhost"])
+            .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stderr(Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!("openssl req failed: {status}");
+        }
+        let connector = otako_gateway::tls::connector(Some(&cert))?;
+        Ok(Tls {
+            _dir: dir,
+            cert,
+            key,
+            connector,
+        })
+    }
+}
+
+/// The gateway's `server.handshake_timeout_ms` (`slowloris` sets it).
+static HANDSHAKE_TIMEOUT_MS: AtomicU64 = AtomicU64::new(10_000);
+
+/// A TCP connection to the server's client listener from `source`, with
+/// TLS under `--tls`.
+async fn connect_client(server: &Server, source: Ipv4Addr) -> Result<Conn> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(IpAddr::V4(source), 0))?;
+    let stream = socket.connect(server.client).await?;
+    match TLS.get() {
+        None => Ok(Either::Left(stream)),
+        Some(tls) => {
+            let name = rustls::pki_types::ServerName::IpAddress(server.client.ip().into());
+            let stream = tls.connector.connect(name, stream).await?;
+            Ok(Either::Right(Box::new(stream)))
+        }
+    }
+}
 
 /// Opens subscriber `i` (user `i % users + 1`), from a source address
 /// chosen so no address runs out of ephemeral ports; `resume` names a
@@ -612,9 +741,7 @@ type Subscriber = (WebSocketStream<TcpStream>, String);
 async fn subscribe(server: &Server, i: usize, resume: Option<(&str, u64)>) -> Result<Subscriber> {
     let block = u8::try_from(i / PER_SOURCE).unwrap_or(200);
     let source = Ipv4Addr::new(127, server.source_net, block, 1);
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(IpAddr::V4(source), 0))?;
-    let stream = socket.connect(server.client).await?;
+    let stream = connect_client(server, source).await?;
     let url = match server.kind {
         Kind::Gateway => {
             let user = UserId::new((i % server.users) as u64 + 1).context("bad user id")?;
@@ -1281,7 +1408,7 @@ impl ResumeTally {
 /// Reads a resume subscriber's frames until `until`, checking `s`;
 /// `Some(reconnect)` times the first frame of an event sent after it.
 async fn read_frames(
-    ws: &mut WebSocketStream<TcpStream>,
+    ws: &mut WebSocketStream<Conn>,
     last: &mut u64,
     until: Instant,
     mut reconnect: Option<Instant>,
@@ -1680,6 +1807,209 @@ async fn ack_rate(connections: usize, seconds: u64, database: Database) -> Resul
                "events_acked": acked, "events_failed": failed, "events_per_s": rate.round()}),
         format!(
             "ack-rate gateway K={connections} {db}: {rate:.0} events/s acked ({failed} failed)"
+        ),
+    );
+    Ok(())
+}
+
+/// Connects, reads HELLO and closes (1000) client `i`: the connect-to-HELLO
+/// time in microseconds.
+async fn handshake_once(server: &Server, i: usize) -> Result<u64> {
+    let begun = Instant::now();
+    let (mut ws, _) = subscribe(server, i, None).await?;
+    let took = begun.elapsed().as_micros() as u64;
+    ws.close(None).await?;
+    while let Some(Ok(_)) = ws.next().await {}
+    Ok(took)
+}
+
+fn transport() -> &'static str {
+    if TLS.get().is_some() { "tls" } else { "plain" }
+}
+
+/// `concurrency` loops of connect, HELLO, close for `run`.
+async fn handshakes(concurrency: usize, run: Duration) -> Result<()> {
+    let label = format!("handshakes {} concurrency={concurrency}", transport());
+    eprintln!("{label}: starting");
+    let seed = Seed::OneChannel {
+        members: 1000.max(concurrency),
+        probes: 0,
+    };
+    let server = Arc::new(Server::start(Kind::Gateway, Database::Sqlite, seed).await?);
+    let failed = Arc::new(AtomicU64::new(0));
+    let cpu = CpuMeter::start(&server);
+    let until = Instant::now() + run;
+    let loops: Vec<_> = (0..concurrency)
+        .map(|k| {
+            let (server, failed) = (server.clone(), failed.clone());
+            tokio::spawn(async move {
+                let mut times = Vec::new();
+                let mut i = k;
+                while Instant::now() < until {
+                    match handshake_once(&server, i).await {
+                        Ok(took) => times.push(took),
+                        Err(_) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    i += concurrency;
+                }
+                times
+            })
+        })
+        .collect();
+    let times = collect_samples(loops).await;
+    let wall = cpu.wall.elapsed().as_secs_f64();
+    let done = times.len() as u64;
+    let (cpu_fields, cpu_summary) = cpu.finish(0, done);
+    let rate = done as f64 / wall;
+    let (p50, p99, max) = percentiles(&times);
+    let failed = failed.load(Ordering::Relaxed);
+    report(
+        merged(
+            json!({"workload": "handshakes", "target": "gateway", "transport": transport(),
+                   "concurrency": concurrency, "handshakes": done, "failed": failed,
+                   "per_s": rate.round(), "p50_ms": p50, "p99_ms": p99, "max_ms": max}),
+            cpu_fields,
+        ),
+        format!(
+            "{label}: {rate:.0} handshakes/s ({failed} failed), connect-to-HELLO p50 {p50:.2} ms, p99 {p99:.2} ms; {} (us/event = per handshake)",
+            cpu_summary
+        ),
+    );
+    Ok(())
+}
+
+/// `connects` real clients, four at a time, numbered from `first`: their
+/// connect-to-HELLO times, sorted.
+async fn connect_times(server: &Arc<Server>, connects: usize, first: usize) -> Result<Vec<u64>> {
+    let next = Arc::new(AtomicU64::new(0));
+    let loops: Vec<_> = (0..4)
+        .map(|_| {
+            let (server, next) = (server.clone(), next.clone());
+            tokio::spawn(async move {
+                let mut times = Vec::new();
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    if n >= connects {
+                        break;
+                    }
+                    if let Ok(took) = handshake_once(&server, first + n).await {
+                        times.push(took);
+                    }
+                }
+                times
+            })
+        })
+        .collect();
+    let times = collect_samples(loops).await;
+    if times.len() < connects {
+        bail!("only {} of {connects} connects succeeded", times.len());
+    }
+    Ok(times)
+}
+
+/// Holds one slowloris connection open: a request head sent a byte a
+/// second (over TLS, a connection that never starts its handshake),
+/// reconnecting whenever the gateway hangs up. Counts the hang-ups.
+async fn slowloris_socket(
+    server: Arc<Server>,
+    source: Ipv4Addr,
+    open: Arc<AtomicU64>,
+    cut: Arc<AtomicU64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok(socket) = TcpSocket::new_v4() else {
+            return;
+        };
+        if socket.bind(SocketAddr::new(IpAddr::V4(source), 0)).is_err() {
+            return;
+        }
+        let Ok(mut stream) = socket.connect(server.client).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        open.fetch_add(1, Ordering::Relaxed);
+        let head =
+            b"GET /gateway?token=aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+        let mut sent = 0;
+        let mut buf = [0u8; 512];
+        loop {
+            if TLS.get().is_none() && sent < head.len() {
+                if stream.write_all(&head[sent..sent + 1]).await.is_err() {
+                    break;
+                }
+                sent += 1;
+            }
+            match tokio::time::timeout(Duration::from_secs(1), stream.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => break,
+                Ok(Ok(_)) | Err(_) => {}
+            }
+        }
+        open.fetch_sub(1, Ordering::Relaxed);
+        cut.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Connect p50/p99 of real clients, quiet and then with `sockets`
+/// slowloris connections open.
+async fn slowloris(sockets: usize, connects: usize) -> Result<()> {
+    let label = format!("slowloris {} sockets={sockets}", transport());
+    eprintln!("{label}: starting");
+    let seed = Seed::OneChannel {
+        members: 1000,
+        probes: 0,
+    };
+    let server = Arc::new(Server::start(Kind::Gateway, Database::Sqlite, seed).await?);
+    // Warm up, then the quiet figure.
+    connect_times(&server, 100, 0).await?;
+    let quiet = connect_times(&server, connects, 100).await?;
+    let (open, cut) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let attackers: Vec<_> = (0..sockets)
+        .map(|k| {
+            let source = Ipv4Addr::new(127, server.source_net, 100 + (k / PER_SOURCE) as u8, 1);
+            tokio::spawn(slowloris_socket(
+                server.clone(),
+                source,
+                open.clone(),
+                cut.clone(),
+            ))
+        })
+        .collect();
+    let started = Instant::now();
+    while (open.load(Ordering::Relaxed) as usize) < sockets {
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "only {} of {sockets} slowloris sockets opened",
+                open.load(Ordering::Relaxed)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let cpu = CpuMeter::start(&server);
+    let loaded = connect_times(&server, connects, 100 + connects).await?;
+    let (cpu_fields, cpu_summary) = cpu.finish(0, connects as u64);
+    let held = open.load(Ordering::Relaxed);
+    let cut = cut.load(Ordering::Relaxed);
+    for attacker in attackers {
+        attacker.abort();
+    }
+    let (q50, q99, qmax) = percentiles(&quiet);
+    let (l50, l99, lmax) = percentiles(&loaded);
+    let ratio = if q99 > 0.0 { l99 / q99 } else { 0.0 };
+    report(
+        merged(
+            json!({"workload": "slowloris", "target": "gateway", "transport": transport(),
+                   "sockets": sockets, "held_at_end": held, "cut_by_timeout": cut, "connects": connects,
+                   "handshake_timeout_ms": HANDSHAKE_TIMEOUT_MS.load(Ordering::Relaxed),
+                   "quiet_p50_ms": q50, "quiet_p99_ms": q99, "quiet_max_ms": qmax,
+                   "loaded_p50_ms": l50, "loaded_p99_ms": l99, "loaded_max_ms": lmax,
+                   "p99_ratio": (ratio * 100.0).round() / 100.0}),
+            cpu_fields,
+        ),
+        format!(
+            "{label}: connect p50/p99 quiet {q50:.2}/{q99:.2} ms, with {held} slowloris sockets {l50:.2}/{l99:.2} ms (p99 {ratio:.2}x); {cut} cut by the handshake timeout; {cpu_summary}"
         ),
     );
     Ok(())

@@ -69,8 +69,9 @@ pub struct Body {
 /// A parsed inbound frame.
 #[derive(Debug)]
 pub enum Inbound {
-    /// op 1: the backend's keepalive; `ts` is echoed in the PONG.
-    Ping { ts: serde_json::Value },
+    /// op 1: the backend's keepalive; `ts` is echoed in the PONG as it
+    /// came, byte for byte (`null` when absent).
+    Ping { ts: Box<RawValue> },
     /// op 0: an event to run.
     Event(DispatchEvent),
 }
@@ -84,6 +85,12 @@ struct Raw<'a> {
     d: Option<&'a RawValue>,
     s: Option<serde_json::Value>,
     event_id: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct PingOf<'a> {
+    #[serde(borrow)]
+    ts: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -141,9 +148,9 @@ pub fn parse(text: &str) -> Result<Inbound, String> {
         1 => {
             let ts = raw
                 .d
-                .and_then(|d| serde_json::from_str::<serde_json::Value>(d.get()).ok())
-                .and_then(|d| d.get("ts").cloned())
-                .unwrap_or(serde_json::Value::Null);
+                .and_then(|d| serde_json::from_str::<PingOf<'_>>(d.get()).ok())
+                .and_then(|d| d.ts)
+                .map_or_else(null, ToOwned::to_owned);
             Ok(Inbound::Ping { ts })
         }
         0 => {
@@ -185,6 +192,10 @@ pub fn parse(text: &str) -> Result<Inbound, String> {
             "unknown op {other} (the gateway accepts 0 = event and 1 = PING)"
         )),
     }
+}
+
+fn null() -> Box<RawValue> {
+    RawValue::NULL.to_owned()
 }
 
 fn body(d: &RawValue) -> Result<Body, String> {
@@ -261,13 +272,29 @@ pub fn roundtrip(event_id: &Echo, s: Option<&Echo>, outcome: &Outcome) -> String
 
 /// The reply to a PING, with a few gateway stats for the backend's
 /// dashboards.
-pub fn pong(ts: &serde_json::Value, inflight: usize, sessions: usize) -> String {
-    serde_json::json!({
-        "op": 11,
-        "t": "PONG",
-        "d": { "ts": ts, "inflight": inflight, "sessions": sessions },
+pub fn pong(ts: &RawValue, inflight: usize, sessions: usize) -> String {
+    #[derive(Serialize)]
+    struct Pong<'a> {
+        op: u8,
+        t: &'static str,
+        d: PongData<'a>,
+    }
+    #[derive(Serialize)]
+    struct PongData<'a> {
+        ts: &'a RawValue,
+        inflight: usize,
+        sessions: usize,
+    }
+    serde_json::to_string(&Pong {
+        op: 11,
+        t: "PONG",
+        d: PongData {
+            ts,
+            inflight,
+            sessions,
+        },
     })
-    .to_string()
+    .unwrap_or_default()
 }
 
 /// The reply to a frame that is not an event.
@@ -345,8 +372,14 @@ mod tests {
         assert_eq!(why, "d must be a JSON object");
         assert!(matches!(
             parse(r#"{"op":1,"t":"PING","d":{"ts":123}}"#),
-            Ok(Inbound::Ping { ts }) if ts == serde_json::json!(123)
+            Ok(Inbound::Ping { ts }) if ts.get() == "123"
         ));
+        // Echoed byte for byte, however large (no trip through f64).
+        let huge = "118446744063709551616712345678.50";
+        let Ok(Inbound::Ping { ts }) = parse(&format!(r#"{{"op":1,"d":{{"ts":{huge}}}}}"#)) else {
+            panic!("not a ping");
+        };
+        assert!(pong(&ts, 0, 0).contains(&format!(r#""ts":{huge}"#)));
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub mod bindings;
 mod engine;
 mod host;
 mod query;
-mod routes;
+pub(crate) mod routes;
 mod sandbox;
 
 use std::collections::BTreeMap;

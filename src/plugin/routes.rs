@@ -339,7 +339,7 @@ fn handler_code(code: &str) -> ErrorCode {
 }
 
 /// Checks what a plugin returned and turns it into host deliveries.
-fn convert(deliveries: Vec<bindings::Delivery>) -> Result<Vec<Delivery>, String> {
+pub(crate) fn convert(deliveries: Vec<bindings::Delivery>) -> Result<Vec<Delivery>, String> {
     deliveries
         .into_iter()
         .enumerate()

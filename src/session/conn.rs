@@ -33,7 +33,7 @@ use crate::ids::UserId;
 use crate::listen::{CLOSE_TIMEOUT, MAX_HEADERS, Prefixed, Stream, hang_up};
 use crate::revoke;
 use crate::shutdown::Shutdown;
-use crate::token::{self, Claims};
+use crate::token::{self, Claims, TokenKey};
 
 /// The only path clients may upgrade on.
 const PATH: &str = "/gateway";
@@ -455,26 +455,7 @@ async fn look_up_revocation(inner: &Inner, head: &[u8]) -> Lookup {
     let Some(db) = &inner.revocations else {
         return Lookup::Unchecked;
     };
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Request::new(&mut headers);
-    if !matches!(parsed.parse(head), Ok(httparse::Status::Complete(_))) {
-        return Lookup::Unchecked;
-    }
-    let mut req = Request::builder().uri(parsed.path.unwrap_or("/"));
-    for h in parsed.headers.iter().filter(|h| {
-        h.name.eq_ignore_ascii_case(header::AUTHORIZATION.as_str())
-            || h.name
-                .eq_ignore_ascii_case(header::SEC_WEBSOCKET_PROTOCOL.as_str())
-    }) {
-        req = req.header(h.name, h.value);
-    }
-    let Ok(req) = req.body(()) else {
-        return Lookup::Unchecked;
-    };
-    let Some(claims) = credentials(&req)
-        .ok()
-        .and_then(|(token, _)| inner.tokens.verify_claims(token, token::now_s()).ok())
-    else {
+    let Some(claims) = claims_in_head(&inner.tokens, head) else {
         return Lookup::Unchecked;
     };
     match revoke::revoked_at(db, claims.user).await {
@@ -489,10 +470,31 @@ async fn look_up_revocation(inner: &Inner, head: &[u8]) -> Lookup {
     }
 }
 
+/// The claims of the valid token a request head carries, read the way
+/// [`credentials`] reads tungstenite's parse of the same head.
+pub(crate) fn claims_in_head(tokens: &TokenKey, head: &[u8]) -> Option<Claims> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut headers);
+    if !matches!(parsed.parse(head), Ok(httparse::Status::Complete(_))) {
+        return None;
+    }
+    let mut req = Request::builder().uri(parsed.path.unwrap_or("/"));
+    for h in parsed.headers.iter().filter(|h| {
+        h.name.eq_ignore_ascii_case(header::AUTHORIZATION.as_str())
+            || h.name
+                .eq_ignore_ascii_case(header::SEC_WEBSOCKET_PROTOCOL.as_str())
+    }) {
+        req = req.header(h.name, h.value);
+    }
+    let req = req.body(()).ok()?;
+    let (token, _) = credentials(&req).ok()?;
+    tokens.verify_claims(token, token::now_s()).ok()
+}
+
 /// Cross-site WebSocket hijacking guard. No `Origin` (not a browser) is
 /// fine; otherwise the origin must be listed, or with no list, be the
 /// page's own host (`Origin` authority equal to `Host`).
-fn origin_allowed(allowed: Option<&[String]>, req: &Request) -> bool {
+pub(crate) fn origin_allowed(allowed: Option<&[String]>, req: &Request) -> bool {
     let mut origins = req.headers().get_all(header::ORIGIN).iter();
     let (Some(origin), None) = (origins.next(), origins.next()) else {
         return req.headers().get(header::ORIGIN).is_none();
@@ -518,7 +520,7 @@ fn origin_allowed(allowed: Option<&[String]>, req: &Request) -> bool {
 /// `otako.token.<token>` subprotocol (equivalent ways), and whether the
 /// client offered `otako.v1`. Two different tokens are ambiguous: 401.
 /// The error says why, for the debug log.
-fn credentials(req: &Request) -> Result<(&str, bool), &'static str> {
+pub(crate) fn credentials(req: &Request) -> Result<(&str, bool), &'static str> {
     let headers = req.headers();
     let mut tokens: Vec<&str> = Vec::new();
     for value in headers.get_all(header::AUTHORIZATION) {

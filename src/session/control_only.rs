@@ -32,13 +32,13 @@ enum At {
 
 /// The check that refuses data frames, for [`crate::listen::Prefixed`]
 /// on the client socket.
-pub(super) struct ControlOnly {
+pub(crate) struct ControlOnly {
     at: At,
 }
 
 impl ControlOnly {
     /// The stream starts with the client's HTTP request head.
-    pub(super) fn new() -> ControlOnly {
+    pub(crate) fn new() -> ControlOnly {
         ControlOnly {
             at: At::Head { matched: 0 },
         }

@@ -17,12 +17,12 @@
 //! without a clean close stays detached (still a recipient) for
 //! `resume_window_ms`; one sweeper task ends those that expire.
 
-mod conn;
-mod control_only;
+pub(crate) mod conn;
+pub(crate) mod control_only;
 pub mod frame;
 mod queue;
 mod registry;
-mod resume;
+pub(crate) mod resume;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;

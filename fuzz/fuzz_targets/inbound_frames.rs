@@ -1,0 +1,5 @@
+#![no_main]
+
+use otako_gateway::fuzz::Target;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| Target::InboundFrames.run(data));
