@@ -17,6 +17,14 @@ bench=target/release/bench
 "$bench" --target gateway chat --seconds 10 | tee -a "$out"
 "$bench" storm --clients 10000 | tee -a "$out"
 "$bench" --target gateway resume --clients 1000 --rate 200 --seconds 10 | tee -a "$out"
+# The hardened edge: handshakes plain vs TLS, connects under slowloris,
+# fan-out over TLS vs plain.
+"$bench" --target gateway handshakes --concurrency 32 --seconds 10 | tee -a "$out"
+"$bench" --target gateway --tls handshakes --concurrency 32 --seconds 10 | tee -a "$out"
+"$bench" --target gateway slowloris --sockets 5000 --connects 1000 | tee -a "$out"
+"$bench" --target gateway --tls slowloris --sockets 5000 --connects 1000 | tee -a "$out"
+"$bench" --target gateway fanout --clients 1000 --seconds 10 | tee -a "$out"
+"$bench" --target gateway --tls fanout --clients 1000 --seconds 10 | tee -a "$out"
 "$bench" idle --sessions 10000,19000,50000 | tee -a "$out"
 "$bench" ack-rate --connections 1,8 --seconds 10 | tee -a "$out"
 "$bench" ack-rate --connections 1,8 --seconds 10 --database postgres | tee -a "$out"
