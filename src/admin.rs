@@ -1,7 +1,9 @@
 //! The admin listener: `/healthz` (the process is up), `/readyz` (the
 //! database answers and the plugins are loaded), `/metrics`
-//! (Prometheus text), and `POST /admin/revoke` (token revocation for a
-//! backend, behind the dispatch secret).
+//! (Prometheus text), `POST /admin/revoke` (token revocation for a
+//! backend, behind the dispatch secret), and the read-only operator page:
+//! `GET /` (embedded HTML) polling `GET /admin/status` and
+//! `GET /admin/failures`, which carry no token, secret or session id.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,14 +17,16 @@ use crate::db::Db;
 use crate::http::{self, BearerSecret, HttpResponse};
 use crate::ids::UserId;
 use crate::listen::Guard;
+use crate::plugin::Plugins;
 use crate::shutdown::Shutdown;
 use crate::telemetry::Metrics;
 
 /// Set once startup has loaded everything `/readyz` promises; cleared when
 /// shutdown begins so load balancers stop sending new work.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Readiness {
-    plugins_loaded: AtomicBool,
+    /// The loaded plugins (also what the operator page lists).
+    plugins: std::sync::OnceLock<Plugins>,
     draining: AtomicBool,
     /// Whether event claims can be written: while they can't, every event
     /// fails with DB_ERROR, so the node is not ready.
@@ -30,8 +34,8 @@ pub struct Readiness {
 }
 
 impl Readiness {
-    pub fn set_plugins_loaded(&self) {
-        self.plugins_loaded.store(true, Ordering::Release);
+    pub fn set_plugins_loaded(&self, plugins: Plugins) {
+        let _ = self.plugins.set(plugins);
     }
 
     pub fn set_draining(&self) {
@@ -54,7 +58,7 @@ impl Readiness {
     fn why_not_ready(&self) -> Option<&'static str> {
         if self.draining.load(Ordering::Acquire) {
             Some("draining")
-        } else if !self.plugins_loaded.load(Ordering::Acquire) {
+        } else if self.plugins.get().is_none() {
             Some("plugins not loaded")
         } else {
             None
@@ -66,6 +70,11 @@ impl Readiness {
 const REVOKE: &str = "/admin/revoke";
 /// Largest `POST /admin/revoke` body: `{"user_id":"…"}` is tiny.
 const MAX_REVOKE_BODY: usize = 4096;
+/// Most failures `GET /admin/failures` returns.
+const MAX_FAILURES: i64 = 50;
+/// The operator page and its script, embedded.
+const OPERATOR_PAGE: &str = include_str!("../web/operator/index.html");
+const OPERATOR_SCRIPT: &str = include_str!("../web/operator/operator.js");
 
 /// Serves the admin endpoints until shutdown. `dispatch_secret` guards
 /// the one that changes state; `guard` holds handshakes to the client
@@ -79,6 +88,7 @@ pub async fn serve(
     readiness: Arc<Readiness>,
     dispatch_secret: BearerSecret,
 ) {
+    let started = std::time::Instant::now();
     http::serve(listener, shutdown, guard, move |req| {
         let db = db.clone();
         let metrics = metrics.clone();
@@ -91,7 +101,13 @@ pub async fn serve(
             if req.method() != Method::GET {
                 return http::text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
             }
-            route(req.uri().path(), &db, &metrics, &readiness).await
+            match req.uri().path() {
+                "/" => page(OPERATOR_PAGE, "text/html; charset=utf-8"),
+                "/operator.js" => page(OPERATOR_SCRIPT, "text/javascript; charset=utf-8"),
+                "/admin/status" => status(&metrics, &readiness, started),
+                "/admin/failures" => failures(&db).await,
+                path => route(path, &db, &metrics, &readiness).await,
+            }
         }
     })
     .await
@@ -159,6 +175,115 @@ async fn revoke(req: Request<Incoming>, db: &Db, secret: &BearerSecret) -> HttpR
     }
 }
 
+/// An embedded file, not cached (a rebuilt binary serves the new page).
+fn page(body: &'static str, content_type: &'static str) -> HttpResponse {
+    let mut response = http::text(StatusCode::OK, body);
+    let headers = response.headers_mut();
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    headers.insert(
+        hyper::header::CACHE_CONTROL,
+        hyper::header::HeaderValue::from_static("no-cache"),
+    );
+    response
+}
+
+/// `GET /admin/status`: every metric sample as JSON (the page derives
+/// rates by polling), the plugins serving with their version hashes and
+/// load times, and the load/reload history.
+fn status(metrics: &Metrics, readiness: &Readiness, started: std::time::Instant) -> HttpResponse {
+    let plugins = readiness.plugins.get();
+    http::json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_s": started.elapsed().as_secs(),
+            "ready": readiness.why_not_ready().is_none(),
+            "metrics": samples(&metrics.encode()),
+            "plugins": plugins.map(Plugins::loaded).unwrap_or_default(),
+            "reloads": plugins.map(Plugins::history).unwrap_or_default(),
+        }),
+    )
+}
+
+/// `GET /admin/failures`: the latest failed events (newest first) as
+/// recorded for the logging server: event, error code and message, trace,
+/// and whether the sink has it yet.
+async fn failures(db: &Db) -> HttpResponse {
+    let rows: Result<Vec<(String, i64, Option<i64>)>, sqlx::Error> = crate::with_pool!(db, p => sqlx::query_as(
+        "SELECT record, created_at, delivered_at FROM event_errors ORDER BY created_at DESC LIMIT $1"
+    )
+    .bind(MAX_FAILURES)
+    .fetch_all(p)
+    .await);
+    match rows {
+        Ok(rows) => {
+            let failures: Vec<serde_json::Value> = rows
+                .into_iter()
+                .map(|(record, created_at, delivered_at)| {
+                    serde_json::json!({
+                        "record": serde_json::from_str::<serde_json::Value>(&record).unwrap_or_default(),
+                        "recorded_at": crate::db::rfc3339(created_at),
+                        "delivered_at": delivered_at.map(crate::db::rfc3339),
+                    })
+                })
+                .collect();
+            http::json(StatusCode::OK, &failures)
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "operator page: cannot read the error log");
+            http::text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cannot read the error log\n",
+            )
+        }
+    }
+}
+
+/// The samples of a Prometheus/OpenMetrics text exposition as
+/// `{"name","labels","value"}` (histogram buckets left out).
+fn samples(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let value: f64 = value.parse().ok()?;
+            let (name, labels) = match series.split_once('{') {
+                Some((name, rest)) => (name, parse_labels(rest.strip_suffix('}')?)?),
+                None => (series, serde_json::Map::new()),
+            };
+            (!name.ends_with("_bucket"))
+                .then(|| serde_json::json!({"name": name, "labels": labels, "value": value}))
+        })
+        .collect()
+}
+
+/// `a="x",b="y\"z"` into a map, unescaping `\\`, `\"` and `\n`.
+fn parse_labels(text: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let mut labels = serde_json::Map::new();
+    let mut rest = text;
+    while !rest.is_empty() {
+        let (key, after) = rest.split_once("=\"")?;
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let end = loop {
+            match chars.next()? {
+                (i, '"') => break i,
+                (_, '\\') => match chars.next()?.1 {
+                    'n' => value.push('\n'),
+                    c => value.push(c),
+                },
+                (_, c) => value.push(c),
+            }
+        };
+        labels.insert(key.to_owned(), value.into());
+        rest = after[end + 1..].trim_start_matches(',');
+    }
+    Some(labels)
+}
+
 async fn route(path: &str, db: &Db, metrics: &Metrics, readiness: &Readiness) -> HttpResponse {
     match path {
         "/healthz" => http::text(StatusCode::OK, "ok\n"),
@@ -202,5 +327,22 @@ async fn route(path: &str, db: &Db, metrics: &Metrics, readiness: &Readiness) ->
             response
         }
         _ => http::text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_parse_labels_and_skip_buckets() {
+        let text = "# HELP x y\nsessions_open 3\nevents_total{event=\"E\",outcome=\"success\"} 2\n\
+                    odd{v=\"a\\\"b,c\"} 1\nack_latency_seconds_bucket{le=\"0.1\"} 5\n# EOF\n";
+        let got = samples(text);
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[0]["name"], "sessions_open");
+        assert_eq!(got[0]["value"], 3.0);
+        assert_eq!(got[1]["labels"]["outcome"], "success");
+        assert_eq!(got[2]["labels"]["v"], "a\"b,c");
     }
 }

@@ -82,7 +82,14 @@ pub async fn run(
     } else {
         "ws"
     };
-    let dispatch_url = format!("{scheme}://{}/dispatch", bound.dispatch);
+    let urls = api::GatewayUrls {
+        dispatch: Some(format!("{scheme}://{}/dispatch", bound.dispatch)),
+        client: Some(format!(
+            "{}://{}/gateway",
+            if bound.client_tls { "wss" } else { "ws" },
+            bound.client
+        )),
+    };
     let (token_secret, _) = config.require_secrets()?;
     let tokens = TokenKey::new(token_secret.expose().as_bytes(), None);
     let api_task = {
@@ -90,15 +97,9 @@ pub async fn run(
         let db = db.clone();
         let stop = stop_all.clone();
         tokio::spawn(async move {
-            api::run(
-                &config,
-                db,
-                Some(dispatch_url),
-                stop.cancelled_owned(),
-                move |api| {
-                    print_welcome(bound, api, &tokens);
-                },
-            )
+            api::run(&config, db, urls, stop.cancelled_owned(), move |api| {
+                print_welcome(bound, api, &tokens);
+            })
             .await
         })
     };
@@ -136,25 +137,27 @@ fn print_welcome(bound: Bound, api: std::net::SocketAddr, tokens: &TokenKey) {
     };
     let (alice, bob) = (token(DEMO_USERS[0].0), token(DEMO_USERS[1].0));
     println!("otako-gateway listening {bound}");
-    println!("otako-gateway dev is running (Ctrl-C stops it):");
+    println!("otako-gateway api listening http://{api}");
+    println!("otako-gateway dev is running (Ctrl-C stops it).");
     let ws = |tls| if tls { "wss" } else { "ws" };
     println!(
-        "  clients   {}://{}/gateway",
+        "  clients {}://{}/gateway  dispatch {}://{}/dispatch  metrics http://{}/metrics",
         ws(bound.client_tls),
-        bound.client
-    );
-    println!(
-        "  dispatch  {}://{}/dispatch",
+        bound.client,
         ws(bound.dispatch_tls),
-        bound.dispatch
+        bound.dispatch,
+        bound.admin
     );
-    println!("  admin     http://{}/metrics", bound.admin);
-    println!("otako-gateway api listening http://{api}");
-    println!("  demo users: alice (id 1) and bob (id 2), both in channel {DEMO_CHANNEL}");
-    println!("  alice's token: {alice}");
-    println!("  bob's token:   {bob}");
     println!();
-    println!("Watch bob's session (any WebSocket client; curl shows the raw frames):");
+    println!("Open the demo chat, one tab per demo user (both are in channel {DEMO_CHANNEL}):");
+    println!("  alice  http://{api}/?token={alice}");
+    println!("  bob    http://{api}/?token={bob}");
+    println!("Watch the gateway on the operator page:");
+    println!("  http://{}/", bound.admin);
+    println!();
+    println!(
+        "Or from a terminal: watch bob's session (any WebSocket client; curl shows the raw frames):"
+    );
     println!(
         "  curl -sN --http1.1 -H 'Connection: Upgrade' -H 'Upgrade: websocket' -H 'Sec-WebSocket-Version: 13' \
          -H 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==' 'http://{}/gateway?token={bob}'",

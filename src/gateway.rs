@@ -186,7 +186,7 @@ pub async fn serve(
     ));
     let presence: Arc<dyn Presence> = Arc::new(sessions.clone());
     let plugins = Plugins::load(&config, read_db.clone(), presence, metrics.clone()).await?;
-    readiness.set_plugins_loaded();
+    readiness.set_plugins_loaded(plugins.clone());
     if config.plugins.hot_reload {
         let watcher = reload::watch(
             config.clone(),

@@ -201,9 +201,15 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 "http"
             };
-            api::run(&config, db.clone(), None, shutdown::signal(), |addr| {
-                println!("otako-gateway api listening {scheme}://{addr}");
-            })
+            api::run(
+                &config,
+                db.clone(),
+                api::GatewayUrls::default(),
+                shutdown::signal(),
+                |addr| {
+                    println!("otako-gateway api listening {scheme}://{addr}");
+                },
+            )
             .await?;
             db.close().await;
         }

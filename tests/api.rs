@@ -485,3 +485,86 @@ async fn with_tls_everywhere_a_message_posted_over_https_reaches_a_wss_client() 
     assert_eq!(frame["t"], "MESSAGE_CREATE", "{frame}");
     assert_eq!(frame["d"], message);
 }
+
+#[tokio::test]
+async fn the_read_calls_list_my_channels_and_a_channels_latest_messages() {
+    let stack = Stack::new(5);
+    let _gateway = stack.gateway();
+    let (_api, api) = stack.api();
+    let (alice, bob, mallory, channel) = people(api).await;
+    let token = |u: &Value| u["token"].as_str().unwrap().to_owned();
+
+    let (status, me) = call(api, "GET", "/users/@me", Some(&token(&bob)), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(me, json!({"id": bob["id"], "name": "bob"}));
+    let (status, _) = call(api, "GET", "/users/@me", Some("not-a-token"), None).await;
+    assert_eq!(status, 401);
+
+    let (status, channels) = call(api, "GET", "/channels", Some(&token(&bob)), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(channels.as_array().unwrap().len(), 1);
+    assert_eq!(channels[0]["id"], channel.as_str());
+    assert_eq!(channels[0]["members"].as_array().unwrap().len(), 2);
+    let (_, none) = call(api, "GET", "/channels", Some(&token(&mallory)), None).await;
+    assert_eq!(none, json!([]));
+
+    let path = format!("/channels/{channel}/messages");
+    for n in 1..=3 {
+        let body = json!({"content": format!("m{n}")}).to_string();
+        let (status, _) = call(api, "POST", &path, Some(&token(&alice)), Some(&body)).await;
+        assert_eq!(status, 201);
+    }
+    let (status, all) = call(api, "GET", &path, Some(&token(&bob)), None).await;
+    assert_eq!(status, 200);
+    let contents: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(contents, ["m1", "m2", "m3"], "oldest first");
+    let (_, last) = call(
+        api,
+        "GET",
+        &format!("{path}?limit=2"),
+        Some(&token(&bob)),
+        None,
+    )
+    .await;
+    assert_eq!(last[0]["content"], "m2");
+    assert_eq!(last[1]["content"], "m3");
+    assert_eq!(last[1]["author"]["name"], "alice");
+    let (status, _) = call(api, "GET", &path, Some(&token(&mallory)), None).await;
+    assert_eq!(status, 403);
+    let (status, _) = call(
+        api,
+        "GET",
+        &format!("{path}?limit=0"),
+        Some(&token(&bob)),
+        None,
+    )
+    .await;
+    assert_eq!(status, 400);
+}
+
+#[tokio::test]
+async fn the_demo_page_and_the_client_library_are_served_from_the_binary() {
+    let stack = Stack::new(5);
+    let (_api, api) = stack.api();
+    let (status, page) = http_request(api, "GET", "/", &[], None).await;
+    assert_eq!(status, 200);
+    assert!(page.contains("<script type=\"module\" src=\"/demo.js\">"));
+    let (status, script) = http_request(api, "GET", "/demo.js", &[], None).await;
+    assert_eq!(status, 200);
+    assert!(script.contains("from \"/otako.js\""));
+    let (status, client) = http_request(api, "GET", "/otako.js", &[], None).await;
+    assert_eq!(status, 200);
+    assert!(client.contains("export class OtakoClient"));
+    let (status, config) = call(api, "GET", "/config.json", None, None).await;
+    assert_eq!(status, 200);
+    let url = config["gateway_url"].as_str().unwrap();
+    assert!(
+        url.starts_with("ws://127.0.0.1:") && url.ends_with("/gateway"),
+        "{url}"
+    );
+}

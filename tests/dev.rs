@@ -35,7 +35,42 @@ async fn dev_runs_the_whole_stack_in_one_process() {
     assert_eq!(frame["d"], message);
     assert_eq!(frame["d"]["author"]["name"], "alice");
     watch_command_works_as_printed(&dev).await;
+    what_to_open_comes_first(&dev, api).await;
     assert!(dev.stop().success());
+}
+
+/// `dev` ends with what to open: a demo link per demo user, then the
+/// operator page, then the terminal recipes; the links serve the page.
+async fn what_to_open_comes_first(dev: &common::Gateway, api: std::net::SocketAddr) {
+    let lines = dev.stdout();
+    let position = |needle: &str| {
+        lines
+            .iter()
+            .position(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no line with {needle} in {lines:#?}"))
+    };
+    let (alice, bob) = (position("alice  http://"), position("bob    http://"));
+    let operator_url = format!("http://{}/", dev.admin);
+    let operator = lines
+        .iter()
+        .position(|l| l.trim() == operator_url)
+        .unwrap_or_else(|| panic!("no line with just {operator_url} in {lines:#?}"));
+    let curl = position("curl -sN");
+    assert!(
+        alice < bob && bob < operator && operator < curl,
+        "{lines:#?}"
+    );
+    for line in [&lines[alice], &lines[bob]] {
+        let url = line.split_whitespace().last().unwrap();
+        let path = url.strip_prefix(&format!("http://{api}")).unwrap();
+        assert!(path.starts_with("/?token="), "{url}");
+        let (status, page) = common::http_request(api, "GET", path, &[], None).await;
+        assert_eq!(status, 200);
+        assert!(page.contains("Otako chat demo"));
+    }
+    let (status, page) = dev.admin_get("/").await;
+    assert_eq!(status, 200);
+    assert!(page.contains("Otako operator"));
 }
 
 /// The curl command `dev` prints to watch bob's session, sent exactly as

@@ -543,3 +543,60 @@ async fn log_sink_deduplicates_by_idempotency_key_across_restarts() {
         ]
     );
 }
+
+/// The operator page's JSON: the failures just provoked with their codes
+/// and traces, the plugins serving with version hashes and load times,
+/// the metrics, and no secret anywhere; the page itself is served.
+#[tokio::test]
+async fn the_operator_page_shows_failures_plugins_and_metrics_without_secrets() {
+    let mut setup = Setup::sqlite();
+    setup.message_routes();
+    let gateway = setup.start();
+    let (status, page) = gateway.admin_get("/").await;
+    assert_eq!(status, 200);
+    assert!(page.contains("/operator.js"), "{page}");
+    assert_eq!(gateway.admin_get("/operator.js").await.0, 200);
+
+    let ids = fail_events(gateway.dispatch, "ops", 3).await;
+    let (status, text) = gateway.admin_get("/admin/failures").await;
+    assert_eq!(status, 200, "{text}");
+    let failures: Vec<Value> = serde_json::from_str(&text).unwrap();
+    let listed: HashSet<String> = failures
+        .iter()
+        .map(|f| f["record"]["event_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(listed, ids);
+    assert!(
+        failures
+            .iter()
+            .all(|f| f["record"]["error"]["code"] == "NO_ROUTE")
+    );
+    assert!(failures.iter().all(|f| f["record"]["trace"].is_object()));
+
+    let (status, text) = gateway.admin_get("/admin/status").await;
+    assert_eq!(status, 200, "{text}");
+    let status: Value = serde_json::from_str(&text).unwrap();
+    let plugins = status["plugins"].as_array().unwrap();
+    assert_eq!(plugins.len(), 3);
+    let create = plugins
+        .iter()
+        .find(|p| p["event"] == "EVENT_MESSAGE_CREATE")
+        .unwrap();
+    assert_eq!(create["plugin"], "message_create.wasm");
+    assert_eq!(create["hash"].as_str().unwrap().len(), 64);
+    assert!(create["loaded_at"].is_string());
+    assert_eq!(status["reloads"][0]["kind"], "load");
+    assert_eq!(status["reloads"][0]["ok"], true);
+    let failed: f64 = status["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["name"] == "otako_events_total" && m["labels"]["outcome"] != "success")
+        .map(|m| m["value"].as_f64().unwrap())
+        .sum();
+    assert_eq!(failed, 3.0);
+    for secret in [common::TOKEN_SECRET, common::DISPATCH_SECRET] {
+        assert!(!text.contains(secret));
+    }
+    assert!(gateway.stop().success());
+}

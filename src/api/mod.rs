@@ -5,6 +5,7 @@
 //! - [`routes`]: the HTTP handlers and their JSON errors.
 //! - [`store`]: the SQL behind them.
 //! - [`outbox`]: the outbox relay: pipelined sends, retries, log-and-drop.
+//! - [`web`]: the demo page and the browser client, embedded.
 //! - [`lease`]: the lease on `cluster.node_id`, the node bits of the ids
 //!   it mints.
 
@@ -12,6 +13,7 @@ pub mod lease;
 pub mod outbox;
 pub mod routes;
 pub mod store;
+pub mod web;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -54,17 +56,29 @@ pub struct AppState {
     pub ids: IdGen,
     pub max_body_bytes: usize,
     pub max_content_len: usize,
+    /// The gateway's client endpoint, for the demo page.
+    pub gateway_url: String,
     /// Wakes the outbox relay as soon as a row is committed.
     pub outbox_ready: Arc<Notify>,
 }
 
+/// Where the backend finds the gateway when not from the config: `dev`
+/// points both at the gateway it just started.
+#[derive(Debug, Default)]
+pub struct GatewayUrls {
+    /// Overrides `api.dispatch_url`.
+    pub dispatch: Option<String>,
+    /// The client endpoint the demo page connects to; by default
+    /// `server.client_listen`'s `/gateway`.
+    pub client: Option<String>,
+}
+
 /// Runs the backend on an already-migrated database until `stop`.
-/// `dispatch_url` overrides `api.dispatch_url` (`dev` points it at the
-/// gateway it just started). `on_bound` hears the HTTP address.
+/// `on_bound` hears the HTTP address.
 pub async fn run(
     config: &Config,
     db: Db,
-    dispatch_url: Option<String>,
+    urls: GatewayUrls,
     stop: impl Future<Output = ()>,
     on_bound: impl FnOnce(SocketAddr),
 ) -> Result<(), ApiError> {
@@ -75,7 +89,17 @@ pub async fn run(
         .as_ref()
         .map(TlsFiles::acceptor)
         .transpose()?;
-    let url = dispatch_url.unwrap_or_else(|| config.api.dispatch_url.clone());
+    let url = urls
+        .dispatch
+        .unwrap_or_else(|| config.api.dispatch_url.clone());
+    let gateway_url = urls.client.unwrap_or_else(|| {
+        let scheme = if config.server.tls.is_some() {
+            "wss"
+        } else {
+            "ws"
+        };
+        format!("{scheme}://{}/gateway", config.server.client_listen)
+    });
     let connector = if url.starts_with("wss://") {
         Some(crate::tls::connector(config.api.dispatch_ca.as_deref())?)
     } else {
@@ -108,6 +132,7 @@ pub async fn run(
         ids: IdGen::new(node.get()),
         max_body_bytes: config.api.max_body_bytes.get(),
         max_content_len: config.api.max_content_len.get(),
+        gateway_url,
         outbox_ready: outbox_ready.clone(),
     });
 

@@ -17,13 +17,15 @@ use crate::listen::Guard;
 use crate::shutdown::Shutdown;
 use crate::token;
 
-use super::AppState;
 use super::store::{self, Written};
+use super::{AppState, web};
 
 /// Longest user or channel name.
 const MAX_NAME: usize = 64;
 /// Longest nonce.
 const MAX_NONCE: usize = 64;
+/// Most messages `GET /channels/{id}/messages` returns (and its default).
+const MAX_LIST: i64 = 100;
 
 /// A failed request: status, stable code, message for the caller.
 struct Reject(StatusCode, &'static str, String);
@@ -78,9 +80,33 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: Shutdo
 async fn route(req: Request<Incoming>, state: &AppState) -> Reply {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    if method == Method::GET
+        && let Some(asset) = web::asset(path.trim_start_matches('/'))
+    {
+        return Ok(web::serve(asset));
+    }
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (&method, segments.as_slice()) {
+        (&Method::GET, ["config.json"]) => Ok(web::config(&state.gateway_url)),
         (&Method::POST, ["users"]) => create_user(req, state).await,
+        (&Method::GET, ["users", "@me"]) => {
+            let caller = authenticate(&req, state).await?;
+            let name = store::user_name(&state.db, caller).await?;
+            Ok(http::json(
+                StatusCode::OK,
+                &json!({"id": caller, "name": name}),
+            ))
+        }
+        (&Method::GET, ["channels"]) => {
+            let caller = authenticate(&req, state).await?;
+            let channels = store::channels_of(&state.db, caller).await?;
+            Ok(http::json(StatusCode::OK, &channels))
+        }
+        (&Method::GET, ["channels", channel, "messages"]) => {
+            let caller = authenticate(&req, state).await?;
+            let channel = parse_id(channel, "channel")?;
+            list_messages(&req, state, caller, channel).await
+        }
         (&Method::POST, ["channels"]) => {
             let caller = authenticate(&req, state).await?;
             create_channel(req, state, caller).await
@@ -313,6 +339,36 @@ fn message_json(row: &store::MessageRow, edited: bool) -> serde_json::Value {
         object.remove("edited_timestamp");
     }
     value
+}
+
+/// `GET /channels/{id}/messages?limit=N`: the latest N (default and at
+/// most 100) messages, oldest first, for a client that (re)loads a channel.
+async fn list_messages(
+    req: &Request<Incoming>,
+    state: &AppState,
+    caller: UserId,
+    channel: ChannelId,
+) -> Reply {
+    require_member(state, channel, caller).await?;
+    let limit = match req
+        .uri()
+        .query()
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|pair| pair.strip_prefix("limit="))
+    {
+        None => MAX_LIST,
+        Some(text) => text
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=MAX_LIST).contains(n))
+            .ok_or_else(|| {
+                Reject::bad_request(format!("limit must be a number from 1 to {MAX_LIST}"))
+            })?,
+    };
+    let rows = store::recent_messages(&state.db, channel, limit).await?;
+    let messages: Vec<serde_json::Value> = rows.iter().map(|r| message_json(r, true)).collect();
+    Ok(http::json(StatusCode::OK, &messages))
 }
 
 #[derive(Deserialize)]

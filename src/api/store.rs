@@ -118,6 +118,60 @@ pub async fn create_channel(
     })
 }
 
+/// A user's name, if the user exists.
+pub async fn user_name(db: &Db, id: UserId) -> Result<Option<String>, sqlx::Error> {
+    let row: Option<(String,)> = with_pool!(db, p => sqlx::query_as("SELECT name FROM users WHERE id = $1")
+        .bind(id.as_i64())
+        .fetch_optional(p)
+        .await)?;
+    Ok(row.map(|(name,)| name))
+}
+
+/// The channels `user` is a member of, oldest first, with their members.
+pub async fn channels_of(db: &Db, user: UserId) -> Result<Vec<Value>, sqlx::Error> {
+    let channels: Vec<(i64, String)> = with_pool!(db, p => sqlx::query_as(
+        "SELECT c.id, c.name FROM channels c JOIN channel_members m ON m.channel_id = c.id \
+         WHERE m.user_id = $1 ORDER BY c.id"
+    )
+    .bind(user.as_i64())
+    .fetch_all(p)
+    .await)?;
+    let members: Vec<(i64, i64, String)> = with_pool!(db, p => sqlx::query_as(
+        "SELECT m.channel_id, u.id, u.name FROM channel_members m JOIN users u ON u.id = m.user_id \
+         WHERE m.channel_id IN (SELECT channel_id FROM channel_members WHERE user_id = $1) ORDER BY u.id"
+    )
+    .bind(user.as_i64())
+    .fetch_all(p)
+    .await)?;
+    Ok(channels
+        .into_iter()
+        .map(|(id, name)| {
+            let members: Vec<Value> = members
+                .iter()
+                .filter(|(channel, _, _)| *channel == id)
+                .map(|(_, user, name)| json!({"id": user.to_string(), "name": name}))
+                .collect();
+            json!({"id": id.to_string(), "name": name, "members": members})
+        })
+        .collect())
+}
+
+/// The channel's latest `limit` messages, oldest first.
+pub async fn recent_messages(
+    db: &Db,
+    channel: ChannelId,
+    limit: i64,
+) -> Result<Vec<MessageRow>, sqlx::Error> {
+    let sql = format!("{SELECT_MESSAGE} WHERE m.channel_id = $1 ORDER BY m.id DESC LIMIT $2");
+    let mut rows = with_pool!(db, p => sqlx::query_as::<_, MessageRow>(sqlx::AssertSqlSafe(sql.clone()))
+        .bind(channel.as_i64())
+        .bind(limit)
+        .fetch_all(p)
+        .await)?;
+    rows.reverse();
+    Ok(rows)
+}
+
 pub async fn channel_exists(db: &Db, id: ChannelId) -> Result<bool, sqlx::Error> {
     let row: Option<(i64,)> = with_pool!(db, p => sqlx::query_as("SELECT id FROM channels WHERE id = $1")
         .bind(id.as_i64())

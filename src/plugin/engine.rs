@@ -149,6 +149,7 @@ impl PluginEngine {
             hash,
             compile_time,
             from_cache,
+            loaded_at_ms: crate::db::now_ms(),
         })
     }
 
@@ -238,6 +239,8 @@ pub(crate) struct Compiled {
     pub hash: String,
     pub compile_time: Duration,
     pub from_cache: bool,
+    /// When this version was loaded (unix ms), for the operator page.
+    pub loaded_at_ms: i64,
 }
 
 /// The error and its causes, outermost first, on one line.

@@ -163,6 +163,42 @@ struct Inner {
     /// Serializes reloads so two can't build from the same old table and
     /// the later finish first.
     reloading: tokio::sync::Mutex<()>,
+    /// The last [`HISTORY`] loads and reloads, newest last, for the
+    /// operator page. A std mutex: held only to push or copy.
+    history: std::sync::Mutex<std::collections::VecDeque<ReloadRecord>>,
+}
+
+/// How many loads and reloads the operator page lists.
+const HISTORY: usize = 20;
+
+/// One route's plugin version serving now.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LoadedPlugin {
+    pub event: String,
+    /// The plugin file's name.
+    pub plugin: String,
+    /// Hex SHA-256 of the file.
+    pub hash: String,
+    /// When this version was loaded (RFC 3339).
+    pub loaded_at: String,
+    pub compile_ms: u64,
+    /// Compiled code came from the on-disk cache.
+    pub from_cache: bool,
+    pub timeout_ms: u64,
+}
+
+/// One load or reload of the route table.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReloadRecord {
+    /// RFC 3339.
+    pub at: String,
+    /// `load` at start, then `reload`.
+    pub kind: &'static str,
+    pub ok: bool,
+    /// Why it failed (the old table kept serving).
+    pub error: Option<String>,
+    /// Events whose plugin version changed.
+    pub changed: Vec<String>,
 }
 
 impl Plugins {
@@ -184,10 +220,12 @@ impl Plugins {
                 metrics,
                 table: ArcSwap::from_pointee(RouteTable::empty()),
                 reloading: tokio::sync::Mutex::new(()),
+                history: std::sync::Mutex::new(std::collections::VecDeque::new()),
             }),
         };
         let table = plugins.build(config, &RouteTable::empty()).await?;
         tracing::info!(routes = table.routes.len(), "plugins loaded");
+        plugins.record("load", &RouteTable::empty(), Ok(&table));
         plugins.inner.table.store(Arc::new(table));
         Ok(plugins)
     }
@@ -234,10 +272,89 @@ impl Plugins {
     pub async fn reload(&self, config: &Config) -> Result<(), PluginError> {
         let _one_at_a_time = self.inner.reloading.lock().await;
         let current = self.inner.table.load_full();
-        let table = self.build(config, &current).await?;
+        let table = match self.build(config, &current).await {
+            Ok(table) => table,
+            Err(err) => {
+                self.record("reload", &current, Err(&err));
+                return Err(err);
+            }
+        };
         tracing::info!(routes = table.routes.len(), "plugins reloaded");
+        self.record("reload", &current, Ok(&table));
         self.inner.table.store(Arc::new(table));
         Ok(())
+    }
+
+    fn record(&self, kind: &'static str, old: &RouteTable, new: Result<&RouteTable, &PluginError>) {
+        let changed = match new {
+            Ok(new) => {
+                let mut changed: Vec<String> = new
+                    .routes
+                    .iter()
+                    .filter(|(event, route)| {
+                        old.routes.get(*event).map(|r| &r.compiled.hash)
+                            != Some(&route.compiled.hash)
+                    })
+                    .map(|(event, _)| event.clone())
+                    .chain(
+                        old.routes
+                            .keys()
+                            .filter(|e| !new.routes.contains_key(*e))
+                            .cloned(),
+                    )
+                    .collect();
+                changed.sort();
+                changed
+            }
+            Err(_) => Vec::new(),
+        };
+        let record = ReloadRecord {
+            at: crate::db::rfc3339(crate::db::now_ms()),
+            kind,
+            ok: new.is_ok(),
+            error: new.err().map(|e| e.to_string()),
+            changed,
+        };
+        let mut history = self
+            .inner
+            .history
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if history.len() == HISTORY {
+            history.pop_front();
+        }
+        history.push_back(record);
+    }
+
+    /// The loads and reloads so far (the last [`HISTORY`]), oldest first.
+    pub fn history(&self) -> Vec<ReloadRecord> {
+        self.inner
+            .history
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Each route's plugin version serving now, by event.
+    pub fn loaded(&self) -> Vec<LoadedPlugin> {
+        let table = self.inner.table.load();
+        let mut loaded: Vec<LoadedPlugin> = table
+            .routes
+            .iter()
+            .map(|(event, route)| LoadedPlugin {
+                event: event.clone(),
+                plugin: route.ctx.plugin.clone(),
+                hash: route.compiled.hash.clone(),
+                loaded_at: crate::db::rfc3339(route.compiled.loaded_at_ms),
+                compile_ms: route.compiled.compile_time.as_millis() as u64,
+                from_cache: route.compiled.from_cache,
+                timeout_ms: route.timeout().as_millis() as u64,
+            })
+            .collect();
+        loaded.sort_by(|a, b| a.event.cmp(&b.event));
+        loaded
     }
 
     /// Each route's plugin version serving now (hex SHA-256 of the file

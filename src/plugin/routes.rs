@@ -76,6 +76,11 @@ pub(crate) struct PoolSize {
 }
 
 impl Route {
+    /// The route's per-call time limit.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     pub(crate) fn new(
         engine: PluginEngine,
         compiled: Compiled,
