@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 use tokio::net::TcpListener;
 
+use crate::cluster::{Cluster, NodeStatus};
 use crate::db::Db;
 use crate::http::{self, BearerSecret, HttpResponse};
 use crate::ids::UserId;
@@ -78,8 +79,10 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
     dispatch_secret: BearerSecret,
+    cluster: Option<Cluster>,
 ) {
     http::serve(listener, shutdown, guard, move |req| {
+        let cluster = cluster.clone();
         let db = db.clone();
         let metrics = metrics.clone();
         let readiness = readiness.clone();
@@ -91,10 +94,33 @@ pub async fn serve(
             if req.method() != Method::GET {
                 return http::text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
             }
+            if req.uri().path() == "/cluster" {
+                return cluster_status(cluster.as_ref());
+            }
             route(req.uri().path(), &db, &metrics, &readiness).await
         }
     })
     .await
+}
+
+/// `GET /cluster`: this node and the live nodes with their sessions and
+/// lease age (404 without `[cluster]`).
+fn cluster_status(cluster: Option<&Cluster>) -> HttpResponse {
+    let Some(cluster) = cluster else {
+        return http::text(StatusCode::NOT_FOUND, "not in cluster mode\n");
+    };
+    #[derive(serde::Serialize)]
+    struct Status {
+        node_id: crate::ids::NodeId,
+        nodes: Vec<NodeStatus>,
+    }
+    http::json(
+        StatusCode::OK,
+        &Status {
+            node_id: cluster.node(),
+            nodes: cluster.status(),
+        },
+    )
 }
 
 /// `POST /admin/revoke` with `{"user_id":"ID"}` (a string or a number):
