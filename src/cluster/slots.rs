@@ -72,7 +72,7 @@ impl Cluster {
         held: &[Held],
         revision: Option<u64>,
     ) -> Result<bool, LedgerError> {
-        let unavailable = |e: String| LedgerError::Unavailable(e);
+        let unavailable = LedgerError::Unavailable;
         let value = serde_json::to_vec(held).map_err(|e| unavailable(e.to_string()))?;
         let slots = &self.inner.slots;
         let conflict = match revision {
