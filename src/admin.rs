@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 use tokio::net::TcpListener;
 
+use crate::cluster::{Cluster, NodeStatus};
 use crate::db::Db;
 use crate::http::{self, BearerSecret, HttpResponse};
 use crate::ids::UserId;
@@ -87,9 +88,11 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
     dispatch_secret: BearerSecret,
+    cluster: Option<Cluster>,
 ) {
     let started = std::time::Instant::now();
     http::serve(listener, shutdown, guard, move |req| {
+        let cluster = cluster.clone();
         let db = db.clone();
         let metrics = metrics.clone();
         let readiness = readiness.clone();
@@ -106,11 +109,32 @@ pub async fn serve(
                 "/operator.js" => page(OPERATOR_SCRIPT, "text/javascript; charset=utf-8"),
                 "/admin/status" => status(&metrics, &readiness, started),
                 "/admin/failures" => failures(&db).await,
+                "/cluster" => cluster_status(cluster.as_ref()),
                 path => route(path, &db, &metrics, &readiness).await,
             }
         }
     })
     .await
+}
+
+/// `GET /cluster`: this node and the live nodes with their sessions and
+/// lease age (404 without `[cluster]`).
+fn cluster_status(cluster: Option<&Cluster>) -> HttpResponse {
+    let Some(cluster) = cluster else {
+        return http::text(StatusCode::NOT_FOUND, "not in cluster mode\n");
+    };
+    #[derive(serde::Serialize)]
+    struct Status {
+        node_id: crate::ids::NodeId,
+        nodes: Vec<NodeStatus>,
+    }
+    http::json(
+        StatusCode::OK,
+        &Status {
+            node_id: cluster.node(),
+            nodes: cluster.status(),
+        },
+    )
 }
 
 /// `POST /admin/revoke` with `{"user_id":"ID"}` (a string or a number):

@@ -258,12 +258,14 @@ impl Serialize for LoggingConfig {
     }
 }
 
-/// `[cluster]` (DESIGN §9). Only `node_id` is used in this version; the
-/// other keys are validated so a file written for cluster mode is checked.
+/// `[cluster]` (DESIGN §9). `nats_url` turns cluster mode on; `node_id`
+/// is also the id generator's node bits, single node or not.
 #[derive(Debug, Clone, Serialize)]
 pub struct ClusterConfig {
+    /// `nats://…` of the NATS server with JetStream; `None`: one node.
+    pub nats_url: Option<String>,
     /// The id generator's node bits, unique per process minting ids into
-    /// one database.
+    /// one database; in cluster mode also the node's name in its lease.
     pub node_id: NodeId,
     pub subject_prefix: String,
     /// How long a node's lease (also its id lease) outlives its last renewal.
@@ -387,8 +389,21 @@ impl Config {
                     path: ENV_DATABASE_URL.to_owned(),
                     message,
                 })?;
+            if self.cluster.nats_url.is_some()
+                && matches!(self.database.url, DatabaseUrl::Sqlite(_))
+            {
+                return Err(ConfigError::Semantic {
+                    path: ENV_DATABASE_URL.to_owned(),
+                    message: sqlite_in_cluster(&self.database.url),
+                });
+            }
         }
         Ok(())
+    }
+
+    /// Whether `[cluster]` names a NATS server (several nodes, DESIGN §9).
+    pub fn clustered(&self) -> bool {
+        self.cluster.nats_url.is_some()
     }
 
     /// The folder relative paths are resolved against.
@@ -427,6 +442,15 @@ impl Config {
 }
 
 /// Resolves `p` against `base` unless it is already absolute.
+/// The error for cluster mode on SQLite: nodes share the database, and a
+/// SQLite file can't be shared between machines.
+fn sqlite_in_cluster(url: &DatabaseUrl) -> String {
+    format!(
+        "in [cluster]: cluster.nats_url (cluster mode) needs PostgreSQL, but database.url is {url}; \
+         set database.url = \"postgres://…\" or remove cluster.nats_url"
+    )
+}
+
 fn resolve(base: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() {
         p.to_path_buf()
@@ -947,13 +971,18 @@ mod raw {
                     ),
                 ));
             }
-            if let Some(url) = &self.cluster.nats_url {
-                let message = if url.get_ref().starts_with("nats://") {
-                    "nats_url is set, but cluster mode is not available in this version yet; remove cluster.nats_url to run a single node".to_owned()
-                } else {
-                    format!("nats_url '{}' must start with nats://", url.get_ref())
-                };
-                errors.push((at(url.span()), format!("in [cluster]: {message}")));
+            if let Some(nats) = &self.cluster.nats_url {
+                if !nats.get_ref().starts_with("nats://") {
+                    errors.push((
+                        at(nats.span()),
+                        format!(
+                            "in [cluster]: nats_url '{}' must start with nats://",
+                            nats.get_ref()
+                        ),
+                    ));
+                } else if let Some(sqlite @ DatabaseUrl::Sqlite(_)) = &url {
+                    errors.push((at(nats.span()), sqlite_in_cluster(sqlite)));
+                }
             }
             let prefix = self.cluster.subject_prefix.get_ref();
             if prefix.is_empty()
@@ -1036,6 +1065,7 @@ mod raw {
                 },
                 routes,
                 cluster: ClusterConfig {
+                    nats_url: self.cluster.nats_url.map(Spanned::into_inner),
                     node_id,
                     subject_prefix: self.cluster.subject_prefix.into_inner(),
                     lease_ms: self.cluster.lease_ms,
@@ -1185,15 +1215,27 @@ mod tests {
     }
 
     #[test]
-    fn cluster_mode_is_refused_naming_the_key() {
+    fn cluster_mode_needs_postgres_naming_both_keys() {
         let err = parse("[cluster]\nnats_url = \"nats://127.0.0.1:4222\"\n")
             .unwrap_err()
             .to_string();
+        assert!(err.contains(":2: in [cluster]: cluster.nats_url"), "{err}");
+        assert!(err.contains("database.url is sqlite://"), "{err}");
+        let text = "[database]\nurl = \"postgres://u@db/x\"\n[cluster]\nnats_url = \"nats://127.0.0.1:4222\"\nnode_id = 3\n";
+        let mut config = parse(text).unwrap();
+        assert!(config.clustered());
+        assert_eq!(
+            config.cluster.nats_url.as_deref(),
+            Some("nats://127.0.0.1:4222")
+        );
+        let err = config
+            .apply_env(|k| (k == ENV_DATABASE_URL).then(|| "sqlite://x.db".to_owned()))
+            .unwrap_err()
+            .to_string();
         assert!(
-            err.contains(":2: in [cluster]: nats_url is set, but cluster mode is not available in this version yet"),
+            err.contains("cluster.nats_url") && err.contains("database.url"),
             "{err}"
         );
-        assert!(err.contains("cluster.nats_url"), "{err}");
         let err = parse("[cluster]\nnats_url = \"http://x\"\n")
             .unwrap_err()
             .to_string();

@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admin::{self, Readiness};
+use crate::cluster::{Cluster, ClusterError};
 use crate::config::{Config, TlsFiles};
 use crate::db::{Access, Db, DbError};
 use crate::dispatch::claims::{Claims, SqlClaims};
@@ -41,6 +42,8 @@ pub enum StartError {
     Plugin(#[from] PluginError),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
         what: &'static str,
@@ -153,6 +156,14 @@ pub async fn serve(
         dispatch_tls: config.server.dispatch_tls,
     };
 
+    // After binding, so the lease names the node by its client address.
+    let cluster = match &config.cluster.nats_url {
+        Some(url) => {
+            Some(Cluster::join(&config.cluster, url, bound.client, metrics.clone()).await?)
+        }
+        None => None,
+    };
+
     let front = Shutdown::new();
     let clients = Shutdown::new();
     let background = Shutdown::new();
@@ -165,6 +176,7 @@ pub async fn serve(
         metrics.clone(),
         readiness.clone(),
         BearerSecret::new(dispatch_secret.expose()),
+        cluster.clone(),
     ));
 
     let tokens = TokenKey::new(
@@ -176,15 +188,31 @@ pub async fn serve(
         Edge::new(&config.server, client_tls.clone()),
         tokens,
         Some(read_db.clone()),
+        cluster
+            .clone()
+            .map(|c| Arc::new(c) as Arc<dyn crate::session::ledger::Ledger>),
         metrics.clone(),
     );
+    if let Some(cluster) = &cluster {
+        background.spawn(
+            cluster
+                .clone()
+                .run(sessions.clone(), bound.client, background.clone()),
+        );
+    }
     background.spawn(crate::revoke::watch(
         read_db.clone(),
         sessions.clone(),
         metrics.clone(),
         background.clone(),
     ));
-    let presence: Arc<dyn Presence> = Arc::new(sessions.clone());
+    let presence: Arc<dyn Presence> = match cluster {
+        Some(cluster) => Arc::new(crate::cluster::Online {
+            cluster,
+            local: sessions.clone(),
+        }),
+        None => Arc::new(sessions.clone()),
+    };
     let plugins = Plugins::load(&config, read_db.clone(), presence, metrics.clone()).await?;
     readiness.set_plugins_loaded(plugins.clone());
     if config.plugins.hot_reload {

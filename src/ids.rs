@@ -158,6 +158,14 @@ impl NodeId {
     }
 }
 
+impl<'de> serde::Deserialize<'de> for NodeId {
+    /// Refuses values above [`NodeId::MAX`] (cluster leases carry node ids).
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = u16::deserialize(d)?;
+        NodeId::new(v).ok_or_else(|| serde::de::Error::custom(format!("node id {v} is above 1023")))
+    }
+}
+
 impl fmt::Display for NodeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Display::fmt(&self.0, f)

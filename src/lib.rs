@@ -34,6 +34,7 @@
 
 pub(crate) mod admin;
 pub mod api;
+pub mod cluster;
 pub mod config;
 pub mod db;
 pub mod dev;

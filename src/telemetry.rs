@@ -108,6 +108,9 @@ pub struct Metrics {
     pub sessions_detached: Gauge,
     pub frames_replayed: Counter,
     pub resume_buffer_bytes: Gauge,
+    pub cluster_kv_retries: Counter,
+    pub cluster_lease_renewals: Counter,
+    pub cluster_lease_failures: Counter,
 }
 
 impl Metrics {
@@ -142,8 +145,26 @@ impl Metrics {
             sessions_detached: Gauge::default(),
             frames_replayed: Counter::default(),
             resume_buffer_bytes: Gauge::default(),
+            cluster_kv_retries: Counter::default(),
+            cluster_lease_renewals: Counter::default(),
+            cluster_lease_failures: Counter::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "cluster_kv_retries",
+            "Cluster mode: compare-and-set retries on users' session-slot keys (another node wrote first)",
+            m.cluster_kv_retries.clone(),
+        );
+        registry.register(
+            "cluster_lease_renewals",
+            "Cluster mode: renewals of this node's lease",
+            m.cluster_lease_renewals.clone(),
+        );
+        registry.register(
+            "cluster_lease_failures",
+            "Cluster mode: lease renewals that failed or timed out",
+            m.cluster_lease_failures.clone(),
+        );
         registry.register(
             "sessions_open",
             "Client sessions open now",

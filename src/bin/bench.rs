@@ -15,6 +15,7 @@
 //! target/release/bench --target gateway [--tls] handshakes --concurrency 32
 //! target/release/bench --target gateway slowloris --sockets 5000 --connects 1000
 //! target/release/bench --target gateway --tls fanout --clients 1000
+//! target/release/bench connects --clients 2000 [--cluster nats://127.0.0.1:4222]
 //! ```
 
 use std::io::{BufRead, BufReader};
@@ -67,6 +68,10 @@ struct Cli {
     /// certificate made with `openssl` (gateway only).
     #[arg(long, global = true)]
     tls: bool,
+    /// Runs the gateway in cluster mode on this NATS server (one node,
+    /// node_id 1, a subject prefix of its own; PostgreSQL).
+    #[arg(long, global = true)]
+    cluster: Option<String>,
     #[command(subcommand)]
     workload: Workload,
 }
@@ -168,6 +173,17 @@ enum Workload {
         #[arg(long, default_value_t = 10_000)]
         handshake_timeout_ms: u64,
     },
+    /// Session connects (gateway only, PostgreSQL; `--cluster` for the
+    /// cluster-wide limit): each connect's time to HELLO one at a time,
+    /// then connects per second with `concurrency` in flight.
+    Connects {
+        #[arg(long, default_value_t = 2000)]
+        clients: usize,
+        #[arg(long, default_value_t = 1000)]
+        sequential: usize,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+    },
     /// Acked events per second with one recipient.
     AckRate {
         #[arg(long, value_delimiter = ',', default_value = "1,8")]
@@ -189,6 +205,9 @@ async fn main() -> Result<()> {
         }
         let tls = Tls::make().context("making a self-signed certificate with openssl")?;
         let _ = TLS.set(tls);
+    }
+    if let Some(url) = cli.cluster {
+        let _ = CLUSTER.set(url);
     }
     match otako_gateway::sys::raise_fd_limit() {
         Ok(limit) => FD_LIMIT.store(limit, Ordering::Relaxed),
@@ -277,6 +296,11 @@ async fn main() -> Result<()> {
             HANDSHAKE_TIMEOUT_MS.store(handshake_timeout_ms, Ordering::Relaxed);
             slowloris(sockets, connects).await?;
         }
+        Workload::Connects {
+            clients,
+            sequential,
+            concurrency,
+        } => connects(clients, sequential, concurrency).await?,
         Workload::AckRate {
             connections,
             seconds,
@@ -319,12 +343,29 @@ struct Server {
     source_net: u8,
     /// Subscriber `i` signs in as user `i % users + 1`.
     users: usize,
+    /// `--cluster`: the subject prefix its KV buckets are named under.
+    cluster_prefix: Option<String>,
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    /// Stops the server and deletes its cluster KV buckets, if any.
+    async fn finish(self) -> Result<()> {
+        let prefix = self.cluster_prefix.clone();
+        drop(self);
+        if let (Some(prefix), Some(url)) = (prefix, CLUSTER.get()) {
+            let js = async_nats::jetstream::new(async_nats::connect(url.as_str()).await?);
+            for bucket in ["nodes", "slots"] {
+                js.delete_key_value(format!("{prefix}_{bucket}")).await?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -528,12 +569,16 @@ impl Server {
                     db_url: String::new(),
                     source_net: next_source_net(),
                     users: usize::MAX,
+                    cluster_prefix: None,
                 })
             }
             Kind::Gateway => {
+                let (cluster, cluster_prefix) = cluster_section();
                 let db_url = match database {
-                    Database::Sqlite => format!("sqlite://{}/bench.db", dir.path().display()),
-                    Database::Postgres => postgres_schema().await?,
+                    Database::Sqlite if cluster_prefix.is_none() => {
+                        format!("sqlite://{}/bench.db", dir.path().display())
+                    }
+                    _ => postgres_schema().await?,
                 };
                 let tls = TLS
                     .get()
@@ -574,7 +619,7 @@ event = "EVENT_MESSAGE_CREATE"
 plugin = "{plugin}"
 timeout_ms = 1000
 memory_mb = 32
-"#,
+{cluster}"#,
                     resume_buffer = RESUME_BUFFER.load(Ordering::Relaxed),
                     handshake_timeout_ms = HANDSHAKE_TIMEOUT_MS.load(Ordering::Relaxed),
                     cache = repo().join("target/bench-plugin-cache").display(),
@@ -599,6 +644,7 @@ memory_mb = 32
                     db_url,
                     source_net: next_source_net(),
                     users: seed.users(),
+                    cluster_prefix,
                 };
                 server.execute(seed.sql()).await?;
                 Ok(server)
@@ -768,6 +814,31 @@ async fn subscribe(server: &Server, i: usize, resume: Option<(&str, u64)>) -> Re
         }
     }
     Ok((ws, hello))
+}
+
+/// `--cluster`: the NATS server a gateway joins (cluster mode).
+static CLUSTER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The `[cluster]` section for `--cluster` (a fresh subject prefix per
+/// server), or nothing.
+fn cluster_section() -> (String, Option<String>) {
+    static N: AtomicU64 = AtomicU64::new(0);
+    match CLUSTER.get() {
+        Some(url) => {
+            let prefix = format!(
+                "bench{}_{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            );
+            (
+                format!(
+                    "[cluster]\nnats_url = \"{url}\"\nnode_id = 1\nsubject_prefix = \"{prefix}\"\n"
+                ),
+                Some(prefix),
+            )
+        }
+        None => (String::new(), None),
+    }
 }
 
 /// `--resume-buffer`, for the gateway's config.
@@ -1710,6 +1781,73 @@ async fn storm(kind: Kind, clients: usize) -> Result<()> {
         ),
     );
     Ok(())
+}
+
+/// Session connects: `sequential` connects one at a time (each one's
+/// time to HELLO, closed after), then `clients` more with `concurrency`
+/// in flight (connects per second). One session per user, so the limit
+/// is checked but never reached.
+async fn connects(clients: usize, sequential: usize, concurrency: usize) -> Result<()> {
+    let mode = if CLUSTER.get().is_some() {
+        "cluster"
+    } else {
+        "single"
+    };
+    let label = format!("connects {mode} C={clients}");
+    eprintln!("{label}: starting");
+    let seed = Seed::OneChannel {
+        members: clients.max(sequential),
+        probes: 0,
+    };
+    let server = Arc::new(Server::start(Kind::Gateway, Database::Postgres, seed).await?);
+    // Warm-up: the first connects pay for pools and lazy setup.
+    for i in 0..20 {
+        drop(subscribe(&server, i, None).await?);
+    }
+    let mut times = Vec::with_capacity(sequential);
+    for i in 0..sequential {
+        let begun = Instant::now();
+        let (mut ws, _) = subscribe(&server, i, None).await?;
+        times.push(begun.elapsed().as_micros() as u64);
+        // A clean close, so the slot is free before the next round.
+        ws.close(None).await?;
+        while ws.next().await.is_some() {}
+    }
+    times.sort_unstable();
+    let (p50, p99, max) = percentiles(&times);
+
+    let gate = Arc::new(Semaphore::new(concurrency));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|i| {
+            let (server, gate) = (server.clone(), gate.clone());
+            tokio::spawn(async move {
+                let _permit = gate.acquire().await;
+                subscribe(&server, i, None).await
+            })
+        })
+        .collect();
+    let mut open = Vec::with_capacity(clients);
+    let mut errors = 0;
+    for task in tasks {
+        match task.await {
+            Ok(Ok(ws)) => open.push(ws),
+            _ => errors += 1,
+        }
+    }
+    let rate = open.len() as f64 / started.elapsed().as_secs_f64();
+    drop(open);
+    report(
+        json!({"workload": "connects", "mode": mode, "sequential": sequential, "p50_ms": p50, "p99_ms": p99,
+               "max_ms": max, "clients": clients, "concurrency": concurrency, "connects_per_s": rate, "errors": errors}),
+        format!(
+            "{label}: one at a time p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms; {concurrency} in flight: {rate:.0} connects/s ({errors} errors)"
+        ),
+    );
+    match Arc::try_unwrap(server) {
+        Ok(server) => server.finish().await,
+        Err(_) => Ok(()),
+    }
 }
 
 /// p50, p99 and max of sorted microsecond samples, in milliseconds.

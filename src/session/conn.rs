@@ -27,7 +27,7 @@ use super::Inner;
 use super::control_only::{ControlOnly, is_data_frame};
 use super::frame;
 use super::queue::{Epoch, Queue, REPLACED, REVOKED, SLOW_CONSUMER};
-use super::registry::{Released, ResumeFailed, Resumed, Slot};
+use super::registry::{NoSlot, Released, ResumeFailed, Resumed, Slot};
 use super::resume::{self, Greeting, Refused};
 use crate::ids::UserId;
 use crate::listen::{CLOSE_TIMEOUT, MAX_HEADERS, Prefixed, Stream, hang_up};
@@ -208,11 +208,20 @@ pub(super) async fn handle(inner: Arc<Inner>, tcp: TcpStream, shutdown: Shutdown
     // No session id: like tokens, it is a credential (a resume names it).
     let span = tracing::debug_span!("session", user_id = %user);
     async {
-        let Some((slot, epoch, greeting)) = attach(&inner, user, issued_at, resume).await else {
-            tracing::debug!("session limit reached; closing with 4010");
-            finish(&mut ws, Exit::Close(code::LIMIT)).await;
-            inner.metrics.session_closed(code::LIMIT);
-            return;
+        let (slot, epoch, greeting) = match attach(&inner, user, issued_at, resume).await {
+            Ok(attached) => attached,
+            Err(no) => {
+                // No slot: the limit (4010), or in cluster mode no way to
+                // count now (1001: reconnect, perhaps to another node).
+                let close = match no {
+                    NoSlot::Limit => code::LIMIT,
+                    NoSlot::Unavailable => code::GOING_AWAY,
+                };
+                tracing::debug!(code = close, "no session slot; closing");
+                finish(&mut ws, Exit::Close(close)).await;
+                inner.metrics.session_closed(close);
+                return;
+            }
         };
         inner.metrics.sessions_open.inc();
         match greeting {
@@ -224,7 +233,11 @@ pub(super) async fn handle(inner: Arc<Inner>, tcp: TcpStream, shutdown: Shutdown
         let resumable = exit
             .resumable()
             .then(|| std::time::Instant::now() + inner.resume_window);
-        match inner.admission.release(user, &slot, epoch, resumable) {
+        match inner
+            .admission
+            .release(user, slot.clone(), epoch, resumable)
+            .await
+        {
             Released::Detached => {
                 inner.detached_changed();
                 tracing::debug!(code = exit.code(), "session detached; resumable");
@@ -246,14 +259,13 @@ pub(super) async fn handle(inner: Arc<Inner>, tcp: TcpStream, shutdown: Shutdown
 }
 
 /// The session this connection serves: the one a resume names if it can
-/// be resumed, else a new one (HELLO says why). `None`: no free slot
-/// under `max_per_user` (4010).
+/// be resumed, else a new one (HELLO says why), or why there is no slot.
 async fn attach(
     inner: &Arc<Inner>,
     user: UserId,
     issued_at: u64,
     request: resume::Request,
-) -> Option<(Arc<Slot>, Epoch, Greeting)> {
+) -> Result<(Arc<Slot>, Epoch, Greeting), NoSlot> {
     let max = usize::try_from(inner.config.max_per_user.get()).unwrap_or(usize::MAX);
     let on_limit = inner.config.on_limit;
     let greeting = match request {
@@ -273,11 +285,15 @@ async fn attach(
                     inner.detached_changed();
                     inner.metrics.resume("resumed", "none");
                     inner.metrics.frames_replayed.inc_by(replayed);
-                    return Some((slot, epoch, Greeting::Resumed { replayed }));
+                    return Ok((slot, epoch, Greeting::Resumed { replayed }));
                 }
-                Err(ResumeFailed::Limit) => {
-                    inner.metrics.resume("refused", "session_limit");
-                    return None;
+                Err(ResumeFailed::NoSlot(no)) => {
+                    let why = match no {
+                        NoSlot::Limit => "session_limit",
+                        NoSlot::Unavailable => "cluster_unavailable",
+                    };
+                    inner.metrics.resume("refused", why);
+                    return Err(no);
                 }
                 Err(ResumeFailed::Refused(why)) => Greeting::Refused(why),
             }
@@ -297,12 +313,12 @@ async fn attach(
         .admit(user, slot.clone(), max, on_limit)
         .await
     {
-        Err(_) => return None,
+        Err(no) => return Err(no),
         Ok(Some(_)) => tracing::debug!("replaced the user's oldest session"),
         Ok(None) => {}
     }
     inner.metrics.sessions_opened.inc();
-    Some((slot, 0, greeting))
+    Ok((slot, 0, greeting))
 }
 
 /// Plain HTTP is told to upgrade (426); an upgrade request that breaks

@@ -7,6 +7,7 @@
 //!   in one, `s` assigned on entry) and close request.
 //! - `registry`: user id → sessions, attached or detached; the per-user
 //!   limit and resume's takeover live here.
+//! - [`ledger`]: cluster mode's cluster-wide count in front of the registry.
 //! - `resume`: session ids, the `resume=`/`seq=` query, HELLO's outcome.
 //! - `conn`: one connection's task: handshake, HELLO, the select loop, close.
 //! - `control_only`: the read side, refusing data frames at their header.
@@ -20,6 +21,7 @@
 pub(crate) mod conn;
 pub(crate) mod control_only;
 pub mod frame;
+pub mod ledger;
 mod queue;
 mod registry;
 pub(crate) mod resume;
@@ -41,6 +43,7 @@ use crate::listen::Guard;
 use crate::shutdown::Shutdown;
 use crate::telemetry::Metrics;
 use crate::token::TokenKey;
+use ledger::{Ledger, Ledgered, SlotTag};
 use registry::{Admission, Delivered, Registry};
 
 /// Largest client frame or message accepted. Clients only send control
@@ -100,7 +103,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// Delivery's view of the open sessions.
     registry: Arc<Registry>,
-    /// Connect's view: the same registry today (see [`Admission`]).
+    /// Connect's view: the registry itself, or in cluster mode the
+    /// registry behind the cluster-wide ledger (see [`Admission`]).
     admission: Arc<dyn Admission>,
     resume_window: Duration,
     ws_config: WebSocketConfig,
@@ -122,18 +126,28 @@ impl std::fmt::Debug for Sessions {
 
 impl Sessions {
     /// `revocations` is the read-only database handle the handshake checks
-    /// revoked tokens against.
+    /// revoked tokens against; `ledger` (cluster mode) counts sessions
+    /// across nodes.
     pub fn new(
         config: SessionsConfig,
         edge: Edge,
         tokens: TokenKey,
         revocations: Option<Db>,
+        ledger: Option<Arc<dyn Ledger>>,
         metrics: Arc<Metrics>,
     ) -> Sessions {
         let heartbeat = Duration::from_millis(config.heartbeat_interval_ms.get());
         let max_detached = usize::try_from(config.max_per_user.get()).unwrap_or(usize::MAX);
         let registry = Arc::new(Registry::new(max_detached));
         let resume_window = Duration::from_millis(config.resume_window_ms.get());
+        let admission: Arc<dyn Admission> = match ledger {
+            Some(ledger) => Arc::new(Ledgered {
+                registry: registry.clone(),
+                ledger,
+                resume_window,
+            }),
+            None => registry.clone(),
+        };
         let guard = Guard {
             listener: "client",
             timeout: edge.handshake_timeout,
@@ -150,7 +164,7 @@ impl Sessions {
                 tokens,
                 revocations,
                 metrics,
-                admission: registry.clone(),
+                admission,
                 registry,
                 resume_window,
                 ws_config: ws_config(),
@@ -221,6 +235,20 @@ impl Sessions {
     /// returns how many.
     pub fn revoke(&self, user: UserId, revoked_at: u64) -> usize {
         let closed = self.inner.registry.revoke(user, revoked_at);
+        self.inner.detached_changed();
+        closed
+    }
+
+    /// Closes `user`'s session `tag` with 4011 if it is on this node (the
+    /// cluster evicted it for a newer one); whether it was.
+    pub fn evict(&self, user: UserId, tag: SlotTag) -> bool {
+        self.inner.registry.evict(user, tag)
+    }
+
+    /// Tells every session to close with `code` and ends detached ones
+    /// (cluster mode: this node lost its lease); returns how many were open.
+    pub fn close_all(&self, code: u16) -> usize {
+        let closed = self.inner.registry.close_all(code);
         self.inner.detached_changed();
         closed
     }

@@ -13,6 +13,7 @@ use dashmap::DashMap;
 use futures_util::future::BoxFuture;
 
 use super::frame::ClientFrame;
+use super::ledger::SlotTag;
 use super::queue::{Epoch, Pushed, Queue, REPLACED, REVOKED};
 use super::resume::{Refused, SessionId};
 use crate::config::OnLimit;
@@ -59,14 +60,30 @@ struct Entry {
 #[error("session limit reached")]
 pub(crate) struct LimitReached;
 
+/// Why a connect got no slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NoSlot {
+    /// The user is at `max_per_user` and the policy is reject (4010).
+    Limit,
+    /// Cluster mode can't count the user's sessions now (NATS cut off,
+    /// or this node's lease lost): refused rather than over-admitted.
+    Unavailable,
+}
+
+impl From<LimitReached> for NoSlot {
+    fn from(_: LimitReached) -> NoSlot {
+        NoSlot::Limit
+    }
+}
+
 /// Why a resume didn't attach.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ResumeFailed {
     /// A new session instead, for this reason.
     Refused(Refused),
-    /// The session exists but the user has no free slot (4010, like a
-    /// new connect); it stays detached.
-    Limit,
+    /// The session exists but got no slot (4010, like a new connect, or
+    /// the cluster can't count now); it stays detached.
+    NoSlot(NoSlot),
 }
 
 /// A resume that attached: the session, the connection's epoch, the
@@ -107,8 +124,9 @@ impl Delivered {
 }
 
 /// Counting and limiting a user's sessions (DESIGN §2: `max_per_user`,
-/// `on_limit`, resume). The local registry is today's implementation;
-/// cluster mode puts a cluster-wide count in front of it, hence the futures.
+/// `on_limit`, resume). The local registry is the single-node
+/// implementation; cluster mode puts a cluster-wide count in front of it
+/// (`ledger::Ledgered`), hence the futures.
 pub(crate) trait Admission: Send + Sync {
     /// Registers `slot` for `user` within `max` attached sessions; with
     /// `EvictOldest`, returns the evicted session (already told to close).
@@ -118,7 +136,7 @@ pub(crate) trait Admission: Send + Sync {
         slot: Arc<Slot>,
         max: usize,
         on_limit: OnLimit,
-    ) -> BoxFuture<'_, Result<Option<Arc<Slot>>, LimitReached>>;
+    ) -> BoxFuture<'_, Result<Option<Arc<Slot>>, NoSlot>>;
     /// Attaches a new connection to `user`'s session `id` from `seq`,
     /// taking a slot like a new connect (none if it takes over a zombie).
     fn resume(
@@ -135,10 +153,10 @@ pub(crate) trait Admission: Send + Sync {
     fn release(
         &self,
         user: UserId,
-        slot: &Arc<Slot>,
+        slot: Arc<Slot>,
         epoch: Epoch,
         resumable: Option<Instant>,
-    ) -> Released;
+    ) -> BoxFuture<'_, Released>;
 }
 
 impl Admission for Registry {
@@ -148,8 +166,11 @@ impl Admission for Registry {
         slot: Arc<Slot>,
         max: usize,
         on_limit: OnLimit,
-    ) -> BoxFuture<'_, Result<Option<Arc<Slot>>, LimitReached>> {
-        Box::pin(std::future::ready(self.register(user, slot, max, on_limit)))
+    ) -> BoxFuture<'_, Result<Option<Arc<Slot>>, NoSlot>> {
+        Box::pin(std::future::ready(
+            self.register(user, slot, max, on_limit)
+                .map_err(NoSlot::from),
+        ))
     }
 
     fn resume(
@@ -169,11 +190,13 @@ impl Admission for Registry {
     fn release(
         &self,
         user: UserId,
-        slot: &Arc<Slot>,
+        slot: Arc<Slot>,
         epoch: Epoch,
         resumable: Option<Instant>,
-    ) -> Released {
-        self.leave(user, slot, epoch, resumable)
+    ) -> BoxFuture<'_, Released> {
+        Box::pin(std::future::ready(
+            self.leave(user, &slot, epoch, resumable),
+        ))
     }
 }
 
@@ -291,7 +314,7 @@ impl Registry {
         let slot = entry.slot.clone();
         if !was_attached {
             self.make_room(&mut slots, max, on_limit)
-                .map_err(|LimitReached| ResumeFailed::Limit)?;
+                .map_err(|LimitReached| ResumeFailed::NoSlot(NoSlot::Limit))?;
         }
         // `make_room` may have removed an earlier entry: find it again.
         let entry = slots.iter_mut().find(|e| e.slot.id == id).ok_or(unknown)?;
@@ -483,6 +506,46 @@ impl Registry {
         }
         drop(slots);
         self.users.remove_if(&user, |_, slots| slots.is_empty());
+        closed
+    }
+
+    /// Closes `user`'s attached session named `tag` with 4011 (another
+    /// node admitted a newer one under `evict_oldest`); whether it was here.
+    pub(crate) fn evict(&self, user: UserId, tag: SlotTag) -> bool {
+        let Some(mut slots) = self.users.get_mut(&user) else {
+            return false;
+        };
+        let Some(at) = slots
+            .iter()
+            .position(|e| e.attached && e.slot.id.tag() == tag)
+        else {
+            return false;
+        };
+        let evicted = slots.remove(at).slot;
+        evicted.queue.close(REPLACED);
+        evicted.queue.end();
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        drop(slots);
+        self.users.remove_if(&user, |_, slots| slots.is_empty());
+        true
+    }
+
+    /// Tells every attached session to close with `code` and ends the
+    /// detached ones; returns how many were attached.
+    pub(crate) fn close_all(&self, code: u16) -> usize {
+        let mut closed = 0;
+        for mut slots in self.users.iter_mut() {
+            let mut at = 0;
+            while at < slots.len() {
+                if slots[at].attached {
+                    slots[at].slot.queue.close(code);
+                    closed += 1;
+                    at += 1;
+                } else {
+                    self.drop_detached(&mut slots, at);
+                }
+            }
+        }
         closed
     }
 
@@ -714,7 +777,7 @@ mod tests {
         );
         assert_eq!(
             refused(registry.attach(user(1), a.id, 0, 0, 1, OnLimit::Reject)),
-            ResumeFailed::Limit
+            ResumeFailed::NoSlot(NoSlot::Limit)
         );
         registry.leave(user(1), &b, 0, None);
         let resumed = registry

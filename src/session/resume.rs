@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use super::ledger::SlotTag;
+
 /// A session id: 128 random bits, written as 32 lowercase hex digits.
 /// It is a credential (naming it at a handshake resumes the session), so
 /// its `Debug` is redacted and it is never logged.
@@ -13,6 +15,16 @@ impl SessionId {
     /// A fresh id from the thread's CSPRNG.
     pub(crate) fn random() -> SessionId {
         SessionId(rand::random())
+    }
+
+    /// The session's name in cluster-wide slot lists: a one-way hash, as
+    /// the id itself is a credential.
+    pub(crate) fn tag(&self) -> SlotTag {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(self.0.to_le_bytes());
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&digest[..8]);
+        SlotTag(u64::from_le_bytes(word))
     }
 
     /// Exactly 32 lowercase hex digits, the form [`Display`](fmt::Display)

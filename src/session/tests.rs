@@ -49,6 +49,7 @@ async fn start(outbound_queue: usize) -> Harness {
         edge,
         TokenKey::new(SECRET, None),
         None,
+        None,
         metrics.clone(),
     );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
