@@ -255,7 +255,7 @@ fn a_missing_or_bad_tls_file_is_named_by_check_and_every_verb() {
 }
 
 #[test]
-fn cluster_keys_are_checked_and_cluster_mode_is_not_available_yet() {
+fn cluster_keys_are_checked_and_cluster_mode_needs_postgres() {
     let mut setup = Setup::sqlite();
     setup.set("cluster", "node_id", "1023");
     setup.set("cluster", "subject_prefix", "\"otako-test\"");
@@ -280,11 +280,11 @@ fn cluster_keys_are_checked_and_cluster_mode_is_not_available_yet() {
     setup.set("cluster", "nats_url", "\"nats://127.0.0.1:4222\"");
     setup.write_config();
     let err = failure(&setup.run(&["check"]));
+    assert!(err.contains("needs PostgreSQL"), "{err}");
     assert!(
-        err.contains("cluster mode is not available in this version yet"),
+        err.contains("cluster.nats_url") && err.contains("database.url"),
         "{err}"
     );
-    assert!(err.contains("cluster.nats_url"), "{err}");
 }
 
 /// Two `api` processes with one node id on one database: the second

@@ -120,7 +120,25 @@ function render(status, failures) {
   );
 }
 
+/** Live nodes from `GET /cluster` (404 when not clustered: the page keeps
+ * its "single node" note). */
+async function pollCluster() {
+  const r = await fetch("/cluster");
+  if (!r.ok) return;
+  const { node_id, nodes } = await r.json();
+  const el = document.createElement("table");
+  table(
+    el,
+    ["node", "client listener", "sessions", "lease age"],
+    nodes.map((n) => [n.node_id === node_id ? `${n.node_id} (this page)` : n.node_id, n.client, n.sessions, `${n.lease_age_ms} ms`]),
+    "no live nodes",
+  );
+  el.id = "cluster";
+  $("#cluster").replaceWith(el);
+}
+
 async function poll() {
+  pollCluster().catch(() => {});
   try {
     const [status, failures] = await Promise.all(
       ["/admin/status", "/admin/failures"].map((p) => fetch(p).then((r) => (r.ok ? r.json() : Promise.reject(r.status)))),
