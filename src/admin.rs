@@ -77,19 +77,27 @@ const MAX_FAILURES: i64 = 50;
 const OPERATOR_PAGE: &str = include_str!("../web/operator/index.html");
 const OPERATOR_SCRIPT: &str = include_str!("../web/operator/operator.js");
 
-/// Serves the admin endpoints until shutdown. `dispatch_secret` guards
-/// the one that changes state; `guard` holds handshakes to the client
-/// listener's timeout and head caps.
-pub async fn serve(
-    listener: TcpListener,
-    shutdown: Shutdown,
-    guard: Guard,
-    db: Db,
-    metrics: Arc<Metrics>,
-    readiness: Arc<Readiness>,
-    dispatch_secret: BearerSecret,
-    cluster: Option<Cluster>,
-) {
+/// What the admin endpoints read (and, for revocation, write).
+pub struct State {
+    pub db: Db,
+    pub metrics: Arc<Metrics>,
+    pub readiness: Arc<Readiness>,
+    /// Guards the one endpoint that changes state.
+    pub dispatch_secret: BearerSecret,
+    /// `GET /cluster`'s source; `None` on a single node.
+    pub cluster: Option<Cluster>,
+}
+
+/// Serves the admin endpoints until shutdown; `guard` holds handshakes
+/// to the client listener's timeout and head caps.
+pub async fn serve(listener: TcpListener, shutdown: Shutdown, guard: Guard, state: State) {
+    let State {
+        db,
+        metrics,
+        readiness,
+        dispatch_secret,
+        cluster,
+    } = state;
     let started = std::time::Instant::now();
     http::serve(listener, shutdown, guard, move |req| {
         let cluster = cluster.clone();

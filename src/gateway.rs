@@ -172,11 +172,13 @@ pub async fn serve(
         admin_listener,
         background.clone(),
         guard("admin", None),
-        db.clone(),
-        metrics.clone(),
-        readiness.clone(),
-        BearerSecret::new(dispatch_secret.expose()),
-        cluster.clone(),
+        admin::State {
+            db: db.clone(),
+            metrics: metrics.clone(),
+            readiness: readiness.clone(),
+            dispatch_secret: BearerSecret::new(dispatch_secret.expose()),
+            cluster: cluster.clone(),
+        },
     ));
 
     let tokens = TokenKey::new(

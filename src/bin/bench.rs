@@ -2080,9 +2080,9 @@ async fn slowloris_socket(
                 }
                 sent += 1;
             }
-            match tokio::time::timeout(Duration::from_secs(1), stream.read(&mut buf)).await {
-                Ok(Ok(0) | Err(_)) => break,
-                Ok(Ok(_)) | Err(_) => {}
+            let read = tokio::time::timeout(Duration::from_secs(1), stream.read(&mut buf));
+            if let Ok(Ok(0) | Err(_)) = read.await {
+                break;
             }
         }
         open.fetch_sub(1, Ordering::Relaxed);
