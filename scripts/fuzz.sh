@@ -5,6 +5,7 @@
 #   scripts/fuzz.sh                    # every target, 600 s each
 #   scripts/fuzz.sh 60 token handshake # those targets, 60 s each
 #   FUZZ_MERGE=1 scripts/fuzz.sh 600   # then fold new coverage into fuzz/corpus
+#   FUZZ_BUILD_ONLY=1 scripts/fuzz.sh   # build the instrumented drivers only
 #
 # Inputs found along the way go to fuzz/work/<target> (not committed); the
 # committed seeds in fuzz/corpus/<target> are read, not written, unless
@@ -36,8 +37,14 @@ fi
 # with RUSTC_BOOTSTRAP.
 export RUSTC_BOOTSTRAP=1
 flags=(--sanitizer none --debug-assertions)
+# A separate target directory keeps the instrumented build from
+# invalidating (and locking) the normal one.
+flags+=(--target-dir "${FUZZ_TARGET_DIR:-target/fuzz}")
 
 cargo fuzz build "${flags[@]}"
+if [ "${FUZZ_BUILD_ONLY:-0}" = 1 ]; then
+    exit 0
+fi
 status=0
 for target in "${targets[@]}"; do
     mkdir -p "fuzz/work/$target"
