@@ -11,87 +11,12 @@ mod common;
 
 use std::time::Duration;
 
+use common::cluster::{LEASE_MS, NATS_URL, TestCluster, try_session};
 use common::{
     DISPATCH_SECRET, Gateway, Setup, WsMessage, connect_client, eventually, http_request,
     read_close, read_json, token,
 };
 use futures_util::StreamExt;
-
-const NATS_URL: &str = "nats://127.0.0.1:4222";
-const LEASE_MS: u64 = 1500;
-
-/// A PostgreSQL setup in cluster mode under a prefix of its own.
-struct TestCluster {
-    setup: Setup,
-    prefix: String,
-}
-
-impl TestCluster {
-    async fn new(max_per_user: u32, on_limit: &str) -> TestCluster {
-        let mut setup = Setup::postgres().await;
-        let prefix = format!("t{}_{}", std::process::id(), rand::random::<u32>());
-        setup
-            .set("cluster", "nats_url", &format!("\"{NATS_URL}\""))
-            .set("cluster", "subject_prefix", &format!("\"{prefix}\""))
-            .set("cluster", "lease_ms", &LEASE_MS.to_string())
-            .set("sessions", "max_per_user", &max_per_user.to_string())
-            .set("sessions", "on_limit", &format!("\"{on_limit}\""))
-            // The nodes share one config file, rewritten per node.
-            .set("plugins", "hot_reload", "false");
-        TestCluster { setup, prefix }
-    }
-
-    /// Starts a `serve` node with this `node_id`.
-    fn start(&mut self, node: u16) -> Gateway {
-        self.setup.set("cluster", "node_id", &node.to_string());
-        self.setup.start()
-    }
-
-    /// `GET /cluster` on `gw`.
-    async fn status(gw: &Gateway) -> serde_json::Value {
-        let (status, body) = gw.admin_get("/cluster").await;
-        assert_eq!(status, 200, "{body}");
-        serde_json::from_str(&body).unwrap()
-    }
-}
-
-impl Drop for TestCluster {
-    /// Deletes the test's KV buckets (outside the test's runtime, which
-    /// may be gone by now).
-    fn drop(&mut self) {
-        let prefix = self.prefix.clone();
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                let Ok(client) = async_nats::connect(NATS_URL).await else {
-                    return;
-                };
-                let js = async_nats::jetstream::new(client);
-                for bucket in ["nodes", "slots"] {
-                    let _ = js.delete_key_value(format!("{prefix}_{bucket}")).await;
-                }
-            });
-        })
-        .join();
-    }
-}
-
-/// Connects `user` and reads the first frame: `Ok(ws)` on HELLO, `Err(code)`
-/// when closed at once.
-async fn try_session(gw: &Gateway, user: u64) -> Result<common::WsClient, u16> {
-    let mut ws = connect_client(gw.client, &token(user)).await;
-    match ws.next().await.unwrap().unwrap() {
-        WsMessage::Text(text) => {
-            assert!(text.contains("HELLO"), "{text}");
-            Ok(ws)
-        }
-        WsMessage::Close(Some(frame)) => Err(u16::from(frame.code)),
-        other => panic!("unexpected first frame {other:?}"),
-    }
-}
 
 #[tokio::test]
 async fn cluster_mode_on_sqlite_is_refused_naming_both_keys() {

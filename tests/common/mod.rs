@@ -5,6 +5,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod client;
+pub mod cluster;
 pub mod dispatch;
 pub mod tls;
 
