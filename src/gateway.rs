@@ -208,6 +208,16 @@ pub async fn serve(
         metrics.clone(),
         background.clone(),
     ));
+    // A live peer's attempt ends within its route's timeout, plus a lease
+    // for the claim, the bus and the `done` mark.
+    let peers = cluster.clone().map(|c| {
+        let longest_route = config.routes.iter().map(|r| r.timeout_ms.get()).max();
+        let wait = longest_route.unwrap_or(0) + config.cluster.lease_ms.get();
+        (
+            Arc::new(c) as Arc<dyn crate::dispatch::claims::Peers>,
+            Duration::from_millis(wait),
+        )
+    });
     let presence: Arc<dyn Presence> = match cluster {
         Some(cluster) => Arc::new(crate::cluster::Online {
             cluster,
@@ -238,7 +248,7 @@ pub async fn serve(
             .deliver(config.logging.sink.clone(), background.clone()),
     );
     let retention = Duration::from_secs(config.dispatch.outcome_retention_s.get());
-    let claims = SqlClaims::start(db.clone(), retention, &background);
+    let claims = SqlClaims::start(db.clone(), retention, peers, &background);
     readiness.watch_claims(claims.healthy());
     let pipeline = Pipeline {
         plugins,

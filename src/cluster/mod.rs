@@ -12,6 +12,9 @@
 //!   every node, changed only by compare-and-set (`Store::update` with the
 //!   revision read), so `max_per_user` is exact across nodes.
 //!
+//! - `peers`: the other nodes as holders of event claims, so an event
+//!   retried on another node waits for the attempt still in flight.
+//!
 //! Evictions (`evict_oldest`) travel as core NATS requests on
 //! `<prefix>.evict.<node_id>` to the node that holds the oldest session.
 //!
@@ -19,6 +22,7 @@
 //! each node's clock): nodes need clocks in sync well within `lease_ms`.
 
 mod lease;
+mod peers;
 mod presence;
 mod slots;
 

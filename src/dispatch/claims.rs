@@ -10,6 +10,16 @@
 //! too: its frames may have gone out, and a second broadcast is the one
 //! thing this rule exists to prevent.
 //!
+//! In cluster mode the row may be held by an attempt still running on
+//! another node ([`Peers`] says whether its process is live): the claim
+//! then waits for that attempt's outcome by reading the row with backoff
+//! (the row is the truth; its `done` mark lands within ~100 ms of the
+//! success): `done` is a duplicate; a row gone means the attempt failed
+//! and released it, so this node claims it again and runs the event as
+//! the backend's retry would. The wait is bounded (a live peer's attempt
+//! ends within its route's timeout plus a lease); past it, or once the
+//! holder's node stops being live, the row counts as abandoned as above.
+//!
 //! [`ClaimStore`] is the durable part, behind a small interface so cluster
 //! mode can put its own beside [`SqlClaims`], today's. Writes are grouped
 //! ([`Batcher`]): one autocommit statement per round carries every claim
@@ -21,6 +31,8 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use futures_util::future::BoxFuture;
 use tokio::sync::watch;
@@ -36,6 +48,11 @@ use super::frame::Outcome;
 const RECENT_CAPACITY: usize = 65_536;
 /// Ids per statement, well under SQLite's parameter limit.
 const CHUNK: usize = 256;
+/// First and longest pause between reads of a row a live peer holds.
+const FIRST_POLL: Duration = Duration::from_millis(10);
+const MAX_POLL: Duration = Duration::from_millis(200);
+/// Claim rounds for one id: another round only follows a release.
+const MAX_ROUNDS: usize = 16;
 
 /// What the store found when claiming an id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +64,16 @@ pub enum Claimed {
     /// Claimed by a process that never finished it (it died between claim
     /// and outcome): its frames may or may not have gone out.
     Abandoned,
+}
+
+/// Other processes claiming in the same table (cluster mode: the other
+/// nodes), so a claim held by one that still runs waits for its outcome.
+pub trait Peers: Send + Sync {
+    /// The name this process writes in the rows it claims; peers read
+    /// from it which process that is.
+    fn owner(&self) -> String;
+    /// Whether the process that wrote `owner` is still running.
+    fn is_live<'a>(&'a self, owner: &'a str) -> BoxFuture<'a, bool>;
 }
 
 /// The durable side of claims.
@@ -229,20 +256,48 @@ impl Finished {
     }
 }
 
+/// What one claim write found for an id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Found {
+    New,
+    Done,
+    /// Claimed, not finished, by another process (named).
+    Held(String),
+    /// Released between the insert and the read: claim it again.
+    Gone,
+}
+
 /// Claims in `event_outcomes`, on SQLite or PostgreSQL.
 pub struct SqlClaims {
-    claims: Batcher<String, Claimed>,
+    db: Db,
+    claims: Batcher<String, Found>,
     releases: Batcher<String, ()>,
     finished: Arc<Finished>,
     /// False while claims cannot be written: `/readyz` says 503.
     healthy: Arc<AtomicBool>,
+    peers: Option<Arc<dyn Peers>>,
+    /// Longest wait for a live peer's attempt.
+    wait: Duration,
 }
 
 impl SqlClaims {
-    /// Starts the grouped writers and the retention sweeper. `owner` names
-    /// this process in the rows it claims.
-    pub fn start(db: Db, retention: Duration, shutdown: &Shutdown) -> Arc<SqlClaims> {
-        let owner = format!("{}-{:016x}", std::process::id(), rand::random::<u64>());
+    /// Starts the grouped writers and the retention sweeper. With `peers`
+    /// (cluster mode), a claim held by a live peer waits up to `wait` for
+    /// that attempt's outcome.
+    pub fn start(
+        db: Db,
+        retention: Duration,
+        peers: Option<(Arc<dyn Peers>, Duration)>,
+        shutdown: &Shutdown,
+    ) -> Arc<SqlClaims> {
+        let owner = match &peers {
+            Some((peers, _)) => peers.owner(),
+            None => format!("{}-{:016x}", std::process::id(), rand::random::<u64>()),
+        };
+        let (peers, wait) = match peers {
+            Some((peers, wait)) => (Some(peers), wait),
+            None => (None, Duration::ZERO),
+        };
         let healthy = Arc::new(AtomicBool::new(true));
         let finished = Arc::new(Finished::default());
         let claims = {
@@ -270,13 +325,63 @@ impl SqlClaims {
             })
         };
         shutdown.spawn(flusher(db.clone(), finished.clone(), shutdown.clone()));
-        shutdown.spawn(sweeper(db, retention, shutdown.clone()));
+        shutdown.spawn(sweeper(db.clone(), retention, shutdown.clone()));
         Arc::new(SqlClaims {
+            db,
             claims,
             releases,
             finished,
             healthy,
+            peers,
+            wait,
         })
+    }
+
+    /// Whether the process that holds a claim may still finish it.
+    async fn holder_live(&self, owner: &str) -> bool {
+        match &self.peers {
+            Some(peers) => peers.is_live(owner).await,
+            None => false,
+        }
+    }
+
+    /// Claims `key`; a claim held by a live peer is waited on until that
+    /// attempt finishes (`Done`), releases it (claimed again), stops being
+    /// live or outlasts the wait (`Abandoned`).
+    async fn claim_or_wait(&self, key: String) -> Result<Claimed, DbError> {
+        let deadline = Instant::now() + self.wait;
+        for _ in 0..MAX_ROUNDS {
+            let found = self
+                .claims
+                .submit(key.clone())
+                .await
+                .map_err(DbError::Grouped)?;
+            let mut holder = match found {
+                Found::New => return Ok(Claimed::New),
+                Found::Done => return Ok(Claimed::Done),
+                Found::Held(owner) => owner,
+                Found::Gone => continue,
+            };
+            let mut pause = FIRST_POLL;
+            loop {
+                if !self.holder_live(&holder).await {
+                    return Ok(Claimed::Abandoned);
+                }
+                if Instant::now() >= deadline {
+                    tracing::warn!(holder = %holder, wait = ?self.wait, "event id still in flight on a live node after the longest wait; treated as abandoned");
+                    return Ok(Claimed::Abandoned);
+                }
+                tokio::time::sleep(pause.min(deadline - Instant::now())).await;
+                pause = (pause * 2).min(MAX_POLL);
+                match read_claim(&self.db, &key).await? {
+                    Some((_, true)) => return Ok(Claimed::Done),
+                    Some((owner, false)) => holder = owner,
+                    // Released: the first attempt failed before fan-out.
+                    None => break,
+                }
+            }
+        }
+        Ok(Claimed::Abandoned)
     }
 
     /// Whether the last claim write succeeded.
@@ -287,7 +392,7 @@ impl SqlClaims {
 
 impl ClaimStore for SqlClaims {
     fn claim(&self, key: String) -> BoxFuture<'_, Result<Claimed, DbError>> {
-        Box::pin(async move { self.claims.submit(key).await.map_err(DbError::Grouped) })
+        Box::pin(self.claim_or_wait(key))
     }
 
     fn release(&self, key: String) -> BoxFuture<'_, Result<(), DbError>> {
@@ -327,7 +432,7 @@ macro_rules! mark_done {
 /// them. Each chunk is one statement, atomic by itself: no explicit
 /// transaction, so a round of claims is one round trip to the database
 /// (this commit is on every event's way to its fan-out).
-async fn insert_claims(db: &Db, owner: &str, keys: &[String]) -> Result<Vec<Claimed>, sqlx::Error> {
+async fn insert_claims(db: &Db, owner: &str, keys: &[String]) -> Result<Vec<Found>, sqlx::Error> {
     let now = now_ms();
     let mut inserted: HashSet<String> = HashSet::with_capacity(keys.len());
     let mut held: HashMap<String, (String, i64)> = HashMap::new();
@@ -345,8 +450,9 @@ async fn insert_claims(db: &Db, owner: &str, keys: &[String]) -> Result<Vec<Clai
         }
         let others: Vec<&String> = keys.iter().filter(|k| !inserted.contains(*k)).collect();
         for chunk in others.chunks(CHUNK) {
+            // `done` is INTEGER, which PostgreSQL won't decode as i64.
             let mut q = sqlx::QueryBuilder::new(
-                "SELECT event_id, owner, done FROM event_outcomes WHERE event_id IN (",
+                "SELECT event_id, owner, CAST(done AS BIGINT) FROM event_outcomes WHERE event_id IN (",
             );
             push_keys!(q, chunk);
             let rows: Vec<(String, String, i64)> = q.build_query_as().fetch_all(&mut *c).await?;
@@ -358,19 +464,28 @@ async fn insert_claims(db: &Db, owner: &str, keys: &[String]) -> Result<Vec<Clai
         .iter()
         .map(|key| {
             if inserted.contains(key) {
-                return Claimed::New;
+                return Found::New;
             }
             match held.get(key) {
-                Some((_, done)) if *done != 0 => Claimed::Done,
+                Some((_, done)) if *done != 0 => Found::Done,
                 // Our own success whose `done` mark is still queued.
-                Some((holder, _)) if holder == owner => Claimed::Done,
-                Some(_) => Claimed::Abandoned,
-                // Released between our insert and read: a rare race; the
-                // backend's retry claims it.
-                None => Claimed::Abandoned,
+                Some((holder, _)) if holder == owner => Found::Done,
+                Some((holder, _)) => Found::Held(holder.clone()),
+                None => Found::Gone,
             }
         })
         .collect())
+}
+
+/// One claim's holder and whether it is finished; `None` once released.
+async fn read_claim(db: &Db, key: &str) -> Result<Option<(String, bool)>, sqlx::Error> {
+    let row: Option<(String, i64)> = with_pool!(db, p => sqlx::query_as(
+        "SELECT owner, CAST(done AS BIGINT) FROM event_outcomes WHERE event_id = $1",
+    )
+    .bind(key)
+    .fetch_optional(p)
+    .await)?;
+    Ok(row.map(|(owner, done)| (owner, done != 0)))
 }
 
 async fn delete_claims(db: &Db, owner: &str, keys: &[String]) -> Result<(), sqlx::Error> {
@@ -454,5 +569,117 @@ async fn sweeper(db: Db, retention: Duration, shutdown: Shutdown) {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DatabaseUrl;
+    use crate::db::Access;
+
+    /// One peer, `peer`, whose liveness the test sets.
+    struct FakePeers(AtomicBool);
+
+    impl Peers for FakePeers {
+        fn owner(&self) -> String {
+            "me".to_owned()
+        }
+
+        fn is_live<'a>(&'a self, owner: &'a str) -> BoxFuture<'a, bool> {
+            Box::pin(async move { owner == "peer" && self.0.load(Ordering::Acquire) })
+        }
+    }
+
+    async fn setup(wait: Duration) -> (tempfile::TempDir, Db, Arc<FakePeers>, Arc<SqlClaims>) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = DatabaseUrl::Sqlite(dir.path().join("claims.db"));
+        let db = Db::open(&url, 2, Access::ReadWrite).await.unwrap();
+        db.migrate().await.unwrap();
+        let peers = Arc::new(FakePeers(AtomicBool::new(true)));
+        let store = SqlClaims::start(
+            db.clone(),
+            Duration::from_secs(3600),
+            Some((peers.clone() as Arc<dyn Peers>, wait)),
+            &Shutdown::new(),
+        );
+        (dir, db, peers, store)
+    }
+
+    /// A claim the peer holds, unfinished.
+    async fn held_by_peer(db: &Db, key: &str) {
+        with_pool!(db, p => sqlx::query(
+            "INSERT INTO event_outcomes (event_id, completed_at, owner, done) VALUES ($1, $2, 'peer', 0)",
+        )
+        .bind(key)
+        .bind(now_ms())
+        .execute(p)
+        .await
+        .map(|_| ()))
+        .unwrap();
+    }
+
+    async fn run(db: &Db, sql: &'static str, key: &str) {
+        with_pool!(db, p => sqlx::query(sql).bind(key).execute(p).await.map(|_| ())).unwrap();
+    }
+
+    /// Claims `key` in a task, and checks it is still waiting a moment later.
+    async fn waiting(store: &Arc<SqlClaims>, key: &str) -> tokio::task::JoinHandle<Claimed> {
+        let (store, key) = (store.clone(), key.to_owned());
+        let claim = tokio::spawn(async move { store.claim(key).await.unwrap() });
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(
+            !claim.is_finished(),
+            "returned while the peer's attempt ran"
+        );
+        claim
+    }
+
+    #[tokio::test]
+    async fn a_claim_held_by_a_live_peer_waits_for_its_success_or_its_release() {
+        let (_dir, db, _peers, store) = setup(Duration::from_secs(30)).await;
+        held_by_peer(&db, "ok").await;
+        let claim = waiting(&store, "ok").await;
+        run(
+            &db,
+            "UPDATE event_outcomes SET done = 1 WHERE event_id = $1",
+            "ok",
+        )
+        .await;
+        assert_eq!(claim.await.unwrap(), Claimed::Done);
+
+        // Released (the peer's attempt failed): this process runs it.
+        held_by_peer(&db, "failed").await;
+        let claim = waiting(&store, "failed").await;
+        run(
+            &db,
+            "DELETE FROM event_outcomes WHERE event_id = $1",
+            "failed",
+        )
+        .await;
+        assert_eq!(claim.await.unwrap(), Claimed::New);
+        assert_eq!(
+            read_claim(&db, "failed").await.unwrap(),
+            Some(("me".to_owned(), false))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_claim_of_a_dead_peer_or_past_the_wait_is_abandoned() {
+        let (_dir, db, _peers, store) = setup(Duration::from_millis(400)).await;
+        held_by_peer(&db, "slow").await;
+        let started = Instant::now();
+        assert_eq!(
+            store.claim("slow".into()).await.unwrap(),
+            Claimed::Abandoned
+        );
+        assert!(started.elapsed() >= Duration::from_millis(400));
+
+        let (_dir, db, peers, store) = setup(Duration::from_secs(30)).await;
+        held_by_peer(&db, "dead").await;
+        let claim = waiting(&store, "dead").await;
+        peers.0.store(false, Ordering::Release);
+        let claimed = tokio::time::timeout(Duration::from_secs(5), claim).await;
+        assert_eq!(claimed.unwrap().unwrap(), Claimed::Abandoned);
     }
 }
