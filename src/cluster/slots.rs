@@ -241,6 +241,12 @@ impl Ledger for Cluster {
 
     fn release(&self, user: UserId, tag: SlotTag) -> BoxFuture<'_, ()> {
         Box::pin(async move {
+            // A fenced node's slots were written under an incarnation that
+            // never counts again, and NATS is likely out of reach: a
+            // release would only hold up the session's close frame.
+            if self.inner.is_fenced() {
+                return;
+            }
             let key = user_key(user);
             for _ in 0..MAX_ROUNDS {
                 match self.try_release(&key, tag).await {
