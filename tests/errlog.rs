@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use common::dispatch::DispatchClient;
 use common::{
-    Gateway, PG_ADMIN_URL, Setup, TestDb, Tmpfs, eventually, free_port, http_request,
-    read_json_lines, start_log_sink,
+    Gateway, PG_ADMIN_URL, Setup, TestDb, Tmpfs, counting_sink, eventually, free_port,
+    http_request, read_json_lines, start_log_sink,
 };
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
@@ -211,41 +211,6 @@ async fn serve_and_api_on_postgres_write_each_failure_to_the_file_once() {
     two_processes_share_the_file_sink(Setup::postgres().await).await;
 }
 
-/// A logging server that counts every POST by its Idempotency-Key and is
-/// slow enough (10 ms a record) that two deliverers overlap.
-async fn counting_server() -> (
-    std::net::SocketAddr,
-    std::sync::Arc<std::sync::Mutex<HashMap<String, usize>>>,
-) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let posts = std::sync::Arc::new(std::sync::Mutex::new(HashMap::new()));
-    let seen = posts.clone();
-    tokio::spawn(otako_gateway::http::serve(
-        listener,
-        otako_gateway::shutdown::Shutdown::new(),
-        otako_gateway::listen::Guard {
-            listener: "test-sink",
-            timeout: Duration::from_secs(10),
-            tls: None,
-            metrics: None,
-        },
-        move |req| {
-            let seen = seen.clone();
-            async move {
-                let key = req.headers()["idempotency-key"]
-                    .to_str()
-                    .unwrap()
-                    .to_owned();
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                *seen.lock().unwrap().entry(key).or_insert(0) += 1;
-                otako_gateway::http::text(hyper::StatusCode::OK, "ok\n")
-            }
-        },
-    ));
-    (addr, posts)
-}
-
 #[tokio::test]
 async fn serve_and_api_on_postgres_post_each_failure_once() {
     let mut setup = Setup::postgres().await;
@@ -256,7 +221,7 @@ async fn serve_and_api_on_postgres_post_each_failure_once() {
     let ids: HashSet<String> = fail_events(gateway.dispatch, "http", 300).await;
     assert!(gateway.stop().success());
 
-    let (addr, posts) = counting_server().await;
+    let (addr, posts) = counting_sink().await;
     setup.http_sink(&format!("http://{addr}/events"));
     let (serve, api) = start_both(&setup);
     eventually(Duration::from_secs(30), "every record POSTed", async || {

@@ -193,6 +193,12 @@ impl Seed {
             .bind(id).bind(channel).bind(author).bind(content).bind(nonce).execute(p).await.map(|_| ())).unwrap();
     }
 
+    /// `SELECT COUNT(*) …` with `param` bound as `$1`.
+    pub async fn count(&self, sql: &'static str, param: &str) -> i64 {
+        on_seed!(self, p => sqlx::query_scalar::<_, i64>(sql).bind(param).fetch_one(p).await)
+            .unwrap()
+    }
+
     /// Rows in `event_errors` for an event id.
     pub async fn error_rows(&self, event_id: &str) -> i64 {
         on_seed!(self, p => sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM event_errors WHERE event_id = $1")

@@ -7,6 +7,7 @@
 pub mod client;
 pub mod cluster;
 pub mod dispatch;
+pub mod proxy;
 pub mod tls;
 
 use std::collections::BTreeMap;
@@ -328,6 +329,41 @@ pub fn start_log_sink(port: u16, out: &Path) -> Child {
         .stdout(Stdio::null())
         .spawn()
         .unwrap()
+}
+
+/// A logging server that counts every POST by its Idempotency-Key and is
+/// slow enough (10 ms a record) that two deliverers overlap.
+pub async fn counting_sink() -> (
+    std::net::SocketAddr,
+    Arc<Mutex<std::collections::HashMap<String, usize>>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let posts = Arc::new(Mutex::new(std::collections::HashMap::new()));
+    let seen = posts.clone();
+    tokio::spawn(otako_gateway::http::serve(
+        listener,
+        otako_gateway::shutdown::Shutdown::new(),
+        otako_gateway::listen::Guard {
+            listener: "test-sink",
+            timeout: Duration::from_secs(10),
+            tls: None,
+            metrics: None,
+        },
+        move |req| {
+            let seen = seen.clone();
+            async move {
+                let key = req.headers()["idempotency-key"]
+                    .to_str()
+                    .unwrap()
+                    .to_owned();
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                *seen.lock().unwrap().entry(key).or_insert(0) += 1;
+                otako_gateway::http::text(hyper::StatusCode::OK, "ok\n")
+            }
+        },
+    ));
+    (addr, posts)
 }
 
 /// A port free right now.
