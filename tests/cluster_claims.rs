@@ -11,14 +11,13 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::client::Client;
 use common::cluster::{LEASE_MS, TestCluster, try_session};
 use common::dispatch::{DispatchClient, Seed};
 use common::proxy::Proxy;
-use common::{counting_sink, eventually, read_close_within, test_plugin};
+use common::{counting_sink_on, eventually, free_port, read_close_within, test_plugin};
 use serde_json::{Value, json};
 
 /// Reads `client`'s frames until one named `last` with `d[field] == value`
@@ -249,19 +248,29 @@ async fn an_event_id_whose_attempt_fails_on_one_node_is_run_by_the_node_that_wai
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failure_sent_to_two_nodes_reaches_the_sink_once() {
-    const N: usize = 60;
-    let (sink, posts) = counting_sink().await;
+    // Several claim batches (64 rows) of records.
+    const N: usize = 300;
+    // The sink comes up once every record is in, so both nodes' deliverers
+    // are retrying and contend for the same rows.
+    let port = free_port();
     let mut cluster = TestCluster::new(5, "reject").await;
-    cluster.setup.http_sink(&format!("http://{sink}/events"));
+    cluster
+        .setup
+        .http_sink(&format!("http://127.0.0.1:{port}/events"));
     let a = cluster.start(1);
     let b = cluster.start(2);
     let mut backend_a = DispatchClient::connect(a.dispatch).await;
     let mut backend_b = DispatchClient::connect(b.dispatch).await;
 
-    // No route: every attempt fails, on both nodes, with the same ids.
-    let ids: HashSet<String> = (0..N).map(|i| format!("f{i}")).collect();
-    for id in &ids {
-        for backend in [&mut backend_a, &mut backend_b] {
+    // No route: every attempt fails, on both nodes, with the same ids;
+    // each node gets half of them first, so both record and deliver.
+    let ids: Vec<String> = (0..N).map(|i| format!("f{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let mut order = [&mut backend_a, &mut backend_b];
+        if i % 2 == 1 {
+            order.reverse();
+        }
+        for backend in order {
             backend
                 .event(
                     "EVENT_NOWHERE",
@@ -280,8 +289,12 @@ async fn a_failure_sent_to_two_nodes_reaches_the_sink_once() {
         }
     }
 
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let (_, posts) = counting_sink_on(listener);
     let seed = Seed::open(&cluster.setup).await;
-    eventually(Duration::from_secs(30), "every record POSTed", async || {
+    eventually(Duration::from_secs(60), "every record POSTed", async || {
         let posts = posts.lock().unwrap();
         ids.iter().all(|id| posts.contains_key(id))
     })

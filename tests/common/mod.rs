@@ -338,6 +338,17 @@ pub async fn counting_sink() -> (
     Arc<Mutex<std::collections::HashMap<String, usize>>>,
 ) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    counting_sink_on(listener)
+}
+
+/// [`counting_sink`] on a listener the test bound (e.g. a port gateways
+/// were told about before the sink came up).
+pub fn counting_sink_on(
+    listener: tokio::net::TcpListener,
+) -> (
+    std::net::SocketAddr,
+    Arc<Mutex<std::collections::HashMap<String, usize>>>,
+) {
     let addr = listener.local_addr().unwrap();
     let posts = Arc::new(Mutex::new(std::collections::HashMap::new()));
     let seen = posts.clone();
