@@ -329,15 +329,19 @@ async fn a_failure_sent_to_two_nodes_reaches_the_sink_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_off_from_nats_closes_its_sessions_and_admits_again_when_it_is_back() {
     let nats = Proxy::start("127.0.0.1:4222".parse().unwrap()).await;
-    let mut cluster = TestCluster::new(5, "reject").await;
+    // One session per user: the cut-off node must not keep one while
+    // another node admits the same user.
+    let mut cluster = TestCluster::new(1, "reject").await;
+    let other = cluster.start(2);
     cluster
         .setup
         .set("cluster", "nats_url", &format!("\"nats://{}\"", nats.addr));
     let node = cluster.start(1);
     let mut sessions = Vec::new();
-    for user in [41, 42, 42] {
+    for user in [41, 42] {
         sessions.push(try_session(&node, user).await.unwrap());
     }
+    assert!(matches!(try_session(&other, 41).await, Err(4010)));
 
     let cut = Instant::now();
     nats.cut();
@@ -353,6 +357,17 @@ async fn a_node_cut_off_from_nats_closes_its_sessions_and_admits_again_when_it_i
         "fenced {fenced:?} after the cut"
     );
     assert!(matches!(try_session(&node, 43).await, Err(1001)));
+    // The other node admits the user once the cut-off node's lease is out.
+    let mut moved = None;
+    eventually(
+        Duration::from_millis(LEASE_MS * 10),
+        "the other node admits user 41",
+        async || {
+            moved = try_session(&other, 41).await.ok();
+            moved.is_some()
+        },
+    )
+    .await;
 
     nats.restore();
     let restored = Instant::now();
@@ -370,6 +385,10 @@ async fn a_node_cut_off_from_nats_closes_its_sessions_and_admits_again_when_it_i
         "admitting again {:?} after NATS was back",
         restored.elapsed()
     );
-    drop(admitted);
+    // Its old sessions don't count; the one on the other node does.
+    assert!(matches!(try_session(&node, 41).await, Err(4010)));
+    assert!(try_session(&node, 42).await.is_ok());
+    drop((moved, admitted));
     node.stop();
+    other.stop();
 }

@@ -14,9 +14,10 @@
 //! another node ([`Peers`] says whether its process is live): the claim
 //! then waits for that attempt's outcome by reading the row with backoff
 //! (the row is the truth; its `done` mark lands within ~100 ms of the
-//! success): `done` is a duplicate; a row gone means the attempt failed
-//! and released it, so this node claims it again and runs the event as
-//! the backend's retry would. The wait is bounded (a live peer's attempt
+//! success, so the wait acks ~100-200 ms after the first attempt's ack):
+//! `done` is a duplicate; a row gone means the attempt failed and
+//! released it, so this node claims it again and runs the event as the
+//! backend's retry would. The wait is bounded (a live peer's attempt
 //! ends within its route's timeout plus a lease); past it, or once the
 //! holder's node stops being live, the row counts as abandoned as above.
 //!
@@ -50,7 +51,7 @@ const RECENT_CAPACITY: usize = 65_536;
 const CHUNK: usize = 256;
 /// First and longest pause between reads of a row a live peer holds.
 const FIRST_POLL: Duration = Duration::from_millis(10);
-const MAX_POLL: Duration = Duration::from_millis(200);
+const MAX_POLL: Duration = Duration::from_millis(100);
 /// Claim rounds for one id: another round only follows a release.
 const MAX_ROUNDS: usize = 16;
 
