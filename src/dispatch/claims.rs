@@ -60,10 +60,11 @@ const MAX_ROUNDS: usize = 16;
 pub enum Claimed {
     /// The claim is ours: go on and deliver.
     New,
-    /// Delivered before (or being delivered by another process).
+    /// Delivered before, here or by a peer.
     Done,
     /// Claimed by a process that never finished it (it died between claim
-    /// and outcome): its frames may or may not have gone out.
+    /// and outcome, or a live peer's attempt outlasted the wait): its
+    /// frames may or may not have gone out.
     Abandoned,
 }
 
