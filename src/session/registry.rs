@@ -530,8 +530,8 @@ impl Registry {
         true
     }
 
-    /// Tells every attached session to close with `code` and ends the
-    /// detached ones; returns how many were attached.
+    /// Tells every attached session to close with `code` and ends every
+    /// session, detached ones too; returns how many were attached.
     pub(crate) fn close_all(&self, code: u16) -> usize {
         let mut closed = 0;
         for mut slots in self.users.iter_mut() {
@@ -539,6 +539,9 @@ impl Registry {
             while at < slots.len() {
                 if slots[at].attached {
                     slots[at].slot.queue.close(code);
+                    // Ended at once, not when its task gets to it, so no
+                    // resume can take the session over in between.
+                    slots[at].slot.queue.end();
                     closed += 1;
                     at += 1;
                 } else {

@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod dispatch;
+pub mod proxy;
 pub mod tls;
 
 use std::collections::BTreeMap;
