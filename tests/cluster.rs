@@ -355,6 +355,13 @@ async fn an_event_reaches_every_node_exactly_once_for_a_channel_and_for_users() 
         let frame = expect_frame(client, "MESSAGE_CREATE", 1).await;
         assert_eq!(frame["d"]["id"], "3");
     }
+    // The backend's retry on another node is a duplicate, not a second broadcast.
+    let mut dispatch_b = DispatchClient::connect(b.dispatch).await;
+    let ack = dispatch_b
+        .roundtrip("EVENT_MESSAGE_CREATE", created.clone(), json!("e1"))
+        .await;
+    assert_eq!(ack["success"], true, "{ack}");
+    assert_eq!(ack["duplicate"], true, "{ack}");
 
     // A users audience: user 12's sessions on A and B.
     let ack = dispatch
@@ -448,6 +455,11 @@ async fn a_node_cut_off_from_nats_fails_events_with_bus_unavailable_keeps_its_se
     let outage = "events fail with BUS_UNAVAILABLE until it is back";
     assert_eq!(a.log().matches(outage).count(), 1, "{}", a.log());
     assert_eq!(seed.error_rows("u1").await, 1);
+    assert_eq!(
+        a.metric("otako_cluster_bus_publish_failures_total", "")
+            .await,
+        3.0
+    );
 
     // NATS is back: the backend's retry goes through, no restart needed.
     proxy.restore();

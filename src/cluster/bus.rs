@@ -88,7 +88,9 @@ pub struct Bus {
 struct Inner {
     client: async_nats::Client,
     js: jetstream::Context,
-    stream: String,
+    /// The stream as this node makes it when it is missing (also after a
+    /// NATS server lost its JetStream store, so the node recovers by itself).
+    config: stream::Config,
     subject: async_nats::Subject,
     /// The stream's last sequence when this node joined: it consumes after it.
     start: u64,
@@ -114,18 +116,19 @@ impl Bus {
             stream: name.clone(),
             reason,
         };
+        let config = stream::Config {
+            name: name.clone(),
+            subjects: vec![subject.clone()],
+            max_age: MAX_AGE,
+            max_bytes: MAX_BYTES,
+            storage: stream::StorageType::File,
+            discard: stream::DiscardPolicy::Old,
+            duplicate_window: DUPLICATE_WINDOW,
+            num_replicas: 1,
+            ..Default::default()
+        };
         let stream = js
-            .get_or_create_stream(stream::Config {
-                name: name.clone(),
-                subjects: vec![subject.clone()],
-                max_age: MAX_AGE,
-                max_bytes: MAX_BYTES,
-                storage: stream::StorageType::File,
-                discard: stream::DiscardPolicy::Old,
-                duplicate_window: DUPLICATE_WINDOW,
-                num_replicas: 1,
-                ..Default::default()
-            })
+            .get_or_create_stream(config.clone())
             .await
             .map_err(|e| failed(e.to_string()))?;
         let info = stream.cached_info();
@@ -139,7 +142,7 @@ impl Bus {
             inner: Arc::new(Inner {
                 client,
                 js,
-                stream: name,
+                config,
                 subject: subject.into(),
                 start,
                 down: AtomicBool::new(false),
@@ -199,7 +202,7 @@ impl Bus {
         let stream = self
             .inner
             .js
-            .get_stream(&self.inner.stream)
+            .get_or_create_stream(self.inner.config.clone())
             .await
             .map_err(|e| e.to_string())?;
         let state = &stream.cached_info().state;

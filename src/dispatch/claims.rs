@@ -346,7 +346,8 @@ async fn insert_claims(db: &Db, owner: &str, keys: &[String]) -> Result<Vec<Clai
         let others: Vec<&String> = keys.iter().filter(|k| !inserted.contains(*k)).collect();
         for chunk in others.chunks(CHUNK) {
             let mut q = sqlx::QueryBuilder::new(
-                "SELECT event_id, owner, done FROM event_outcomes WHERE event_id IN (",
+                // `done` is INTEGER (int4 on PostgreSQL): read as BIGINT on both.
+                "SELECT event_id, owner, CAST(done AS BIGINT) FROM event_outcomes WHERE event_id IN (",
             );
             push_keys!(q, chunk);
             let rows: Vec<(String, String, i64)> = q.build_query_as().fetch_all(&mut *c).await?;
