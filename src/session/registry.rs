@@ -646,6 +646,41 @@ mod tests {
     }
 
     #[test]
+    fn close_all_ends_sessions_before_their_tasks_notice() {
+        let registry = Registry::default();
+        let attached = slot();
+        let detached = slot();
+        for s in [&attached, &detached] {
+            registry
+                .register(user(1), s.clone(), 5, OnLimit::Reject)
+                .unwrap();
+        }
+        registry.deliver(&[user(1)], &Arc::new(ClientFrame::new("E", "{}")));
+        attached.queue.pop(0).unwrap();
+        registry.leave(
+            user(1),
+            &detached,
+            0,
+            Some(Instant::now() + Duration::from_secs(60)),
+        );
+        assert_eq!(registry.close_all(4000), 1);
+        assert_eq!(attached.queue.close_code(0), Some(4000));
+        // Its task has not ended it yet, but no resume can take it over.
+        let refused = registry
+            .attach(user(1), attached.id, 1, 0, 5, OnLimit::Reject)
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(refused, ResumeFailed::Refused(Refused::UnknownSession));
+        assert_eq!(registry.detached(), 0);
+        assert_eq!(
+            registry
+                .deliver(&[user(1)], &Arc::new(ClientFrame::new("E", "{}")))
+                .reached,
+            0
+        );
+    }
+
+    #[test]
     fn evict_oldest_replaces_the_first_session() {
         let registry = Registry::default();
         let first = slot();
