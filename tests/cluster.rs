@@ -582,3 +582,41 @@ async fn a_node_whose_missed_frames_are_gone_closes_its_sessions_with_4000() {
     a.stop();
     b.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_fanout_stream_is_made_again_and_events_flow_again() {
+    let mut cluster = TestCluster::for_events(LEASE_MS).await;
+    let a = cluster.start(1);
+    let b = cluster.start(2);
+    let seed = Seed::open(&cluster.setup).await;
+    seed.user(11, "bob").await;
+    let mut on_b = Client::connect(b.client, 11).await;
+    let mut dispatch = DispatchClient::connect(a.dispatch).await;
+    let ack = dispatch
+        .roundtrip("EVENT_NOOP", noop(11, 1), json!("l1"))
+        .await;
+    assert_eq!(ack["success"], true, "{ack}");
+    expect_frame(&mut on_b, "NOOP", 1).await;
+
+    // As if NATS had lost its JetStream store.
+    let js = async_nats::jetstream::new(async_nats::connect(NATS_URL).await.unwrap());
+    js.delete_stream(cluster.stream()).await.unwrap();
+    // Node B can't tell what it missed: its sessions close, to be refetched.
+    assert_eq!(read_close(&mut on_b.ws).await, Some(4000));
+    // The nodes make the stream again by themselves; events flow again.
+    let mut again = Client::connect(b.client, 11).await;
+    eventually(
+        Duration::from_secs(20),
+        "events go through again",
+        async || {
+            let ack = dispatch
+                .roundtrip("EVENT_NOOP", noop(11, 2), json!("l2"))
+                .await;
+            ack["success"] == true
+        },
+    )
+    .await;
+    assert_eq!(expect_frame(&mut again, "NOOP", 1).await["d"]["n"], 2);
+    a.stop();
+    b.stop();
+}

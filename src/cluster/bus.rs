@@ -31,6 +31,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_nats::connection::State;
+use async_nats::datetime::DateTime;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use async_nats::jetstream::{self, stream};
 use bytes::{BufMut, Bytes, BytesMut};
@@ -94,6 +95,9 @@ struct Inner {
     subject: async_nats::Subject,
     /// The stream's last sequence when this node joined: it consumes after it.
     start: u64,
+    /// When the stream was made, as of joining: a stream made again since
+    /// (deleted, or NATS lost its store) lost what this node had not read.
+    created: DateTime,
     /// Set while publishing fails, so the outage is logged once.
     down: AtomicBool,
     metrics: Arc<Metrics>,
@@ -137,7 +141,7 @@ impl Bus {
                 "the stream exists but does not take subject '{subject}'"
             )));
         }
-        let start = info.state.last_sequence;
+        let (start, created) = (info.state.last_sequence, info.created);
         Ok(Bus {
             inner: Arc::new(Inner {
                 client,
@@ -145,6 +149,7 @@ impl Bus {
                 config,
                 subject: subject.into(),
                 start,
+                created,
                 down: AtomicBool::new(false),
                 metrics,
             }),
@@ -155,11 +160,12 @@ impl Bus {
     /// stream order, until shutdown.
     pub async fn consume(self, sessions: Sessions, members: Arc<Members>, shutdown: Shutdown) {
         let mut next = self.inner.start + 1;
+        let mut created = self.inner.created;
         let mut wait = RETRY_MIN;
         loop {
             let opened = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                opened = self.open_consumer(&mut next, &sessions) => opened,
+                opened = self.open_consumer(&mut next, &mut created, &sessions) => opened,
             };
             match opened {
                 Ok((messages, connects)) => {
@@ -185,12 +191,14 @@ impl Bus {
     }
 
     /// Starts a consumer at `next`; first, if frames from `next` on are
-    /// gone from the stream, closes the local sessions (4000) and moves
-    /// `next` to the first frame there is. Returns the messages and the
-    /// connection count they were opened under.
+    /// gone from the stream (or the stream was made again since `created`),
+    /// closes the local sessions (4000) and moves `next` to the first frame
+    /// there is. Returns the messages and the connection count they were
+    /// opened under.
     async fn open_consumer(
         &self,
         next: &mut u64,
+        created: &mut DateTime,
         sessions: &Sessions,
     ) -> Result<(pull::Stream, u64), String> {
         let connects = self
@@ -205,10 +213,12 @@ impl Bus {
             .get_or_create_stream(self.inner.config.clone())
             .await
             .map_err(|e| e.to_string())?;
-        let state = &stream.cached_info().state;
-        // A stream that ends before `next` was deleted and made again:
-        // what it held after `next` is unknown.
-        let reset = state.last_sequence + 1 < *next;
+        let info = stream.cached_info();
+        let state = &info.state;
+        // A stream made again (deleted, or NATS lost its store): what the
+        // old one held after `next` is unknown.
+        let reset = info.created != *created || state.last_sequence + 1 < *next;
+        *created = info.created;
         if reset || state.first_sequence > *next {
             let first = state.first_sequence.max(1);
             let closed = sessions.close_all(FRAMES_GONE);
