@@ -28,6 +28,9 @@ pub enum ErrorCode {
     UnknownUser,
     /// A database lookup failed.
     DbError,
+    /// Cluster mode: the deliveries could not be published to the NATS
+    /// JetStream bus (NATS unreachable, or no publish ack in time).
+    BusUnavailable,
     /// The gateway itself failed; a bug or an exhausted resource.
     Internal,
     /// A code the plugin returned itself (`NOT_FOUND`, …).
@@ -46,6 +49,7 @@ impl ErrorCode {
             ErrorCode::PluginOutput => "PLUGIN_OUTPUT",
             ErrorCode::UnknownUser => "UNKNOWN_USER",
             ErrorCode::DbError => "DB_ERROR",
+            ErrorCode::BusUnavailable => "BUS_UNAVAILABLE",
             ErrorCode::Internal => "INTERNAL",
             ErrorCode::Handler(code) => code,
         }

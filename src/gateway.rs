@@ -16,6 +16,7 @@ use crate::config::{Config, TlsFiles};
 use crate::db::{Access, Db, DbError};
 use crate::dispatch::claims::{Claims, SqlClaims};
 use crate::dispatch::members::Members;
+use crate::dispatch::pipeline::Fanout;
 use crate::dispatch::{self, Listener, Pipeline};
 use crate::errlog::ErrorLog;
 use crate::http::BearerSecret;
@@ -218,6 +219,21 @@ pub async fn serve(
             Duration::from_millis(wait),
         )
     });
+    let members = Arc::new(Members::start(db.clone(), read_db.clone()));
+    // Cluster mode: events go to every node's sessions through the bus,
+    // this node's included (see `cluster::bus`).
+    let fanout: Arc<dyn Fanout> = match &cluster {
+        Some(cluster) => {
+            let bus = cluster.bus();
+            background.spawn(bus.clone().consume(
+                sessions.clone(),
+                members.clone(),
+                background.clone(),
+            ));
+            Arc::new(bus)
+        }
+        None => Arc::new(sessions.clone()),
+    };
     let presence: Arc<dyn Presence> = match cluster {
         Some(cluster) => Arc::new(crate::cluster::Online {
             cluster,
@@ -253,9 +269,9 @@ pub async fn serve(
     let pipeline = Pipeline {
         plugins,
         sessions: sessions.clone(),
-        fanout: Arc::new(sessions.clone()),
+        fanout,
         reads: read_db.clone(),
-        members: Members::start(db.clone(), read_db.clone()),
+        members,
         claims: Claims::new(claims),
         errlog,
         metrics: metrics.clone(),

@@ -111,6 +111,8 @@ pub struct Metrics {
     pub cluster_kv_retries: Counter,
     pub cluster_lease_renewals: Counter,
     pub cluster_lease_failures: Counter,
+    pub cluster_bus_publish_failures: Counter,
+    pub cluster_bus_gaps: Counter,
 }
 
 impl Metrics {
@@ -148,6 +150,8 @@ impl Metrics {
             cluster_kv_retries: Counter::default(),
             cluster_lease_renewals: Counter::default(),
             cluster_lease_failures: Counter::default(),
+            cluster_bus_publish_failures: Counter::default(),
+            cluster_bus_gaps: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -164,6 +168,16 @@ impl Metrics {
             "cluster_lease_failures",
             "Cluster mode: lease renewals that failed or timed out",
             m.cluster_lease_failures.clone(),
+        );
+        registry.register(
+            "cluster_bus_publish_failures",
+            "Cluster mode: events that failed with BUS_UNAVAILABLE (a publish to the fan-out stream failed or got no ack in time)",
+            m.cluster_bus_publish_failures.clone(),
+        );
+        registry.register(
+            "cluster_bus_gaps",
+            "Cluster mode: times this node's sessions were closed with 4000 because frames it missed were gone from the fan-out stream (or could not be delivered)",
+            m.cluster_bus_gaps.clone(),
         );
         registry.register(
             "sessions_open",

@@ -3,7 +3,11 @@
 //! test under its own `cluster.subject_prefix` (its KV buckets are
 //! deleted afterwards). Session limits are exact across nodes, eviction
 //! and revocation reach the node holding the session, a killed node's
-//! slots free up, and a node id can't be live twice.
+//! slots free up, and a node id can't be live twice. Events fan out
+//! through the JetStream stream to every node exactly once and in
+//! dispatch order; a node cut off from NATS fails events with
+//! `BUS_UNAVAILABLE`, keeps its sessions, and catches up (or closes its
+//! sessions with 4000 when the frames it missed are gone).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -11,12 +15,16 @@ mod common;
 
 use std::time::Duration;
 
+use common::client::Client;
 use common::cluster::{LEASE_MS, NATS_URL, TestCluster, try_session};
+use common::dispatch::{DispatchClient, Seed};
+use common::proxy::Proxy;
 use common::{
     DISPATCH_SECRET, Gateway, Setup, WsMessage, connect_client, eventually, http_request,
-    read_close, read_json, token,
+    plugin_cache, read_close, read_json, test_plugin, token,
 };
 use futures_util::StreamExt;
+use serde_json::{Value, json};
 
 #[tokio::test]
 async fn cluster_mode_on_sqlite_is_refused_naming_both_keys() {
@@ -185,6 +193,321 @@ async fn a_revocation_on_one_node_closes_sessions_on_another_with_4004() {
     .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(read_close(&mut on_b).await, Some(4004));
+    a.stop();
+    b.stop();
+}
+
+/// A `NOOP` event for `user` on channel 1 carrying `n`.
+fn noop(user: u64, n: u64) -> Value {
+    json!({"user_id": user.to_string(), "channel_id": "1", "n": n})
+}
+
+/// The client's next frame, checked: event `t` with sequence `s`.
+async fn expect_frame(client: &mut Client, t: &str, s: u64) -> Value {
+    let frame = client.next().await;
+    assert_eq!(frame["t"], t, "{frame}");
+    assert_eq!(frame["s"], s, "{frame}");
+    frame
+}
+
+/// Waits until `gw` says it lost its NATS connection.
+async fn wait_disconnected(gw: &Gateway) {
+    eventually(
+        Duration::from_secs(10),
+        "the node notices it is cut off from NATS",
+        async || gw.log().contains("disconnected from NATS"),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_reaches_every_node_exactly_once_for_a_channel_and_for_users() {
+    let mut cluster = TestCluster::for_events(LEASE_MS).await;
+    let a = cluster.start(1);
+    let b = cluster.start(2);
+    let c = cluster.start(3);
+    let seed = Seed::open(&cluster.setup).await;
+    // Users 10, 11, 12 in channel 1; 13 outside it.
+    seed.example().await;
+    let mut eleven_a = Client::connect(a.client, 11).await;
+    let mut twelve_a = Client::connect(a.client, 12).await;
+    let mut twelve_b = Client::connect(b.client, 12).await;
+    let mut ten_c = Client::connect(c.client, 10).await;
+    let mut outsider_c = Client::connect(c.client, 13).await;
+    let mut dispatch = DispatchClient::connect(a.dispatch).await;
+
+    // A channel audience: every member's session on every node.
+    let created = json!({"id": "3", "channel_id": "1"});
+    let ack = dispatch
+        .roundtrip("EVENT_MESSAGE_CREATE", created.clone(), json!("e1"))
+        .await;
+    assert_eq!(ack["success"], true, "{ack}");
+    for client in [&mut eleven_a, &mut twelve_a, &mut twelve_b, &mut ten_c] {
+        let frame = expect_frame(client, "MESSAGE_CREATE", 1).await;
+        assert_eq!(frame["d"]["id"], "3");
+    }
+    // The backend's retry on another node is a duplicate, not a second broadcast.
+    let mut dispatch_b = DispatchClient::connect(b.dispatch).await;
+    let ack = dispatch_b
+        .roundtrip("EVENT_MESSAGE_CREATE", created.clone(), json!("e1"))
+        .await;
+    assert_eq!(ack["success"], true, "{ack}");
+    assert_eq!(ack["duplicate"], true, "{ack}");
+
+    // A users audience: user 12's sessions on A and B.
+    let ack = dispatch
+        .roundtrip("EVENT_NOOP", noop(12, 1), json!("e2"))
+        .await;
+    assert_eq!(ack["success"], true, "{ack}");
+    for client in [&mut twelve_a, &mut twelve_b] {
+        assert_eq!(expect_frame(client, "NOOP", 2).await["d"]["n"], 1);
+    }
+
+    // Nothing came twice: each session's next frame is the next event.
+    let ack = dispatch
+        .roundtrip("EVENT_MESSAGE_CREATE", created, json!("e3"))
+        .await;
+    assert_eq!(ack["success"], true, "{ack}");
+    expect_frame(&mut eleven_a, "MESSAGE_CREATE", 2).await;
+    expect_frame(&mut twelve_a, "MESSAGE_CREATE", 3).await;
+    expect_frame(&mut twelve_b, "MESSAGE_CREATE", 3).await;
+    expect_frame(&mut ten_c, "MESSAGE_CREATE", 2).await;
+    // And nothing reached the non-member: its first frame is its own.
+    let ack = dispatch
+        .roundtrip("EVENT_NOOP", noop(13, 7), json!("e4"))
+        .await;
+    assert_eq!(ack["success"], true, "{ack}");
+    assert_eq!(expect_frame(&mut outsider_c, "NOOP", 1).await["d"]["n"], 7);
+    for gw in [a, b, c] {
+        gw.stop();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_events_on_one_channel_arrive_in_dispatch_order_on_every_node() {
+    const EVENTS: u64 = 200;
+    let mut cluster = TestCluster::for_events(LEASE_MS).await;
+    let nodes = [cluster.start(1), cluster.start(2), cluster.start(3)];
+    let seed = Seed::open(&cluster.setup).await;
+    seed.user(11, "bob").await;
+    let mut clients = Vec::new();
+    for gw in &nodes {
+        clients.push(Client::connect(gw.client, 11).await);
+    }
+    let mut dispatch = DispatchClient::connect(nodes[0].dispatch).await;
+    let started = std::time::Instant::now();
+    for n in 0..EVENTS {
+        dispatch
+            .event("EVENT_NOOP", noop(11, n), json!(format!("o{n}")), json!(n))
+            .await;
+    }
+    for (id, ack) in dispatch.acks(EVENTS as usize).await {
+        assert_eq!(ack["success"], true, "{id}: {ack}");
+    }
+    let acked = started.elapsed();
+    for (node, client) in clients.iter_mut().enumerate() {
+        for n in 0..EVENTS {
+            let frame = expect_frame(client, "NOOP", n + 1).await;
+            assert_eq!(frame["d"]["n"], n, "node {node}: {frame}");
+        }
+    }
+    eprintln!(
+        "{EVENTS} events acked in {acked:?}, on every node's client in {:?} (debug build, 3 nodes)",
+        started.elapsed()
+    );
+    for gw in nodes {
+        gw.stop();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_nats_fails_events_with_bus_unavailable_keeps_its_sessions_and_recovers()
+ {
+    let mut cluster = TestCluster::for_events(60_000).await;
+    let proxy = Proxy::start("127.0.0.1:4222".parse().unwrap());
+    let a = cluster.start_via(1, &proxy);
+    let b = cluster.start(2);
+    let seed = Seed::open(&cluster.setup).await;
+    seed.user(11, "bob").await;
+    let mut on_a = Client::connect(a.client, 11).await;
+    let mut on_b = Client::connect(b.client, 11).await;
+    let mut dispatch = DispatchClient::connect(a.dispatch).await;
+
+    proxy.cut();
+    wait_disconnected(&a).await;
+    for attempt in 0..3 {
+        let ack = dispatch
+            .roundtrip("EVENT_NOOP", noop(11, 1), json!("u1"))
+            .await;
+        assert_eq!(ack["success"], false, "attempt {attempt}: {ack}");
+        assert_eq!(ack["error"]["code"], "BUS_UNAVAILABLE", "{ack}");
+    }
+    // The outage is logged once, the failed event once.
+    let outage = "events fail with BUS_UNAVAILABLE until it is back";
+    assert_eq!(a.log().matches(outage).count(), 1, "{}", a.log());
+    assert_eq!(seed.error_rows("u1").await, 1);
+    assert_eq!(
+        a.metric("otako_cluster_bus_publish_failures_total", "")
+            .await,
+        3.0
+    );
+
+    // NATS is back: the backend's retry goes through, no restart needed.
+    proxy.restore();
+    eventually(
+        Duration::from_secs(20),
+        "the event goes through once NATS is back",
+        async || {
+            let ack = dispatch
+                .roundtrip("EVENT_NOOP", noop(11, 1), json!("u1"))
+                .await;
+            assert_ne!(ack["duplicate"], true, "{ack}");
+            ack["success"] == true
+        },
+    )
+    .await;
+    // The sessions stayed open: the same connections get the event once.
+    let ack = dispatch
+        .roundtrip("EVENT_NOOP", noop(11, 2), json!("u2"))
+        .await;
+    assert_eq!(ack["success"], true, "{ack}");
+    for client in [&mut on_a, &mut on_b] {
+        assert_eq!(expect_frame(client, "NOOP", 1).await["d"]["n"], 1);
+        assert_eq!(expect_frame(client, "NOOP", 2).await["d"]["n"], 2);
+    }
+    a.stop();
+    b.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_nats_catches_up_from_the_stream() {
+    let mut cluster = TestCluster::for_events(60_000).await;
+    let proxy = Proxy::start("127.0.0.1:4222".parse().unwrap());
+    let a = cluster.start(1);
+    let b = cluster.start_via(2, &proxy);
+    let seed = Seed::open(&cluster.setup).await;
+    seed.user(11, "bob").await;
+    let mut on_a = Client::connect(a.client, 11).await;
+    let mut on_b = Client::connect(b.client, 11).await;
+    let mut dispatch = DispatchClient::connect(a.dispatch).await;
+
+    proxy.cut();
+    wait_disconnected(&b).await;
+    for n in 1..=5 {
+        let ack = dispatch
+            .roundtrip("EVENT_NOOP", noop(11, n), json!(format!("c{n}")))
+            .await;
+        assert_eq!(ack["success"], true, "{ack}");
+        assert_eq!(expect_frame(&mut on_a, "NOOP", n).await["d"]["n"], n);
+    }
+    proxy.restore();
+    // Node B gets what it missed, in order, then live events.
+    for n in 1..=5 {
+        assert_eq!(expect_frame(&mut on_b, "NOOP", n).await["d"]["n"], n);
+    }
+    let ack = dispatch
+        .roundtrip("EVENT_NOOP", noop(11, 6), json!("c6"))
+        .await;
+    assert_eq!(ack["success"], true, "{ack}");
+    assert_eq!(expect_frame(&mut on_b, "NOOP", 6).await["d"]["n"], 6);
+    assert_eq!(expect_frame(&mut on_a, "NOOP", 6).await["d"]["n"], 6);
+    a.stop();
+    b.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_missed_frames_are_gone_closes_its_sessions_with_4000() {
+    let mut cluster = TestCluster::for_events(60_000).await;
+    // A stream that keeps only 3 frames, made before any node does.
+    let js = async_nats::jetstream::new(async_nats::connect(NATS_URL).await.unwrap());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: cluster.stream(),
+        subjects: vec![format!("{}.fanout", cluster.prefix)],
+        max_messages: 3,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let proxy = Proxy::start("127.0.0.1:4222".parse().unwrap());
+    let a = cluster.start(1);
+    let b = cluster.start_via(2, &proxy);
+    let seed = Seed::open(&cluster.setup).await;
+    seed.user(11, "bob").await;
+    let mut on_a = Client::connect(a.client, 11).await;
+    let on_b = Client::connect(b.client, 11).await;
+    let session = on_b.session_id();
+    let mut on_b = on_b.ws;
+    let mut dispatch = DispatchClient::connect(a.dispatch).await;
+
+    proxy.cut();
+    wait_disconnected(&b).await;
+    for n in 1..=6 {
+        let ack = dispatch
+            .roundtrip("EVENT_NOOP", noop(11, n), json!(format!("g{n}")))
+            .await;
+        assert_eq!(ack["success"], true, "{ack}");
+        // Node A keeps up, so the stream's limit never costs it a frame.
+        assert_eq!(expect_frame(&mut on_a, "NOOP", n).await["d"]["n"], n);
+    }
+    proxy.restore();
+    // No frame of the rest is passed off as the whole: the session closes.
+    let first = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match on_b.next().await.unwrap().unwrap() {
+                WsMessage::Ping(_) | WsMessage::Pong(_) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("no close in time");
+    match first {
+        WsMessage::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 4000),
+        other => panic!("expected a 4000 close, got {other:?}"),
+    }
+    // The session is gone: a resume gets a new one, so the client refetches.
+    let resumed = Client::resume(b.client, 11, &session, "0").await;
+    assert!(!resumed.resumed(), "{}", resumed.hello);
+    assert_eq!(resumed.reason(), Some("unknown_session"));
+    assert!(b.metric("otako_cluster_bus_gaps_total", "").await >= 1.0);
+    a.stop();
+    b.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_fanout_stream_is_made_again_and_events_flow_again() {
+    let mut cluster = TestCluster::for_events(LEASE_MS).await;
+    let a = cluster.start(1);
+    let b = cluster.start(2);
+    let seed = Seed::open(&cluster.setup).await;
+    seed.user(11, "bob").await;
+    let mut on_b = Client::connect(b.client, 11).await;
+    let mut dispatch = DispatchClient::connect(a.dispatch).await;
+    let ack = dispatch
+        .roundtrip("EVENT_NOOP", noop(11, 1), json!("l1"))
+        .await;
+    assert_eq!(ack["success"], true, "{ack}");
+    expect_frame(&mut on_b, "NOOP", 1).await;
+
+    // As if NATS had lost its JetStream store.
+    let js = async_nats::jetstream::new(async_nats::connect(NATS_URL).await.unwrap());
+    js.delete_stream(cluster.stream()).await.unwrap();
+    // Node B can't tell what it missed: its sessions close, to be refetched.
+    assert_eq!(read_close(&mut on_b.ws).await, Some(4000));
+    // The nodes make the stream again by themselves; events flow again.
+    let mut again = Client::connect(b.client, 11).await;
+    eventually(
+        Duration::from_secs(20),
+        "events go through again",
+        async || {
+            let ack = dispatch
+                .roundtrip("EVENT_NOOP", noop(11, 2), json!("l2"))
+                .await;
+            ack["success"] == true
+        },
+    )
+    .await;
+    assert_eq!(expect_frame(&mut again, "NOOP", 1).await["d"]["n"], 2);
     a.stop();
     b.stop();
 }

@@ -328,7 +328,7 @@ async fn a_failure_sent_to_two_nodes_reaches_the_sink_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_off_from_nats_closes_its_sessions_and_admits_again_when_it_is_back() {
-    let nats = Proxy::start("127.0.0.1:4222".parse().unwrap()).await;
+    let nats = Proxy::start("127.0.0.1:4222".parse().unwrap());
     // One session per user: the cut-off node must not keep one while
     // another node admits the same user.
     let mut cluster = TestCluster::new(1, "reject").await;

@@ -14,6 +14,8 @@
 //!
 //! - `peers`: the other nodes as holders of event claims, so an event
 //!   retried on another node waits for the attempt still in flight.
+//! - `bus`: the fan-out of events to every node's sessions through the
+//!   JetStream stream `<prefix>_fanout`.
 //!
 //! Evictions (`evict_oldest`) travel as core NATS requests on
 //! `<prefix>.evict.<node_id>` to the node that holds the oldest session.
@@ -21,6 +23,7 @@
 //! Liveness is judged by wall clock (`renewed_ms` in the lease against
 //! each node's clock): nodes need clocks in sync well within `lease_ms`.
 
+mod bus;
 mod lease;
 mod peers;
 mod presence;
@@ -43,6 +46,7 @@ use crate::session::ledger::SlotTag;
 use crate::shutdown::Shutdown;
 use crate::telemetry::Metrics;
 
+pub use bus::Bus;
 pub use lease::Lease;
 pub use presence::Online;
 
@@ -68,6 +72,8 @@ pub enum ClusterError {
     },
     #[error("cannot take the lease of node {node} in JetStream KV: {reason}")]
     Lease { node: NodeId, reason: String },
+    #[error("cannot open the JetStream stream '{stream}' (is JetStream on?): {reason}")]
+    Stream { stream: String, reason: String },
 }
 
 /// This node's membership of the cluster. Cheap to clone.
@@ -83,6 +89,7 @@ struct Inner {
     client: async_nats::Client,
     nodes: kv::Store,
     slots: kv::Store,
+    bus: Bus,
     /// Names this run of the node (a fresh one after every fence): slots
     /// written under an older one never count again.
     incarnation: AtomicU64,
@@ -120,17 +127,31 @@ impl Cluster {
         client_addr: SocketAddr,
         metrics: Arc<Metrics>,
     ) -> Result<Cluster, ClusterError> {
-        let client =
-            async_nats::connect(nats_url)
-                .await
-                .map_err(|source| ClusterError::Connect {
-                    url: nats_url.to_owned(),
-                    source,
-                })?;
+        let client = async_nats::ConnectOptions::new()
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("cluster: disconnected from NATS; reconnecting")
+                    }
+                    async_nats::Event::Connected => tracing::info!("cluster: connected to NATS"),
+                    other => tracing::debug!(event = %other, "cluster: NATS event"),
+                }
+            })
+            // Back within a second of NATS: the default waits up to 4 s.
+            .reconnect_delay_callback(|attempts| {
+                Duration::from_millis(100 * attempts.min(10) as u64)
+            })
+            .connect(nats_url)
+            .await
+            .map_err(|source| ClusterError::Connect {
+                url: nats_url.to_owned(),
+                source,
+            })?;
         let js = jetstream::new(client.clone());
         let prefix = config.subject_prefix.clone();
         let nodes = bucket(&js, format!("{prefix}_nodes")).await?;
         let slots = bucket(&js, format!("{prefix}_slots")).await?;
+        let bus = Bus::open(client.clone(), &prefix, metrics.clone()).await?;
         let lease_ms = i64::try_from(config.lease_ms.get()).unwrap_or(i64::MAX);
         let cluster = Cluster {
             inner: Arc::new(Inner {
@@ -140,6 +161,7 @@ impl Cluster {
                 client,
                 nodes,
                 slots,
+                bus,
                 incarnation: AtomicU64::new(rand::random()),
                 fenced: AtomicBool::new(false),
                 lease_revision: AtomicU64::new(0),
@@ -159,6 +181,12 @@ impl Cluster {
 
     pub fn node(&self) -> NodeId {
         self.inner.node
+    }
+
+    /// The fan-out bus: the event path's [`Fanout`](crate::dispatch::pipeline::Fanout)
+    /// in cluster mode; [`Bus::consume`] feeds this node's sessions.
+    pub fn bus(&self) -> Bus {
+        self.inner.bus.clone()
     }
 
     /// Runs the node's cluster duties until shutdown: renewing the lease

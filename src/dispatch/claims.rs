@@ -454,6 +454,7 @@ async fn insert_claims(db: &Db, owner: &str, keys: &[String]) -> Result<Vec<Foun
         for chunk in others.chunks(CHUNK) {
             // `done` is INTEGER, which PostgreSQL won't decode as i64.
             let mut q = sqlx::QueryBuilder::new(
+                // `done` is INTEGER (int4 on PostgreSQL): read as BIGINT on both.
                 "SELECT event_id, owner, CAST(done AS BIGINT) FROM event_outcomes WHERE event_id IN (",
             );
             push_keys!(q, chunk);

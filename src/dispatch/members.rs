@@ -78,16 +78,43 @@ impl Members {
         }
     }
 
-    /// The channel's members.
-    pub async fn of(&self, channel: ChannelId) -> Result<Arc<MemberSet>, sqlx::Error> {
+    /// The channel's members, with the membership version they are
+    /// labelled with (cluster mode sends the version along, so other
+    /// nodes can answer from their own cache).
+    pub async fn of(&self, channel: ChannelId) -> Result<(i64, Arc<MemberSet>), sqlx::Error> {
         // The version is read before the list: a change in between leaves
         // the list newer than its label, which only costs a reread later.
         let version = self.version(channel).await?;
-        if let Some(hit) = self.lock().get(&channel)
-            && hit.version == version
-        {
-            return Ok(hit.members.clone());
+        if let Some(hit) = self.cached(channel, version) {
+            return Ok((version, hit));
         }
+        Ok((version, self.read(channel, version).await?))
+    }
+
+    /// The channel's members as of `version` or later: another node
+    /// resolved them at `version`, so a cache at least that new answers
+    /// without a database round trip (versions only grow).
+    pub async fn at_least(
+        &self,
+        channel: ChannelId,
+        version: i64,
+    ) -> Result<Arc<MemberSet>, sqlx::Error> {
+        if let Some(hit) = self.cached(channel, version) {
+            return Ok(hit);
+        }
+        Ok(self.of(channel).await?.1)
+    }
+
+    /// The cached list if its version is `version` or newer.
+    fn cached(&self, channel: ChannelId, version: i64) -> Option<Arc<MemberSet>> {
+        self.lock()
+            .get(&channel)
+            .filter(|hit| hit.version >= version)
+            .map(|hit| hit.members.clone())
+    }
+
+    /// Reads the list and caches it under `version`.
+    async fn read(&self, channel: ChannelId, version: i64) -> Result<Arc<MemberSet>, sqlx::Error> {
         let rows: Vec<(i64,)> = with_pool!(self.db, p => sqlx::query_as(
             "SELECT user_id FROM channel_members WHERE channel_id = $1",
         )
@@ -103,13 +130,16 @@ impl Members {
         if cache.len() >= MAX_CACHED && !cache.contains_key(&channel) {
             cache.clear();
         }
-        cache.insert(
-            channel,
-            Cached {
-                version,
-                members: members.clone(),
-            },
-        );
+        // A concurrent read may have cached a newer version meanwhile.
+        if cache.get(&channel).is_none_or(|old| old.version <= version) {
+            cache.insert(
+                channel,
+                Cached {
+                    version,
+                    members: members.clone(),
+                },
+            );
+        }
         Ok(members)
     }
 

@@ -6,12 +6,13 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use futures_util::future::BoxFuture;
 use tracing::Instrument;
 
 use crate::db::Db;
 use crate::errlog::ErrorLog;
 use crate::failure::{ErrorCode, Failure, Trace};
-use crate::ids::UserId;
+use crate::ids::{ChannelId, UserId};
 use crate::keyed_sql;
 use crate::plugin::{Audience, Event, Plugins};
 use crate::session::{ClientFrame, Sessions};
@@ -25,27 +26,65 @@ use super::order::Turn;
 /// Who a resolved delivery goes to.
 pub enum Recipients {
     Users(Vec<UserId>),
-    /// A channel's members, shared with the membership cache.
-    Members(Arc<MemberSet>),
+    /// A channel's members as of membership `version`, shared with the
+    /// membership cache.
+    Members {
+        channel: ChannelId,
+        version: i64,
+        members: Arc<MemberSet>,
+    },
     Everyone,
 }
 
-/// Hands a frame to its recipients' sessions. Today the local sessions;
-/// cluster mode puts a bus in between.
+impl Recipients {
+    /// Hands `frame` to this node's sessions of these recipients; never
+    /// waits on a socket. Returns how many sessions were reached.
+    pub fn deliver(&self, sessions: &Sessions, frame: &Arc<ClientFrame>) -> usize {
+        match self {
+            Recipients::Users(users) => sessions.deliver(users, frame),
+            Recipients::Members { members, .. } => {
+                sessions.deliver_members(members.users(), |u| members.contains(u), frame)
+            }
+            Recipients::Everyone => sessions.deliver_all(frame),
+        }
+    }
+}
+
+/// One event's deliveries, resolved: each frame serialized once.
+pub type Deliveries = [(Arc<ClientFrame>, Recipients)];
+
+/// What [`Fanout::fan_out`] leaves to wait for: the confirmation that
+/// the deliveries are handed on (sessions reached, or deliveries
+/// published), or why they are not.
+pub type Confirm = BoxFuture<'static, Result<usize, Failure>>;
+
+/// Hands an event's deliveries to their recipients: the local sessions
+/// on one node; in cluster mode the bus to every node (`cluster::Bus`).
 pub trait Fanout: Send + Sync {
-    /// Never waits on a socket; returns how many sessions were reached.
-    fn fan_out(&self, frame: &Arc<ClientFrame>, to: &Recipients) -> usize;
+    /// Starts handing `deliveries` of event `key` on, in order. Runs
+    /// inside the channel's turn, so it only starts the work: the next
+    /// event on the channel may start as soon as this resolves, and the
+    /// returned [`Confirm`] is awaited outside the turn, so events
+    /// pipeline instead of paying one round trip each.
+    fn fan_out<'a>(
+        &'a self,
+        key: &'a str,
+        deliveries: &'a Deliveries,
+    ) -> BoxFuture<'a, Result<Confirm, Failure>>;
 }
 
 impl Fanout for Sessions {
-    fn fan_out(&self, frame: &Arc<ClientFrame>, to: &Recipients) -> usize {
-        match to {
-            Recipients::Users(users) => self.deliver(users, frame),
-            Recipients::Members(members) => {
-                self.deliver_members(members.users(), |u| members.contains(u), frame)
-            }
-            Recipients::Everyone => self.deliver_all(frame),
-        }
+    fn fan_out<'a>(
+        &'a self,
+        _key: &'a str,
+        deliveries: &'a Deliveries,
+    ) -> BoxFuture<'a, Result<Confirm, Failure>> {
+        let reached = deliveries
+            .iter()
+            .map(|(frame, to)| to.deliver(self, frame))
+            .sum();
+        let done: Confirm = Box::pin(std::future::ready(Ok(reached)));
+        Box::pin(std::future::ready(Ok(done)))
     }
 }
 
@@ -56,7 +95,7 @@ pub struct Pipeline {
     pub fanout: Arc<dyn Fanout>,
     /// The read-only handle, for the host's own lookups (user existence).
     pub reads: Db,
-    pub members: Members,
+    pub members: Arc<Members>,
     pub claims: Claims,
     pub errlog: ErrorLog,
     pub metrics: Arc<Metrics>,
@@ -114,7 +153,8 @@ impl Pipeline {
 
     /// Plugin and recipients run while the claim commits; frames go out
     /// only once the claim is durable and the channel's previous event has
-    /// fanned out. The error carries whether the claim is held.
+    /// started its fan-out; the event succeeds once the fan-out is
+    /// confirmed. The error carries whether the claim is held.
     async fn deliver(
         &self,
         ev: &DispatchEvent,
@@ -130,10 +170,14 @@ impl Pipeline {
         }
         let resolved = resolved.map_err(|failure| (failure, true))?;
         turn.wait().await;
-        let reached: usize = resolved
-            .iter()
-            .map(|(frame, to)| self.fanout.fan_out(frame, to))
-            .sum();
+        let started = self.fanout.fan_out(&ev.key, &resolved).await;
+        // Order is fixed once the fan-out has started: the channel's next
+        // event may go while this one's confirmation is awaited.
+        drop(turn);
+        let reached = started
+            .map_err(|failure| (failure, true))?
+            .await
+            .map_err(|failure| (failure, true))?;
         tracing::debug!(reached, "event delivered");
         crate::failpoint::hit("dispatch-after-fanout");
         Ok(Claimed::New)
@@ -171,7 +215,11 @@ impl Pipeline {
                 .members
                 .of(channel)
                 .await
-                .map(Recipients::Members)
+                .map(|(version, members)| Recipients::Members {
+                    channel,
+                    version,
+                    members,
+                })
                 .map_err(|e| db_failure("cannot read the channel's members", &e)),
             Audience::Users(users) => {
                 self.check_users_exist(&users).await?;

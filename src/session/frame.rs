@@ -44,6 +44,19 @@ impl ClientFrame {
         out
     }
 
+    /// The shared text and where `s` goes in it: what the cluster bus
+    /// carries, so other nodes need not serialize the frame again.
+    pub fn parts(&self) -> (&str, usize) {
+        (&self.text, self.split)
+    }
+
+    /// A frame from [`parts`](Self::parts) read off the bus; `None` if
+    /// `split` is not a character boundary of `text`.
+    pub fn from_parts(text: String, split: usize) -> Option<ClientFrame> {
+        text.is_char_boundary(split)
+            .then_some(ClientFrame { text, split })
+    }
+
     /// Bytes in the shared text (without the sequence number).
     pub fn len(&self) -> usize {
         self.text.len()

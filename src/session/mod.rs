@@ -245,8 +245,9 @@ impl Sessions {
         self.inner.registry.evict(user, tag)
     }
 
-    /// Tells every session to close with `code` and ends detached ones
-    /// (cluster mode: this node lost its lease); returns how many were open.
+    /// Tells every session to close with `code` and ends them all, detached
+    /// ones too (cluster mode: this node lost its lease, or frames it
+    /// missed are gone); returns how many were open.
     pub fn close_all(&self, code: u16) -> usize {
         let closed = self.inner.registry.close_all(code);
         self.inner.detached_changed();

@@ -530,8 +530,8 @@ impl Registry {
         true
     }
 
-    /// Tells every attached session to close with `code` and ends the
-    /// detached ones; returns how many were attached.
+    /// Tells every attached session to close with `code` and ends every
+    /// session, detached ones too; returns how many were attached.
     pub(crate) fn close_all(&self, code: u16) -> usize {
         let mut closed = 0;
         for mut slots in self.users.iter_mut() {
@@ -539,6 +539,9 @@ impl Registry {
             while at < slots.len() {
                 if slots[at].attached {
                     slots[at].slot.queue.close(code);
+                    // Ended at once, not when its task gets to it, so no
+                    // resume can take the session over in between.
+                    slots[at].slot.queue.end();
                     closed += 1;
                     at += 1;
                 } else {
@@ -640,6 +643,41 @@ mod tests {
         }
         assert_eq!(registry.count(), 0);
         assert!(registry.users.is_empty(), "empty users are removed");
+    }
+
+    #[test]
+    fn close_all_ends_sessions_before_their_tasks_notice() {
+        let registry = Registry::default();
+        let attached = slot();
+        let detached = slot();
+        for s in [&attached, &detached] {
+            registry
+                .register(user(1), s.clone(), 5, OnLimit::Reject)
+                .unwrap();
+        }
+        registry.deliver(&[user(1)], &Arc::new(ClientFrame::new("E", "{}")));
+        attached.queue.pop(0).unwrap();
+        registry.leave(
+            user(1),
+            &detached,
+            0,
+            Some(Instant::now() + Duration::from_secs(60)),
+        );
+        assert_eq!(registry.close_all(4000), 1);
+        assert_eq!(attached.queue.close_code(0), Some(4000));
+        // Its task has not ended it yet, but no resume can take it over.
+        let refused = registry
+            .attach(user(1), attached.id, 1, 0, 5, OnLimit::Reject)
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(refused, ResumeFailed::Refused(Refused::UnknownSession));
+        assert_eq!(registry.detached(), 0);
+        assert_eq!(
+            registry
+                .deliver(&[user(1)], &Arc::new(ClientFrame::new("E", "{}")))
+                .reached,
+            0
+        );
     }
 
     #[test]

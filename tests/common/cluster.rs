@@ -1,11 +1,15 @@
 //! Cluster-mode harness (DESIGN §9): `serve` nodes on one PostgreSQL
 //! schema and the real NATS JetStream (127.0.0.1:4222), each test under
-//! its own `cluster.subject_prefix` (its KV buckets are deleted after).
+//! its own `cluster.subject_prefix` (its KV buckets and fan-out stream are
+//! deleted after).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use futures_util::StreamExt;
 
-use super::{Gateway, Setup, WsClient, WsMessage, connect_client, token};
+use super::proxy::Proxy;
+use super::{
+    Gateway, Setup, WsClient, WsMessage, connect_client, plugin_cache, test_plugin, token,
+};
 
 pub const NATS_URL: &str = "nats://127.0.0.1:4222";
 pub const LEASE_MS: u64 = 1500;
@@ -37,6 +41,39 @@ impl TestCluster {
         self.setup.start()
     }
 
+    /// Starts a node that reaches NATS through `proxy`.
+    pub fn start_via(&mut self, node: u16, proxy: &Proxy) -> Gateway {
+        let url = format!("\"nats://{}\"", proxy.addr);
+        self.setup.set("cluster", "nats_url", &url);
+        let gw = self.start(node);
+        self.setup
+            .set("cluster", "nats_url", &format!("\"{NATS_URL}\""));
+        gw
+    }
+
+    /// A cluster for event tests: the message handlers, and `EVENT_NOOP`
+    /// delivering `d` to user `d.user_id`. `lease_ms` long enough that a
+    /// node cut off from NATS for a few seconds keeps its lease.
+    pub async fn for_events(lease_ms: u64) -> TestCluster {
+        let mut cluster = TestCluster::new(5, "reject").await;
+        cluster
+            .setup
+            .set("cluster", "lease_ms", &lease_ms.to_string())
+            .set("plugins", "cache_dir", &format!("\"{}\"", plugin_cache()))
+            .message_routes()
+            .route(
+                "EVENT_NOOP",
+                &test_plugin("noop_plugin"),
+                "timeout_ms = 5000",
+            );
+        cluster
+    }
+
+    /// The fan-out stream's name.
+    pub fn stream(&self) -> String {
+        format!("{}_fanout", self.prefix)
+    }
+
     /// `GET /cluster` on `gw`.
     pub async fn status(gw: &Gateway) -> serde_json::Value {
         let (status, body) = gw.admin_get("/cluster").await;
@@ -63,6 +100,7 @@ impl Drop for TestCluster {
                 for bucket in ["nodes", "slots"] {
                     let _ = js.delete_key_value(format!("{prefix}_{bucket}")).await;
                 }
+                let _ = js.delete_stream(format!("{prefix}_fanout")).await;
             });
         })
         .join();

@@ -1,57 +1,89 @@
-//! A TCP proxy that a test can cut and restore, to put a network failure
-//! between a gateway and a server it depends on (NATS, PostgreSQL).
+//! A TCP proxy a test can cut and restore: one process reaches a service
+//! (NATS) through it, so the test can take the service away from that
+//! process alone and give it back.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::task::AbortHandle;
 
-/// Forwards connections on [`addr`](Self::addr) to an upstream address
-/// while open; cut, it drops every forwarded connection and closes new
-/// ones at once, as an unreachable server would look to a client.
+#[derive(Default)]
+struct State {
+    /// `false` while cut: new connections are closed at once.
+    open: bool,
+    /// The connections being relayed, aborted (so closed) by a cut.
+    relays: Vec<AbortHandle>,
+}
+
+/// Relays `127.0.0.1:<port>` to a target on its own thread and runtime,
+/// so it keeps relaying while a test blocks (e.g. starting a gateway).
 pub struct Proxy {
     pub addr: SocketAddr,
-    open: watch::Sender<bool>,
+    state: Arc<Mutex<State>>,
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl Proxy {
-    pub async fn start(upstream: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    pub fn start(target: SocketAddr) -> Proxy {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
-        let (open, watching) = watch::channel(true);
-        tokio::spawn(async move {
-            loop {
-                let Ok((client, _)) = listener.accept().await else {
-                    continue;
-                };
-                if !*watching.borrow() {
-                    drop(client);
+        let state = Arc::new(Mutex::new(State {
+            open: true,
+            relays: Vec::new(),
+        }));
+        let shared = state.clone();
+        runtime.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                // Checked and recorded under the lock a cut takes, so no
+                // relay escapes a cut.
+                let mut state = shared.lock().unwrap();
+                if !state.open {
                     continue;
                 }
-                tokio::spawn(forward(client, upstream, watching.clone()));
+                let relay = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                state.relays.retain(|r| !r.is_finished());
+                state.relays.push(relay.abort_handle());
             }
         });
-        Proxy { addr, open }
+        Proxy {
+            addr,
+            state,
+            runtime: Some(runtime),
+        }
     }
 
-    /// Drops every forwarded connection and refuses new ones.
+    /// Closes every relayed connection and refuses new ones (accepted and
+    /// closed at once, as a dead route would end them).
     pub fn cut(&self) {
-        self.open.send_replace(false);
+        let mut state = self.state.lock().unwrap();
+        state.open = false;
+        for relay in state.relays.drain(..) {
+            relay.abort();
+        }
     }
 
-    /// Forwards new connections again.
+    /// Relays new connections again.
     pub fn restore(&self) {
-        self.open.send_replace(true);
+        self.state.lock().unwrap().open = true;
     }
 }
 
-async fn forward(mut client: TcpStream, upstream: SocketAddr, mut open: watch::Receiver<bool>) {
-    let Ok(mut server) = TcpStream::connect(upstream).await else {
-        return;
-    };
-    tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-        _ = open.wait_for(|open| !*open) => {}
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 }
