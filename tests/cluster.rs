@@ -21,7 +21,7 @@ use common::dispatch::{DispatchClient, Seed};
 use common::proxy::Proxy;
 use common::{
     DISPATCH_SECRET, Gateway, Setup, WsMessage, connect_client, eventually, http_request,
-    plugin_cache, read_close, read_json, test_plugin, token,
+    read_close, read_json, token,
 };
 use futures_util::StreamExt;
 use serde_json::{Value, json};
@@ -210,6 +210,18 @@ async fn expect_frame(client: &mut Client, t: &str, s: u64) -> Value {
     frame
 }
 
+/// Sends NOOP events 1..=`count` for user 11 (ids `<tag><n>`), each acked
+/// `success:true` and received by `seen_by` before the next.
+async fn send_seen(dispatch: &mut DispatchClient, seen_by: &mut Client, count: u64, tag: &str) {
+    for n in 1..=count {
+        let ack = dispatch
+            .roundtrip("EVENT_NOOP", noop(11, n), json!(format!("{tag}{n}")))
+            .await;
+        assert_eq!(ack["success"], true, "{ack}");
+        assert_eq!(expect_frame(seen_by, "NOOP", n).await["d"]["n"], n);
+    }
+}
+
 /// Waits until `gw` says it lost its NATS connection.
 async fn wait_disconnected(gw: &Gateway) {
     eventually(
@@ -393,13 +405,7 @@ async fn a_node_cut_off_from_nats_catches_up_from_the_stream() {
 
     proxy.cut();
     wait_disconnected(&b).await;
-    for n in 1..=5 {
-        let ack = dispatch
-            .roundtrip("EVENT_NOOP", noop(11, n), json!(format!("c{n}")))
-            .await;
-        assert_eq!(ack["success"], true, "{ack}");
-        assert_eq!(expect_frame(&mut on_a, "NOOP", n).await["d"]["n"], n);
-    }
+    send_seen(&mut dispatch, &mut on_a, 5, "c").await;
     proxy.restore();
     // Node B gets what it missed, in order, then live events.
     for n in 1..=5 {
@@ -441,14 +447,8 @@ async fn a_node_whose_missed_frames_are_gone_closes_its_sessions_with_4000() {
 
     proxy.cut();
     wait_disconnected(&b).await;
-    for n in 1..=6 {
-        let ack = dispatch
-            .roundtrip("EVENT_NOOP", noop(11, n), json!(format!("g{n}")))
-            .await;
-        assert_eq!(ack["success"], true, "{ack}");
-        // Node A keeps up, so the stream's limit never costs it a frame.
-        assert_eq!(expect_frame(&mut on_a, "NOOP", n).await["d"]["n"], n);
-    }
+    // Node A keeps up, so the stream's limit never costs it a frame.
+    send_seen(&mut dispatch, &mut on_a, 6, "g").await;
     proxy.restore();
     // No frame of the rest is passed off as the whole: the session closes.
     let first = tokio::time::timeout(Duration::from_secs(20), async {

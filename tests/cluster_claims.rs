@@ -94,18 +94,44 @@ async fn an_event_id_that_succeeded_on_one_node_is_a_duplicate_on_another() {
     b.stop();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_event_id_in_flight_on_one_node_is_acked_by_another_once_it_ends() {
-    const SLOW: &str = "SELECT 1 AS one FROM pg_sleep(1.5)";
+/// A query that takes 1.5 s, for attempts that stay in flight.
+const SLOW: &str = "SELECT 1 AS one FROM pg_sleep(1.5)";
+
+/// A cluster with `EVENT_SLOW` routed to the query-running test plugin,
+/// its queries cut off after `query_timeout_ms`.
+async fn slow_cluster(query_timeout_ms: u64) -> TestCluster {
     let mut cluster = TestCluster::new(5, "reject").await;
     cluster
         .setup
-        .set("plugins", "query_timeout_ms", "5000")
+        .set("plugins", "query_timeout_ms", &query_timeout_ms.to_string())
         .route(
             "EVENT_SLOW",
             &test_plugin("write_plugin"),
             "timeout_ms = 10000",
         );
+    cluster
+}
+
+/// Waits until event `id` is claimed and not finished (in flight).
+async fn claim_held(seed: &Seed, id: &str) {
+    eventually(
+        Duration::from_secs(10),
+        "node A holds the claim",
+        async || {
+            seed.count(
+                "SELECT COUNT(*) FROM event_outcomes WHERE event_id = $1 AND done = 0",
+                id,
+            )
+            .await
+                == 1
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_id_in_flight_on_one_node_is_acked_by_another_once_it_ends() {
+    let mut cluster = slow_cluster(5000).await;
     let a = cluster.start(1);
     let b = cluster.start(2);
     let seed = Seed::open(&cluster.setup).await;
@@ -117,19 +143,7 @@ async fn an_event_id_in_flight_on_one_node_is_acked_by_another_once_it_ends() {
     backend_a
         .event("EVENT_SLOW", slow.clone(), json!("s1"), json!("1"))
         .await;
-    eventually(
-        Duration::from_secs(10),
-        "node A holds the claim",
-        async || {
-            seed.count(
-                "SELECT COUNT(*) FROM event_outcomes WHERE event_id = $1 AND done = 0",
-                "s1",
-            )
-            .await
-                == 1
-        },
-    )
-    .await;
+    claim_held(&seed, "s1").await;
     let sent_b = Instant::now();
     backend_b
         .event("EVENT_SLOW", slow, json!("s1"), json!("1"))
@@ -182,16 +196,7 @@ async fn an_event_id_in_flight_on_one_node_is_acked_by_another_once_it_ends() {
 async fn an_event_id_whose_attempt_fails_on_one_node_is_run_by_the_node_that_waited() {
     // Node A's plugin queries time out at 1 s, node B's don't: the same
     // slow event fails on A and succeeds on B.
-    const SLOW: &str = "SELECT 1 AS one FROM pg_sleep(1.5)";
-    let mut cluster = TestCluster::new(5, "reject").await;
-    cluster
-        .setup
-        .set("plugins", "query_timeout_ms", "1000")
-        .route(
-            "EVENT_SLOW",
-            &test_plugin("write_plugin"),
-            "timeout_ms = 10000",
-        );
+    let mut cluster = slow_cluster(1000).await;
     let a = cluster.start(1);
     cluster.setup.set("plugins", "query_timeout_ms", "5000");
     let b = cluster.start(2);
@@ -204,19 +209,7 @@ async fn an_event_id_whose_attempt_fails_on_one_node_is_run_by_the_node_that_wai
     backend_a
         .event("EVENT_SLOW", slow.clone(), json!("x1"), json!("1"))
         .await;
-    eventually(
-        Duration::from_secs(10),
-        "node A holds the claim",
-        async || {
-            seed.count(
-                "SELECT COUNT(*) FROM event_outcomes WHERE event_id = $1 AND done = 0",
-                "x1",
-            )
-            .await
-                == 1
-        },
-    )
-    .await;
+    claim_held(&seed, "x1").await;
     backend_b
         .event("EVENT_SLOW", slow, json!("x1"), json!("1"))
         .await;

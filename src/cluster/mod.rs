@@ -327,16 +327,24 @@ impl Inner {
         }
     }
 
-    /// Whether slots written by `node` under `incarnation` still count:
-    /// the view first, then (as a dead verdict would free slots) a fresh
-    /// read of the lease, since the view may lag.
+    /// Whether slots written by `node` under `incarnation` still count.
     async fn is_live(&self, node: NodeId, incarnation: u64) -> Result<bool, String> {
         if node == self.node {
             return Ok(incarnation == self.incarnation() && !self.is_fenced());
         }
-        let live = |lease: &Lease| {
-            lease.incarnation == incarnation && lease.is_live(now_ms(), self.lease_ms)
-        };
+        self.lease_holds(node, |lease| lease.incarnation == incarnation)
+            .await
+    }
+
+    /// Whether `node` holds a live lease that `matches`: the view first,
+    /// then (as a dead verdict frees slots or lets another node take an
+    /// event in flight) a fresh read of the lease, since the view may lag.
+    async fn lease_holds(
+        &self,
+        node: NodeId,
+        matches: impl Fn(&Lease) -> bool,
+    ) -> Result<bool, String> {
+        let live = |lease: &Lease| matches(lease) && lease.is_live(now_ms(), self.lease_ms);
         let cached = self
             .view
             .lock()

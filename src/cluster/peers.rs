@@ -6,8 +6,7 @@
 
 use futures_util::future::BoxFuture;
 
-use super::{Cluster, lease};
-use crate::db::now_ms;
+use super::Cluster;
 use crate::dispatch::claims::Peers;
 use crate::ids::NodeId;
 
@@ -27,36 +26,13 @@ impl Peers for Cluster {
                 // Written by a process outside cluster mode.
                 return false;
             };
-            self.runs(node, pid).await
+            // Unreadable counts as gone: the claim is then taken for
+            // abandoned, a duplicate, never broadcast twice.
+            self.inner
+                .lease_holds(node, |lease| lease.pid == pid)
+                .await
+                .unwrap_or(false)
         })
-    }
-}
-
-impl Cluster {
-    /// Whether `node`'s lease is live and held by process `pid`: the view
-    /// first, then (as "dead" lets another node take the event for a
-    /// duplicate) a fresh read, since the view may lag.
-    async fn runs(&self, node: NodeId, pid: u32) -> bool {
-        let inner = &self.inner;
-        let live = |l: &lease::Lease| l.pid == pid && l.is_live(now_ms(), inner.lease_ms);
-        let cached = inner
-            .view
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&node)
-            .map(live);
-        if cached == Some(true) {
-            return true;
-        }
-        let Ok(Some(entry)) = inner.nodes.entry(lease::key(node)).await else {
-            return false;
-        };
-        let Ok(lease) = serde_json::from_slice::<lease::Lease>(&entry.value) else {
-            return false;
-        };
-        let verdict = live(&lease);
-        inner.see(lease);
-        verdict
     }
 }
 
