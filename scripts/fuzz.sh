@@ -9,7 +9,8 @@
 #
 # Inputs found along the way go to fuzz/work/<target> (not committed); the
 # committed seeds in fuzz/corpus/<target> are read, not written, unless
-# FUZZ_MERGE=1 merges the inputs that add coverage. A crash, panic, hang
+# FUZZ_MERGE=1 merges the inputs that add coverage (by edges, not hit
+# counts, so the committed corpus stays small). A crash, panic, hang
 # (> 10 s) or an input over 2 GB of memory stops that target and leaves the
 # input in fuzz/artifacts/<target>/; the script then exits non-zero. Fixed
 # findings go into fuzz/corpus/<target>/ as regression tests: the test suite
@@ -59,7 +60,8 @@ for target in "${targets[@]}"; do
         status=1
     fi
     if [ "${FUZZ_MERGE:-0}" = 1 ]; then
-        cargo fuzz run "${flags[@]}" "$target" "fuzz/corpus/$target" "fuzz/work/$target" -- -merge=1 \
+        cargo fuzz run "${flags[@]}" "$target" "fuzz/corpus/$target" "fuzz/work/$target" -- \
+            -set_cover_merge=1 -use_counters=0 -max_len=65536 \
             >"fuzz/work/$target.merge.log" 2>&1 || true
         echo "   corpus: $(ls "fuzz/corpus/$target" | wc -l) files"
     fi

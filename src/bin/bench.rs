@@ -89,6 +89,17 @@ enum Database {
     Postgres,
 }
 
+impl Database {
+    /// What the gateway runs on; `--cluster` always means PostgreSQL.
+    fn label(self) -> &'static str {
+        match self {
+            _ if CLUSTER.get().is_some() => "postgres+nats",
+            Database::Sqlite => "sqlite",
+            Database::Postgres => "postgres",
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Workload {
     /// C online members of one channel; the publisher keeps at most
@@ -166,7 +177,8 @@ enum Workload {
     Slowloris {
         #[arg(long, default_value_t = 5000)]
         sockets: usize,
-        /// Real connects measured in each phase.
+        /// Real connects measured quiet; under attack, batches of as many
+        /// for at least two handshake timeouts.
         #[arg(long, default_value_t = 1000)]
         connects: usize,
         /// The gateway's `server.handshake_timeout_ms`.
@@ -743,6 +755,9 @@ impl Tls {
             ])
             .args(["-nodes", "-days", "2", "-subj", "/CN=localhost"])
             .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+            // `req -x509` marks the certificate a CA by default, which
+            // webpki refuses as a server's own certificate.
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
             .arg("-keyout")
             .arg(&key)
             .arg("-out")
@@ -1268,10 +1283,9 @@ async fn fanout(kind: Kind, run: Fanout) -> Result<()> {
         window,
         database,
     } = run;
-    let db = match (kind, database) {
-        (Kind::Baseline, _) => "none",
-        (Kind::Gateway, Database::Sqlite) => "sqlite",
-        (Kind::Gateway, Database::Postgres) => "postgres",
+    let db = match kind {
+        Kind::Baseline => "none",
+        Kind::Gateway => database.label(),
     };
     let label = format!(
         "fanout {} C={clients} members={members} db={db}",
@@ -1636,10 +1650,7 @@ async fn collect_samples(readers: Vec<tokio::task::JoinHandle<Vec<u64>>>) -> Vec
 /// spread over the chat channels, first as fast as 1,024 unacked events
 /// allow (saturation), then at half that rate for latency.
 async fn chat(seconds: u64, database: Database) -> Result<()> {
-    let db = match database {
-        Database::Sqlite => "sqlite",
-        Database::Postgres => "postgres",
-    };
+    let db = database.label();
     let label = format!("chat gateway {CHAT_SESSIONS} sessions db={db}");
     eprintln!("{label}: starting");
     let server = Server::start(Kind::Gateway, database, Seed::Chat { probes: 0 }).await?;
@@ -1975,19 +1986,22 @@ async fn handshakes(concurrency: usize, run: Duration) -> Result<()> {
     };
     let server = Arc::new(Server::start(Kind::Gateway, Database::Sqlite, seed).await?);
     let failed = Arc::new(AtomicU64::new(0));
+    let first_error = Arc::new(std::sync::OnceLock::new());
     let cpu = CpuMeter::start(&server);
     let until = Instant::now() + run;
     let loops: Vec<_> = (0..concurrency)
         .map(|k| {
-            let (server, failed) = (server.clone(), failed.clone());
+            let (server, failed, first_error) =
+                (server.clone(), failed.clone(), first_error.clone());
             tokio::spawn(async move {
                 let mut times = Vec::new();
                 let mut i = k;
                 while Instant::now() < until {
                     match handshake_once(&server, i).await {
                         Ok(took) => times.push(took),
-                        Err(_) => {
+                        Err(err) => {
                             failed.fetch_add(1, Ordering::Relaxed);
+                            let _ = first_error.set(format!("{err:#}"));
                         }
                     }
                     i += concurrency;
@@ -2003,6 +2017,9 @@ async fn handshakes(concurrency: usize, run: Duration) -> Result<()> {
     let rate = done as f64 / wall;
     let (p50, p99, max) = percentiles(&times);
     let failed = failed.load(Ordering::Relaxed);
+    if let Some(err) = first_error.get() {
+        eprintln!("{label}: {failed} handshakes failed; the first: {err}");
+    }
     report(
         merged(
             json!({"workload": "handshakes", "target": "gateway", "transport": transport(),
@@ -2125,9 +2142,18 @@ async fn slowloris(sockets: usize, connects: usize) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Measured over at least two handshake timeouts, so the gateway is
+    // cutting and the attackers reconnecting while real clients connect.
+    let churn = Duration::from_millis(2 * HANDSHAKE_TIMEOUT_MS.load(Ordering::Relaxed));
     let cpu = CpuMeter::start(&server);
-    let loaded = connect_times(&server, connects, 100 + connects).await?;
-    let (cpu_fields, cpu_summary) = cpu.finish(0, connects as u64);
+    let mut loaded = Vec::new();
+    let mut first = 100 + connects;
+    while loaded.is_empty() || cpu.wall.elapsed() < churn {
+        loaded.extend(connect_times(&server, connects, first).await?);
+        first += connects;
+    }
+    loaded.sort_unstable();
+    let (cpu_fields, cpu_summary) = cpu.finish(0, loaded.len() as u64);
     let held = open.load(Ordering::Relaxed);
     let cut = cut.load(Ordering::Relaxed);
     for attacker in attackers {
@@ -2140,6 +2166,7 @@ async fn slowloris(sockets: usize, connects: usize) -> Result<()> {
         merged(
             json!({"workload": "slowloris", "target": "gateway", "transport": transport(),
                    "sockets": sockets, "held_at_end": held, "cut_by_timeout": cut, "connects": connects,
+                   "loaded_connects": loaded.len(),
                    "handshake_timeout_ms": HANDSHAKE_TIMEOUT_MS.load(Ordering::Relaxed),
                    "quiet_p50_ms": q50, "quiet_p99_ms": q99, "quiet_max_ms": qmax,
                    "loaded_p50_ms": l50, "loaded_p99_ms": l99, "loaded_max_ms": lmax,
@@ -2147,7 +2174,8 @@ async fn slowloris(sockets: usize, connects: usize) -> Result<()> {
             cpu_fields,
         ),
         format!(
-            "{label}: connect p50/p99 quiet {q50:.2}/{q99:.2} ms, with {held} slowloris sockets {l50:.2}/{l99:.2} ms (p99 {ratio:.2}x); {cut} cut by the handshake timeout; {cpu_summary}"
+            "{label}: connect p50/p99 quiet {q50:.2}/{q99:.2} ms, with {held} slowloris sockets {l50:.2}/{l99:.2} ms over {} connects (p99 {ratio:.2}x); {cut} cut by the handshake timeout; {cpu_summary}",
+            loaded.len()
         ),
     );
     Ok(())
