@@ -113,6 +113,9 @@ pub struct Metrics {
     pub cluster_lease_failures: Counter,
     pub cluster_bus_publish_failures: Counter,
     pub cluster_bus_gaps: Counter,
+    pub cluster_bus_publish_latency: Histogram,
+    pub cluster_bus_consumer_lag: Gauge,
+    pub cluster_bus_delivery_delay: Histogram,
 }
 
 impl Metrics {
@@ -152,6 +155,10 @@ impl Metrics {
             cluster_lease_failures: Counter::default(),
             cluster_bus_publish_failures: Counter::default(),
             cluster_bus_gaps: Counter::default(),
+            // 50 µs .. ~1.6 s
+            cluster_bus_publish_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            cluster_bus_consumer_lag: Gauge::default(),
+            cluster_bus_delivery_delay: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             registry: Registry::default(),
         };
         registry.register(
@@ -178,6 +185,21 @@ impl Metrics {
             "cluster_bus_gaps",
             "Cluster mode: times this node's sessions were closed with 4000 because frames it missed were gone from the fan-out stream (or could not be delivered)",
             m.cluster_bus_gaps.clone(),
+        );
+        registry.register(
+            "cluster_bus_publish_latency_seconds",
+            "Cluster mode: from an event's first publish to the fan-out stream to the stream's ack of its last delivery",
+            m.cluster_bus_publish_latency.clone(),
+        );
+        registry.register(
+            "cluster_bus_consumer_lag",
+            "Cluster mode: deliveries in the fan-out stream this node has yet to read (as of its last read)",
+            m.cluster_bus_consumer_lag.clone(),
+        );
+        registry.register(
+            "cluster_bus_delivery_delay_seconds",
+            "Cluster mode: from the stream storing a delivery to this node handing it to its sessions (includes clock skew between this node and the NATS server)",
+            m.cluster_bus_delivery_delay.clone(),
         );
         registry.register(
             "sessions_open",

@@ -290,6 +290,19 @@ async fn an_event_reaches_every_node_exactly_once_for_a_channel_and_for_users() 
         .await;
     assert_eq!(ack["success"], true, "{ack}");
     assert_eq!(expect_frame(&mut outsider_c, "NOOP", 1).await["d"]["n"], 7);
+
+    // The bus's metrics: A published the four events (B's duplicate
+    // published nothing); C read all four from the stream, nothing left.
+    let publish = "otako_cluster_bus_publish_latency_seconds_count";
+    assert_eq!(a.metric(publish, "").await, 4.0);
+    assert_eq!(b.metric(publish, "").await, 0.0);
+    let delay = "otako_cluster_bus_delivery_delay_seconds_count";
+    assert_eq!(c.metric(delay, "").await, 4.0);
+    let (_, body) = c.admin_get("/metrics").await;
+    assert!(
+        body.lines().any(|l| l == "otako_cluster_bus_consumer_lag 0"),
+        "{body}"
+    );
     for gw in [a, b, c] {
         gw.stop();
     }

@@ -28,7 +28,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::connection::State;
 use async_nats::datetime::DateTime;
@@ -300,6 +300,7 @@ impl Bus {
                 return Some("a gap in stream sequences");
             }
             *next = seq + 1;
+            self.observe_read(&info);
             let delivered = tokio::select! {
                 _ = shutdown.cancelled() => return None,
                 delivered = deliver(&message.payload, sessions, members) => delivered,
@@ -341,6 +342,21 @@ impl Bus {
         self.unavailable(&err)
     }
 
+    /// Consumer lag and delivery delay, from what the stream says of a message.
+    fn observe_read(&self, info: &jetstream::message::Info<'_>) {
+        let metrics = &self.inner.metrics;
+        metrics
+            .cluster_bus_consumer_lag
+            .set(i64::try_from(info.pending).unwrap_or(i64::MAX));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        let delay = now - info.published.unix_timestamp_nanos();
+        metrics
+            .cluster_bus_delivery_delay
+            .observe(delay.max(0) as f64 / 1e9);
+    }
+
     fn published(&self) {
         if self.inner.down.swap(false, Ordering::Relaxed) {
             tracing::info!("cluster bus: publishing to NATS JetStream again");
@@ -361,6 +377,7 @@ impl Fanout for Bus {
                 return Err(self.unavailable(&"not connected to NATS"));
             }
             let id = message_id(key);
+            let started = Instant::now();
             let mut acks = Vec::with_capacity(deliveries.len());
             for (i, (frame, to)) in deliveries.iter().enumerate() {
                 let mut headers = async_nats::HeaderMap::new();
@@ -379,6 +396,10 @@ impl Fanout for Bus {
                 for ack in acks {
                     ack.await.map_err(|e| bus.unavailable(&e))?;
                 }
+                bus.inner
+                    .metrics
+                    .cluster_bus_publish_latency
+                    .observe(started.elapsed().as_secs_f64());
                 bus.published();
                 Ok(published)
             });
