@@ -96,7 +96,8 @@ for dir in "${sources[@]}"; do
         out="$plugins/$name.wasm"
     fi
     mkdir -p "$(dirname "$out")"
-    mapfile -t files < <(find "$dir" -type f \( -name '*.js' -o -name '*.py' \) | LC_ALL=C sort)
+    # Unit tests (test_*.py; JS ones are *.test.mjs) are not in the component.
+    mapfile -t files < <(find "$dir" -type f \( -name '*.js' -o -name '*.py' \) ! -name 'test_*.py' | LC_ALL=C sort)
     if [[ -f "$dir/handler.js" ]]; then
         when_changed toolchain-js "$js_tool_sum" install_js
         lang=js tool_sum="$js_tool_sum" build=componentize_js

@@ -37,11 +37,23 @@ impl Lang {
                     include_str!("../plugins/templates/rust/src/lib.rs"),
                 ),
             ],
-            Lang::Js => &[(
-                "handler.js",
-                include_str!("../plugins/templates/js/handler.js"),
-            )],
-            Lang::Python => &[("app.py", include_str!("../plugins/templates/python/app.py"))],
+            Lang::Js => &[
+                (
+                    "handler.js",
+                    include_str!("../plugins/templates/js/handler.js"),
+                ),
+                (
+                    "handler.test.mjs",
+                    include_str!("../plugins/templates/js/handler.test.mjs"),
+                ),
+            ],
+            Lang::Python => &[
+                ("app.py", include_str!("../plugins/templates/python/app.py")),
+                (
+                    "test_app.py",
+                    include_str!("../plugins/templates/python/test_app.py"),
+                ),
+            ],
         }
     }
 
@@ -67,10 +79,11 @@ impl Lang {
 }
 
 /// Folder names under `plugins/` that are not plugins.
-const RESERVED: [&str; 7] = [
+const RESERVED: [&str; 8] = [
     "sdk",
     "messages",
     "testing",
+    "testhost",
     "templates",
     "toolchain",
     "target",

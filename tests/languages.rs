@@ -221,7 +221,8 @@ async fn python_sandbox_limits_hold() {
 }
 
 /// A project folder for `new-plugin`: the harness's `gateway.toml` plus the
-/// real build script and JS/Python toolchain (linked, so nothing reinstalls).
+/// real build script, JS/Python toolchain (linked, so nothing reinstalls)
+/// and the scripted host the scaffolded unit tests run against.
 fn project() -> Setup {
     let setup = setup();
     setup.write_config();
@@ -231,6 +232,7 @@ fn project() -> Setup {
         ("scripts", "scripts"),
         ("plugins/toolchain", "plugins/toolchain"),
         ("plugins/.toolchain", "plugins/.toolchain"),
+        ("plugins/testhost", "plugins/testhost"),
         ("wit", "wit"),
     ] {
         std::os::unix::fs::symlink(common::repo().join(target), root.join(link)).unwrap();
@@ -263,6 +265,16 @@ async fn new_plugin_scaffolds_builds_and_routes_a_js_handler() {
     assert!(after.contains("event      = \"EVENT_TYPING\"\nplugin     = \"plugins/typing_js.wasm\"\ntimeout_ms = 200\nmemory_mb  = 64\n"), "{after}");
     let root = setup.dir.path();
     assert!(root.join("plugins/typing_js/handler.js").is_file());
+
+    // The scaffolded unit test passes against the scripted host.
+    let unit = std::process::Command::new("node")
+        .args(["--test", "plugins/typing_js/"])
+        .current_dir(root)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&unit.stdout);
+    assert!(unit.status.success(), "{report}");
+    assert!(report.contains("# pass 2"), "{report}");
 
     // The new route loads, and the handler delivers `d` to the channel
     // (started on the edited file: `Setup::start` would rewrite it).

@@ -5,7 +5,6 @@
 //! placeholders as `$1`, `$2`, …: the same SQL then runs on SQLite and
 //! PostgreSQL.
 
-use crate::bindings::otako::gateway::host;
 use crate::{DbError, HandlerError, Value};
 
 /// Converts a Rust value into a bound query parameter.
@@ -101,7 +100,7 @@ impl<T: ToValue + ?Sized> ToValue for &T {
 /// a rejected statement; `?` turns it into a [`HandlerError::DB_ERROR`].
 pub fn query(sql: &str, params: &[&dyn ToValue]) -> Result<Rows, DbError> {
     let params: Vec<Value> = params.iter().map(|p| p.to_value()).collect();
-    host::query(sql, &params).map(Rows::from)
+    crate::sys::query(sql, &params)
 }
 
 /// A query's result: column names and rows, read by column name.
@@ -122,6 +121,32 @@ impl Rows {
     /// without a host.
     pub fn new(columns: Vec<String>, rows: Vec<Vec<Value>>) -> Self {
         Self { columns, rows }
+    }
+
+    /// An empty result with these columns, to add rows to with
+    /// [`Rows::row`]: what a [`crate::testing::TestHost`]'s query script
+    /// answers.
+    ///
+    /// ```
+    /// # use otako_plugin_sdk::Rows;
+    /// let rows = Rows::with_columns(["id", "name", "nonce"])
+    ///     .row(&[&7_i64, &"alice", &None::<&str>]);
+    /// assert_eq!(rows.first().map(|r| r.get_str("name").ok()), Some(Some("alice")));
+    /// ```
+    pub fn with_columns<I>(columns: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        Self::new(columns.into_iter().map(Into::into).collect(), Vec::new())
+    }
+
+    /// This result with one more row, its values in column order, converted
+    /// like query parameters.
+    pub fn row(mut self, values: &[&dyn ToValue]) -> Self {
+        self.rows
+            .push(values.iter().map(|v| v.to_value()).collect());
+        self
     }
 
     /// The column names, in order.

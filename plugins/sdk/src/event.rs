@@ -9,6 +9,16 @@ use serde::{Deserialize, Serialize, Serializer};
 use crate::{Event, HandlerError, ToValue, Value};
 
 impl Event {
+    /// An event as the host would pass it, e.g. to call a handler in a unit
+    /// test: `Event::new("EVENT_MESSAGE_CREATE", "1", r#"{"id":"3"}"#)`.
+    pub fn new(name: impl Into<String>, id: impl Into<String>, data: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            id: id.into(),
+            data: data.into(),
+        }
+    }
+
     /// Parses the event's `d` object into `T`.
     ///
     /// Invalid JSON, a missing field or a field of the wrong type is the

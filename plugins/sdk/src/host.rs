@@ -3,7 +3,7 @@
 use std::str::FromStr;
 
 use crate::HandlerError;
-use crate::bindings::otako::gateway::host;
+use crate::sys as host;
 
 pub use crate::bindings::otako::gateway::types::Level;
 

@@ -36,12 +36,17 @@
 //! - [`HandlerError`]: constructors and the codes the backend sees; a
 //!   [`DbError`] converts into one with `?`.
 //! - [`host`]: [`online`], [`config`], [`config_parse`] and the [`log`] module.
+//! - `testing` (native builds only): a scripted host to unit-test a handler
+//!   with `cargo test`, no gateway needed.
 
 pub mod db;
 pub mod delivery;
 mod error;
 pub mod event;
 pub mod host;
+mod sys;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod testing;
 
 /// The raw generated bindings. Authors don't need them: everything is
 /// re-exported or wrapped at the crate root. Public only because
