@@ -3,7 +3,8 @@
 //! test under its own `cluster.subject_prefix` (its KV buckets are
 //! deleted afterwards). Session limits are exact across nodes, eviction
 //! and revocation reach the node holding the session, a killed node's
-//! slots free up, and a node id can't be live twice. Events fan out
+//! slots free up, a node id can't be live twice, and plugins' `online`
+//! answers for sessions on every node. Events fan out
 //! through the JetStream stream to every node exactly once and in
 //! dispatch order; a node cut off from NATS fails events with
 //! `BUS_UNAVAILABLE`, keeps its sessions, and catches up (or closes its
@@ -300,7 +301,8 @@ async fn an_event_reaches_every_node_exactly_once_for_a_channel_and_for_users() 
     assert_eq!(c.metric(delay, "").await, 4.0);
     let (_, body) = c.admin_get("/metrics").await;
     assert!(
-        body.lines().any(|l| l == "otako_cluster_bus_consumer_lag 0"),
+        body.lines()
+            .any(|l| l == "otako_cluster_bus_consumer_lag 0"),
         "{body}"
     );
     for gw in [a, b, c] {
@@ -521,6 +523,52 @@ async fn a_lost_fanout_stream_is_made_again_and_events_flow_again() {
     )
     .await;
     assert_eq!(expect_frame(&mut again, "NOOP", 1).await["d"]["n"], 2);
+    a.stop();
+    b.stop();
+}
+
+/// Asks `online` through the log plugin on one node, for users 21, 22 and
+/// 23; the answer reaches every session, here `watcher`'s.
+async fn online_seen(dispatch: &mut DispatchClient, watcher: &mut Client, id: &str) -> Vec<String> {
+    let ack = dispatch
+        .roundtrip(
+            "EVENT_ONLINE",
+            json!({"user_ids": ["21", "22", "23"]}),
+            json!(id),
+        )
+        .await;
+    assert_eq!(ack["success"], true, "{ack}");
+    let frame = watcher.next().await;
+    assert_eq!(frame["t"], "ONLINE", "{frame}");
+    let mut online: Vec<String> = serde_json::from_value(frame["d"]["online"].clone()).unwrap();
+    online.sort();
+    online
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_in_plugins_answers_for_sessions_on_every_node() {
+    let mut cluster = TestCluster::for_events(LEASE_MS).await;
+    cluster
+        .setup
+        .route("EVENT_ONLINE", &common::test_plugin("log_plugin"), "");
+    let a = cluster.start(1);
+    let b = cluster.start(2);
+    let mut dispatch = DispatchClient::connect(a.dispatch).await;
+    // 22 on the node that runs the plugin, 21 only on the other; 23 nowhere.
+    let mut twenty_two = Client::connect(a.client, 22).await;
+    let twenty_one = Client::connect(b.client, 21).await;
+    // Node A answers from its watched copy of the slots, a moment behind B.
+    let mut n = 0;
+    let mut expect_online = async |want: &[&str], what: &str| {
+        eventually(Duration::from_secs(10), what, async || {
+            n += 1;
+            online_seen(&mut dispatch, &mut twenty_two, &format!("o{n}")).await == want
+        })
+        .await;
+    };
+    expect_online(&["21", "22"], "node A sees user 21 online on node B").await;
+    drop(twenty_one);
+    expect_online(&["22"], "node A sees user 21 go offline on node B").await;
     a.stop();
     b.stop();
 }
