@@ -8,25 +8,10 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use common::api::call;
 use common::client::Client;
 use common::{Gateway, Setup, http_request};
 use serde_json::{Value, json};
-
-/// A JSON call to the API; returns (status, parsed body or Null).
-async fn call(
-    api: SocketAddr,
-    method: &str,
-    path: &str,
-    auth: Option<&str>,
-    body: Option<&str>,
-) -> (u16, Value) {
-    let mut headers = vec![("Accept", "application/json")];
-    if let Some(auth) = auth {
-        headers.push(("Authorization", auth));
-    }
-    let (status, text) = http_request(api, method, path, &headers, body).await;
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-}
 
 fn free_addr() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -1,6 +1,7 @@
 //! Cluster-mode harness (DESIGN §9): `serve` nodes on one PostgreSQL
-//! schema and the real NATS JetStream (127.0.0.1:4222), each test under
-//! its own `cluster.subject_prefix` (its KV buckets and fan-out stream are
+//! schema and the real NATS JetStream (127.0.0.1:4222, or a private
+//! server: [`TestCluster::use_nats`]), each test under its own
+//! `cluster.subject_prefix` (its KV buckets and fan-out stream are
 //! deleted after).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
@@ -18,6 +19,8 @@ pub const LEASE_MS: u64 = 1500;
 pub struct TestCluster {
     pub setup: Setup,
     pub prefix: String,
+    /// The NATS the nodes use, whose buckets are deleted after.
+    nats_url: String,
 }
 
 impl TestCluster {
@@ -32,7 +35,18 @@ impl TestCluster {
             .set("sessions", "on_limit", &format!("\"{on_limit}\""))
             // The nodes share one config file, rewritten per node.
             .set("plugins", "hot_reload", "false");
-        TestCluster { setup, prefix }
+        TestCluster {
+            setup,
+            prefix,
+            nats_url: NATS_URL.to_owned(),
+        }
+    }
+
+    /// Points the nodes started from now on at another NATS server.
+    pub fn use_nats(&mut self, url: &str) -> &mut Self {
+        self.nats_url = url.to_owned();
+        self.setup.set("cluster", "nats_url", &format!("\"{url}\""));
+        self
     }
 
     /// Starts a `serve` node with this `node_id`.
@@ -46,8 +60,8 @@ impl TestCluster {
         let url = format!("\"nats://{}\"", proxy.addr);
         self.setup.set("cluster", "nats_url", &url);
         let gw = self.start(node);
-        self.setup
-            .set("cluster", "nats_url", &format!("\"{NATS_URL}\""));
+        let url = format!("\"{}\"", self.nats_url);
+        self.setup.set("cluster", "nats_url", &url);
         gw
     }
 
@@ -86,14 +100,14 @@ impl Drop for TestCluster {
     /// Deletes the test's KV buckets (outside the test's runtime, which
     /// may be gone by now).
     fn drop(&mut self) {
-        let prefix = self.prefix.clone();
+        let (prefix, url) = (self.prefix.clone(), self.nats_url.clone());
         let _ = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
             runtime.block_on(async {
-                let Ok(client) = async_nats::connect(NATS_URL).await else {
+                let Ok(client) = async_nats::connect(url).await else {
                     return;
                 };
                 let js = async_nats::jetstream::new(client);

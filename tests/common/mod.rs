@@ -4,9 +4,11 @@
 //! free ports and stopped with SIGTERM.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod api;
 pub mod client;
 pub mod cluster;
 pub mod dispatch;
+pub mod nats;
 pub mod proxy;
 pub mod tls;
 
