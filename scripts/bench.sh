@@ -28,3 +28,13 @@ bench=target/release/bench
 "$bench" idle --sessions 10000,19000,50000 | tee -a "$out"
 "$bench" ack-rate --connections 1,8 --seconds 10 | tee -a "$out"
 "$bench" ack-rate --connections 1,8 --seconds 10 --database postgres | tee -a "$out"
+# Cluster mode: one node without and with [cluster], then three nodes with
+# the subscribers spread over them (same C, same tool).
+nats=nats://127.0.0.1:4222
+"$bench" --target gateway fanout --clients 1000 --database postgres --seconds 10 | tee -a "$out"
+"$bench" --target gateway --cluster "$nats" fanout --clients 1000 --seconds 10 | tee -a "$out"
+"$bench" --target gateway --cluster "$nats" --nodes 3 fanout --clients 1000 --seconds 10 | tee -a "$out"
+"$bench" --target gateway latency --clients 1000 --rate 200 --seconds 10 | tee -a "$out"
+"$bench" --target gateway --cluster "$nats" --nodes 3 latency --clients 1000 --rate 200 --seconds 10 | tee -a "$out"
+"$bench" --target gateway connects --clients 2000 | tee -a "$out"
+"$bench" --target gateway --cluster "$nats" --nodes 3 connects --clients 2000 | tee -a "$out"

@@ -16,6 +16,9 @@
 //! target/release/bench --target gateway slowloris --sockets 5000 --connects 1000
 //! target/release/bench --target gateway --tls fanout --clients 1000
 //! target/release/bench connects --clients 2000 [--cluster nats://127.0.0.1:4222]
+//! target/release/bench --target gateway --cluster nats://127.0.0.1:4222 --nodes 3 fanout --clients 1000
+//! target/release/bench --target gateway --cluster nats://127.0.0.1:4222 --nodes 3 latency --clients 1000 --rate 200
+//! target/release/bench --target gateway --cluster nats://127.0.0.1:4222 --nodes 3 connects --clients 2000
 //! ```
 
 use std::io::{BufRead, BufReader};
@@ -23,7 +26,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -68,10 +71,15 @@ struct Cli {
     /// certificate made with `openssl` (gateway only).
     #[arg(long, global = true)]
     tls: bool,
-    /// Runs the gateway in cluster mode on this NATS server (one node,
-    /// node_id 1, a subject prefix of its own; PostgreSQL).
+    /// Runs the gateway in cluster mode on this NATS server (node_id 1,
+    /// a subject prefix of its own; PostgreSQL).
     #[arg(long, global = true)]
     cluster: Option<String>,
+    /// `--cluster` with this many gateway nodes on one database and prefix
+    /// (node_id 1..=N): subscribers spread round-robin over their client
+    /// listeners, events dispatched to node 1 (fanout, latency, connects).
+    #[arg(long, default_value_t = 1, global = true)]
+    nodes: usize,
     #[command(subcommand)]
     workload: Workload,
 }
@@ -186,8 +194,9 @@ enum Workload {
         handshake_timeout_ms: u64,
     },
     /// Session connects (gateway only, PostgreSQL; `--cluster` for the
-    /// cluster-wide limit): each connect's time to HELLO one at a time,
-    /// then connects per second with `concurrency` in flight.
+    /// cluster-wide limit, `--nodes` spreads them): each connect's time to
+    /// HELLO one at a time, then connects per second with `concurrency` in
+    /// flight.
     Connects {
         #[arg(long, default_value_t = 2000)]
         clients: usize,
@@ -218,6 +227,23 @@ async fn main() -> Result<()> {
         let tls = Tls::make().context("making a self-signed certificate with openssl")?;
         let _ = TLS.set(tls);
     }
+    if cli.nodes != 1 {
+        if cli.nodes == 0 {
+            bail!("--nodes must be at least 1");
+        }
+        if cli.cluster.is_none() || cli.target != Which::Gateway {
+            bail!(
+                "--nodes needs --cluster and --target gateway: only gateway nodes form a cluster"
+            );
+        }
+        if !matches!(
+            cli.workload,
+            Workload::Fanout { .. } | Workload::Latency { .. } | Workload::Connects { .. }
+        ) {
+            bail!("--nodes applies to the fanout, latency and connects workloads only");
+        }
+    }
+    NODES.store(cli.nodes, Ordering::Relaxed);
     if let Some(url) = cli.cluster {
         let _ = CLUSTER.set(url);
     }
@@ -341,12 +367,14 @@ impl Kind {
     }
 }
 
-/// A server process under test.
+/// A server process under test (with `--nodes`, node 1 of the cluster).
 struct Server {
     kind: Kind,
     child: Child,
     /// Clients connect here (the gateway's client listener, or the baseline).
     client: SocketAddr,
+    /// `--nodes`: nodes 2..=N; subscriber `i` connects to node `i % N + 1`.
+    peers: Vec<Peer>,
     /// Events go here (the gateway's dispatch listener, or the baseline).
     dispatch: SocketAddr,
     _dir: tempfile::TempDir,
@@ -355,29 +383,68 @@ struct Server {
     source_net: u8,
     /// Subscriber `i` signs in as user `i % users + 1`.
     users: usize,
-    /// `--cluster`: the subject prefix its KV buckets are named under.
+    /// `--cluster`: the subject prefix its NATS state is named under.
     cluster_prefix: Option<String>,
 }
 
+/// A gateway node of a `--nodes` cluster other than node 1.
+struct Peer {
+    child: Child,
+    client: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
 impl Drop for Server {
+    /// Stops every node, then deletes what they made in NATS (once all are
+    /// gone, so none makes the fan-out stream again).
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let stop = |child: &mut Child| {
+            let _ = child.kill();
+            let _ = child.wait();
+        };
+        stop(&mut self.child);
+        for peer in &mut self.peers {
+            stop(&mut peer.child);
+        }
+        if let (Some(prefix), Some(url)) = (&self.cluster_prefix, CLUSTER.get()) {
+            delete_cluster_state(url, prefix);
+        }
     }
 }
 
-impl Server {
-    /// Stops the server and deletes its cluster KV buckets, if any.
-    async fn finish(self) -> Result<()> {
-        let prefix = self.cluster_prefix.clone();
-        drop(self);
-        if let (Some(prefix), Some(url)) = (prefix, CLUSTER.get()) {
-            let js = async_nats::jetstream::new(async_nats::connect(url.as_str()).await?);
-            for bucket in ["nodes", "slots"] {
-                js.delete_key_value(format!("{prefix}_{bucket}")).await?;
+/// Deletes `prefix`'s KV buckets and fan-out stream (src/cluster), on a
+/// runtime of its own: this runs in `Drop`, on any path out of a run.
+fn delete_cluster_state(url: &str, prefix: &str) {
+    let buckets = [format!("{prefix}_nodes"), format!("{prefix}_slots")];
+    let stream = format!("{prefix}_fanout");
+    let delete = || -> Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async {
+            let js = async_nats::jetstream::new(async_nats::connect(url).await?);
+            let mut failed = Vec::new();
+            for bucket in &buckets {
+                if let Err(err) = js.delete_key_value(bucket).await {
+                    failed.push(format!("bucket {bucket}: {err}"));
+                }
             }
-        }
-        Ok(())
+            if let Err(err) = js.delete_stream(&stream).await {
+                failed.push(format!("stream {stream}: {err}"));
+            }
+            if !failed.is_empty() {
+                bail!("{}", failed.join("; "));
+            }
+            Ok(())
+        })
+    };
+    match std::thread::scope(|scope| scope.spawn(delete).join()) {
+        Ok(Ok(())) => eprintln!(
+            "  cluster cleanup: deleted KV buckets {}, {} and stream {stream}",
+            buckets[0], buckets[1]
+        ),
+        Ok(Err(err)) => eprintln!("  cluster cleanup of {prefix}: {err:#}"),
+        Err(_) => eprintln!("  cluster cleanup of {prefix} panicked"),
     }
 }
 
@@ -581,83 +648,48 @@ impl Server {
                     db_url: String::new(),
                     source_net: next_source_net(),
                     users: usize::MAX,
+                    peers: Vec::new(),
                     cluster_prefix: None,
                 })
             }
             Kind::Gateway => {
-                let (cluster, cluster_prefix) = cluster_section();
+                let cluster_prefix = cluster_prefix();
                 let db_url = match database {
                     Database::Sqlite if cluster_prefix.is_none() => {
                         format!("sqlite://{}/bench.db", dir.path().display())
                     }
                     _ => postgres_schema().await?,
                 };
-                let tls = TLS
-                    .get()
-                    .map(|tls| {
-                        format!(
-                            "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
-                            tls.cert.display(),
-                            tls.key.display()
-                        )
-                    })
-                    .unwrap_or_default();
-                let config = format!(
-                    r#"[server]
-client_listen = "127.0.0.1:0"
-dispatch_listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-handshake_timeout_ms = {handshake_timeout_ms}
-{tls}[auth]
-token_secret = "{TOKEN_SECRET}"
-dispatch_secret = "{DISPATCH_SECRET}"
-[database]
-url = "{db_url}"
-[sessions]
-max_per_user = 5
-outbound_queue = 1024
-resume_buffer = {resume_buffer}
-heartbeat_interval_ms = 60000
-[dispatch]
-max_inflight = 1024
-ping_timeout_ms = 600000
-[logging]
-path = "errors.jsonl"
-[plugins]
-hot_reload = false
-cache_dir = "{cache}"
-[[routes]]
-event = "EVENT_MESSAGE_CREATE"
-plugin = "{plugin}"
-timeout_ms = 1000
-memory_mb = 32
-{cluster}"#,
-                    resume_buffer = RESUME_BUFFER.load(Ordering::Relaxed),
-                    handshake_timeout_ms = HANDSHAKE_TIMEOUT_MS.load(Ordering::Relaxed),
-                    cache = repo().join("target/bench-plugin-cache").display(),
-                    plugin = repo().join("plugins/message_create.wasm").display(),
-                );
-                let config_path = dir.path().join("gateway.toml");
-                std::fs::write(&config_path, config)?;
-                let mut child = Command::new(sibling("otako-gateway")?)
-                    .arg("--config")
-                    .arg(&config_path)
-                    .arg("serve")
-                    .env("RUST_LOG", "warn")
-                    .stdout(Stdio::piped())
-                    .spawn()?;
-                let line = wait_line(&mut child, "otako-gateway listening ")?;
-                let server = Server {
+                let cluster = |node_id| cluster_section(cluster_prefix.as_deref(), node_id);
+                let (child, line) = spawn_gateway(dir.path(), &db_url, &cluster(1))?;
+                let mut admins = vec![addr_after(&line, "admin=")?];
+                let mut server = Server {
                     kind,
                     client: addr_after(&line, "client=")?,
                     dispatch: addr_after(&line, "dispatch=")?,
                     child,
+                    peers: Vec::new(),
                     _dir: dir,
                     db_url,
                     source_net: next_source_net(),
                     users: seed.users(),
-                    cluster_prefix,
+                    cluster_prefix: cluster_prefix.clone(),
                 };
+                // One at a time after node 1, which ran the migrations.
+                for node_id in 2..=NODES.load(Ordering::Relaxed) {
+                    let dir = tempfile::tempdir()?;
+                    let (child, line) =
+                        spawn_gateway(dir.path(), &server.db_url, &cluster(node_id))?;
+                    server.peers.push(Peer {
+                        client: addr_after(&line, "client=")?,
+                        child,
+                        _dir: dir,
+                    });
+                    admins.push(addr_after(&line, "admin=")?);
+                }
+                if cluster_prefix.is_some() {
+                    await_cluster(&admins).await?;
+                }
                 server.execute(seed.sql()).await?;
                 Ok(server)
             }
@@ -687,17 +719,142 @@ memory_mb = 32
         Ok(())
     }
 
+    /// Resident memory of every node together.
     fn rss(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .ok()
-            .and_then(|s| {
+        self.pids()
+            .iter()
+            .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+            .filter_map(|s| {
                 s.lines()
                     .find_map(|l| l.strip_prefix("VmRSS:"))
                     .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             })
-            .unwrap_or(0)
+            .sum::<u64>()
             * 1024
     }
+
+    /// Every node's process id, node 1 first.
+    fn pids(&self) -> Vec<u32> {
+        std::iter::once(self.child.id())
+            .chain(self.peers.iter().map(|p| p.child.id()))
+            .collect()
+    }
+
+    /// Which node (0 for node 1) subscriber `i` connects to: round-robin.
+    fn node_of(&self, i: usize) -> usize {
+        i % (self.peers.len() + 1)
+    }
+
+    /// The client listener subscriber `i` connects to.
+    fn client_of(&self, i: usize) -> SocketAddr {
+        match self.node_of(i) {
+            0 => self.client,
+            n => self.peers[n - 1].client,
+        }
+    }
+}
+
+/// Writes a gateway config (database `db_url`, then `cluster`) into `dir`
+/// and starts `serve` on it; returns the process and its `listening` line.
+fn spawn_gateway(dir: &Path, db_url: &str, cluster: &str) -> Result<(Child, String)> {
+    let tls = TLS
+        .get()
+        .map(|tls| {
+            format!(
+                "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                tls.cert.display(),
+                tls.key.display()
+            )
+        })
+        .unwrap_or_default();
+    let config = format!(
+        r#"[server]
+client_listen = "127.0.0.1:0"
+dispatch_listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+handshake_timeout_ms = {handshake_timeout_ms}
+{tls}[auth]
+token_secret = "{TOKEN_SECRET}"
+dispatch_secret = "{DISPATCH_SECRET}"
+[database]
+url = "{db_url}"
+[sessions]
+max_per_user = 5
+outbound_queue = 1024
+resume_buffer = {resume_buffer}
+heartbeat_interval_ms = 60000
+[dispatch]
+max_inflight = 1024
+ping_timeout_ms = 600000
+[logging]
+path = "errors.jsonl"
+[plugins]
+hot_reload = false
+cache_dir = "{cache}"
+[[routes]]
+event = "EVENT_MESSAGE_CREATE"
+plugin = "{plugin}"
+timeout_ms = 1000
+memory_mb = 32
+{cluster}"#,
+        resume_buffer = RESUME_BUFFER.load(Ordering::Relaxed),
+        handshake_timeout_ms = HANDSHAKE_TIMEOUT_MS.load(Ordering::Relaxed),
+        cache = repo().join("target/bench-plugin-cache").display(),
+        plugin = repo().join("plugins/message_create.wasm").display(),
+    );
+    let config_path = dir.join("gateway.toml");
+    std::fs::write(&config_path, config)?;
+    let mut child = Command::new(sibling("otako-gateway")?)
+        .arg("--config")
+        .arg(&config_path)
+        .arg("serve")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()?;
+    match wait_line(&mut child, "otako-gateway listening ") {
+        Ok(line) => Ok((child, line)),
+        Err(err) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(err)
+        }
+    }
+}
+
+/// Waits until `GET /cluster` on every node (by admin address) lists all
+/// of them, so the load starts on a cluster whose nodes see each other.
+async fn await_cluster(admins: &[SocketAddr]) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut seen = Vec::with_capacity(admins.len());
+        for admin in admins {
+            seen.push(cluster_nodes(*admin).await.unwrap_or(0));
+        }
+        if seen.iter().all(|&n| n == admins.len()) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "the {} nodes did not see each other within 30 s (GET /cluster lists {seen:?})",
+                admins.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// How many live nodes `GET /cluster` on the admin listener `admin` lists.
+async fn cluster_nodes(admin: SocketAddr) -> Result<usize> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(admin).await?;
+    let request = format!("GET /cluster HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut raw)).await??;
+    let text = String::from_utf8_lossy(&raw);
+    let (_, body) = text.split_once("\r\n\r\n").context("no HTTP body")?;
+    let status: serde_json::Value = serde_json::from_str(body)?;
+    Ok(status["nodes"].as_array().map_or(0, Vec::len))
 }
 
 async fn postgres_schema() -> Result<String> {
@@ -780,29 +937,30 @@ impl Tls {
 /// The gateway's `server.handshake_timeout_ms` (`slowloris` sets it).
 static HANDSHAKE_TIMEOUT_MS: AtomicU64 = AtomicU64::new(10_000);
 
-/// A TCP connection to the server's client listener from `source`, with
+/// A TCP connection to the client listener `server` from `source`, with
 /// TLS under `--tls`.
-async fn connect_client(server: &Server, source: Ipv4Addr) -> Result<Conn> {
+async fn connect_client(server: SocketAddr, source: Ipv4Addr) -> Result<Conn> {
     let socket = TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(IpAddr::V4(source), 0))?;
-    let stream = socket.connect(server.client).await?;
+    let stream = socket.connect(server).await?;
     match TLS.get() {
         None => Ok(Either::Left(stream)),
         Some(tls) => {
-            let name = rustls::pki_types::ServerName::IpAddress(server.client.ip().into());
+            let name = rustls::pki_types::ServerName::IpAddress(server.ip().into());
             let stream = tls.connector.connect(name, stream).await?;
             Ok(Either::Right(Box::new(stream)))
         }
     }
 }
 
-/// Opens subscriber `i` (user `i % users + 1`), from a source address
+/// Opens subscriber `i` (user `i % users + 1`, on node `i % N + 1`), from a source address
 /// chosen so no address runs out of ephemeral ports; `resume` names a
 /// gateway session and the last `s` read.
 async fn subscribe(server: &Server, i: usize, resume: Option<(&str, u64)>) -> Result<Subscriber> {
     let block = u8::try_from(i / PER_SOURCE).unwrap_or(200);
     let source = Ipv4Addr::new(127, server.source_net, block, 1);
-    let stream = connect_client(server, source).await?;
+    let client = server.client_of(i);
+    let stream = connect_client(client, source).await?;
     let url = match server.kind {
         Kind::Gateway => {
             let user = UserId::new((i % server.users) as u64 + 1).context("bad user id")?;
@@ -810,9 +968,9 @@ async fn subscribe(server: &Server, i: usize, resume: Option<(&str, u64)>) -> Re
             let resume = resume
                 .map(|(id, seq)| format!("&resume={id}&seq={seq}"))
                 .unwrap_or_default();
-            format!("ws://{}/gateway?token={token}{resume}", server.client)
+            format!("ws://{client}/gateway?token={token}{resume}")
         }
-        Kind::Baseline => format!("ws://{}/sub", server.client),
+        Kind::Baseline => format!("ws://{client}/sub"),
     };
     let (mut ws, _) = tokio_tungstenite::client_async_with_config(
         url.into_client_request()?,
@@ -834,25 +992,35 @@ async fn subscribe(server: &Server, i: usize, resume: Option<(&str, u64)>) -> Re
 /// `--cluster`: the NATS server a gateway joins (cluster mode).
 static CLUSTER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
-/// The `[cluster]` section for `--cluster` (a fresh subject prefix per
-/// server), or nothing.
-fn cluster_section() -> (String, Option<String>) {
+/// `--nodes`: gateway nodes per server (1 without `--cluster`).
+static NODES: AtomicUsize = AtomicUsize::new(1);
+
+/// ` nodes=N` for a run's label under `--nodes` above 1.
+fn nodes_label() -> String {
+    match NODES.load(Ordering::Relaxed) {
+        1 => String::new(),
+        n => format!(" nodes={n}"),
+    }
+}
+
+/// Under `--cluster`, a fresh subject prefix for one server's nodes.
+fn cluster_prefix() -> Option<String> {
     static N: AtomicU64 = AtomicU64::new(0);
-    match CLUSTER.get() {
-        Some(url) => {
-            let prefix = format!(
-                "bench{}_{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            );
-            (
-                format!(
-                    "[cluster]\nnats_url = \"{url}\"\nnode_id = 1\nsubject_prefix = \"{prefix}\"\n"
-                ),
-                Some(prefix),
-            )
-        }
-        None => (String::new(), None),
+    CLUSTER.get()?;
+    Some(format!(
+        "bench{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// The `[cluster]` section of node `node_id` under `prefix`, or nothing.
+fn cluster_section(prefix: Option<&str>, node_id: usize) -> String {
+    match (CLUSTER.get(), prefix) {
+        (Some(url), Some(prefix)) => format!(
+            "[cluster]\nnats_url = \"{url}\"\nnode_id = {node_id}\nsubject_prefix = \"{prefix}\"\n"
+        ),
+        _ => String::new(),
     }
 }
 
@@ -1036,21 +1204,34 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 /// The server's and the load tool's CPU over a measured window, so every
 /// result shows what a delivery costs the server and which side was the
-/// limit (a server near 200 % on two cores, or a tool that is).
+/// limit (a server near 200 % on two cores, or a tool that is). The server
+/// is every gateway node together; under `--cluster` the NATS server's CPU
+/// is shown apart (all of it: other clients of that server count too).
 struct CpuMeter {
-    server: u32,
+    servers: Vec<u32>,
     server_start: f64,
     tool_start: f64,
+    /// `--cluster`: the NATS server's pid (if found) and CPU at the start.
+    nats: Option<(u32, f64)>,
     wall: Instant,
+}
+
+/// CPU seconds of all of `pids` together.
+fn cpu_seconds_of(pids: &[u32]) -> f64 {
+    pids.iter().map(|&pid| cpu_seconds(pid)).sum()
 }
 
 impl CpuMeter {
     fn start(server: &Server) -> CpuMeter {
-        let pid = server.child.id();
+        let servers = server.pids();
         CpuMeter {
-            server: pid,
-            server_start: cpu_seconds(pid),
+            server_start: cpu_seconds_of(&servers),
+            servers,
             tool_start: cpu_seconds(std::process::id()),
+            nats: CLUSTER
+                .get()
+                .and_then(|url| nats_pid(url))
+                .map(|pid| (pid, cpu_seconds(pid))),
             wall: Instant::now(),
         }
     }
@@ -1059,27 +1240,95 @@ impl CpuMeter {
     /// received from `events` events.
     fn finish(&self, deliveries: u64, events: u64) -> (serde_json::Value, String) {
         let wall = self.wall.elapsed().as_secs_f64();
-        let server = cpu_seconds(self.server) - self.server_start;
+        let server = cpu_seconds_of(&self.servers) - self.server_start;
         let tool = cpu_seconds(std::process::id()) - self.tool_start;
-        let per = |n: u64| {
+        let per = |cpu: f64, n: u64| {
             if n == 0 {
                 0.0
             } else {
-                (server * 1e6 / n as f64 * 1000.0).round() / 1000.0
+                (cpu * 1e6 / n as f64 * 1000.0).round() / 1000.0
             }
         };
         let (server_pct, tool_pct) = (100.0 * server / wall, 100.0 * tool / wall);
-        (
-            json!({"server_cpu_s": server, "server_cpu_pct": server_pct.round(),
-                   "tool_cpu_pct": tool_pct.round(),
-                   "server_cpu_us_per_delivery": per(deliveries),
-                   "server_cpu_us_per_event": per(events)}),
-            format!(
-                "server CPU {server_pct:.0} % ({:.3} us/delivery, {:.1} us/event), tool CPU {tool_pct:.0} %",
-                per(deliveries),
-                per(events)
-            ),
-        )
+        let mut fields = json!({"server_cpu_s": server, "server_cpu_pct": server_pct.round(),
+               "tool_cpu_pct": tool_pct.round(),
+               "server_cpu_us_per_delivery": per(server, deliveries),
+               "server_cpu_us_per_event": per(server, events)});
+        let mut summary = format!(
+            "server CPU {server_pct:.0} % ({:.3} us/delivery, {:.1} us/event), tool CPU {tool_pct:.0} %",
+            per(server, deliveries),
+            per(server, events)
+        );
+        if CLUSTER.get().is_some() {
+            let nats = self.nats.map(|(pid, start)| cpu_seconds(pid) - start);
+            let nats_pct = nats.map(|cpu| (100.0 * cpu / wall).round());
+            fields = merged(
+                fields,
+                json!({"nodes": self.servers.len(), "nats_cpu_s": nats, "nats_cpu_pct": nats_pct,
+                       "nats_cpu_us_per_delivery": nats.map(|cpu| per(cpu, deliveries)),
+                       "nats_cpu_us_per_event": nats.map(|cpu| per(cpu, events))}),
+            );
+            summary.push_str(&match nats {
+                Some(cpu) => format!(
+                    ", nats CPU {:.0} % ({:.3} us/delivery, {:.1} us/event)",
+                    100.0 * cpu / wall,
+                    per(cpu, deliveries),
+                    per(cpu, events)
+                ),
+                None => ", nats cpu: n/a".to_owned(),
+            });
+        }
+        (fields, summary)
+    }
+}
+
+/// The pid of the `nats-server` process listening on `url`'s port (found
+/// through /proc: the listening socket's inode among its open files), or
+/// the only `nats-server` there is; best effort.
+fn nats_pid(url: &str) -> Option<u32> {
+    let port = url
+        .rsplit_once(':')
+        .and_then(|(_, rest)| rest.split('/').next()?.parse::<u16>().ok())
+        .unwrap_or(4222);
+    // /proc/net/tcp*: `sl local_address rem_address st ... inode`, the
+    // port in hex after the colon, state 0A = LISTEN.
+    let sockets: Vec<String> = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+        .flat_map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .filter_map(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    let local_port = fields.get(1)?.rsplit_once(':')?.1;
+                    if u16::from_str_radix(local_port, 16).ok()? != port || *fields.get(3)? != "0A"
+                    {
+                        return None;
+                    }
+                    Some(format!("socket:[{}]", fields.get(9)?))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let servers: Vec<u32> = std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim_end() == "nats-server")
+        })
+        .collect();
+    let listening = servers.iter().copied().find(|pid| {
+        std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+            fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+                .any(|target| sockets.iter().any(|s| target.as_os_str() == s.as_str()))
+        })
+    });
+    match (listening, servers.as_slice()) {
+        (Some(pid), _) => Some(pid),
+        (None, [only]) => Some(*only),
+        (None, _) => None,
     }
 }
 
@@ -1288,8 +1537,9 @@ async fn fanout(kind: Kind, run: Fanout) -> Result<()> {
         Kind::Gateway => database.label(),
     };
     let label = format!(
-        "fanout {} C={clients} members={members} db={db}",
-        kind.name()
+        "fanout {} C={clients} members={members} db={db}{}",
+        kind.name(),
+        nodes_label()
     );
     eprintln!("{label}: starting");
     let server = Server::start(kind, database, Seed::OneChannel { members, probes: 0 }).await?;
@@ -1372,7 +1622,11 @@ fn progress_task(
 }
 
 async fn latency(kind: Kind, clients: usize, rate: u64, seconds: u64) -> Result<()> {
-    let label = format!("latency {} C={clients} at {rate}/s", kind.name());
+    let label = format!(
+        "latency {} C={clients} at {rate}/s{}",
+        kind.name(),
+        nodes_label()
+    );
     eprintln!("{label}: starting");
     let events = usize::try_from(rate * seconds)?;
     let seed = Seed::OneChannel {
@@ -1402,21 +1656,44 @@ async fn latency(kind: Kind, clients: usize, rate: u64, seconds: u64) -> Result<
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let (cpu_fields, cpu_summary) = cpu.finish(tally.frames(), acked as u64);
+    // Subscribers on node 1, which takes the dispatch, and on the others.
+    let (same, other): (Vec<_>, Vec<_>) = readers
+        .into_iter()
+        .enumerate()
+        .partition(|(i, _)| server.node_of(*i) == 0);
+    let split = !other.is_empty();
     drop(server);
-    let samples = collect_samples(readers).await;
+    let same = collect_samples(same.into_iter().map(|(_, r)| r).collect()).await;
+    let other = collect_samples(other.into_iter().map(|(_, r)| r).collect()).await;
+    let mut samples = [same.as_slice(), other.as_slice()].concat();
+    samples.sort_unstable();
     ack_us.sort_unstable();
     let (p50, p99, max) = percentiles(&samples);
     let (ack_p50, ack_p99, ack_max) = percentiles(&ack_us);
     let lost = (acked * clients).saturating_sub(samples.len());
+    let mut line = json!({"workload": "latency", "target": kind.name(), "clients": clients, "rate": rate, "events": events,
+           "acked": acked, "samples": samples.len(), "lost_frames": lost, "p50_ms": p50, "p99_ms": p99, "max_ms": max,
+           "ack_p50_ms": ack_p50, "ack_p99_ms": ack_p99, "ack_max_ms": ack_max});
+    let mut nodes_summary = String::new();
+    if split {
+        let (same_p50, same_p99, same_max) = percentiles(&same);
+        let (other_p50, other_p99, other_max) = percentiles(&other);
+        line = merged(
+            line,
+            json!({"same_node_samples": same.len(), "same_node_p50_ms": same_p50,
+                   "same_node_p99_ms": same_p99, "same_node_max_ms": same_max,
+                   "other_nodes_samples": other.len(), "other_nodes_p50_ms": other_p50,
+                   "other_nodes_p99_ms": other_p99, "other_nodes_max_ms": other_max}),
+        );
+        nodes_summary = format!(
+            " [same node as the dispatch: p50 {same_p50:.2}, p99 {same_p99:.2}, max {same_max:.2} ms; \
+             other nodes: p50 {other_p50:.2}, p99 {other_p99:.2}, max {other_max:.2} ms]"
+        );
+    }
     report(
-        merged(
-            json!({"workload": "latency", "target": kind.name(), "clients": clients, "rate": rate, "events": events,
-                   "acked": acked, "samples": samples.len(), "lost_frames": lost, "p50_ms": p50, "p99_ms": p99, "max_ms": max,
-                   "ack_p50_ms": ack_p50, "ack_p99_ms": ack_p99, "ack_max_ms": ack_max}),
-            cpu_fields,
-        ),
+        merged(line, cpu_fields),
         format!(
-            "{label}: p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms (acks p50 {ack_p50:.2}, p99 {ack_p99:.2} ms), lost {lost}; {cpu_summary}"
+            "{label}: p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms{nodes_summary} (acks p50 {ack_p50:.2}, p99 {ack_p99:.2} ms), lost {lost}; {cpu_summary}"
         ),
     );
     Ok(())
@@ -1804,7 +2081,7 @@ async fn connects(clients: usize, sequential: usize, concurrency: usize) -> Resu
     } else {
         "single"
     };
-    let label = format!("connects {mode} C={clients}");
+    let label = format!("connects {mode} C={clients}{}", nodes_label());
     eprintln!("{label}: starting");
     let seed = Seed::OneChannel {
         members: clients.max(sequential),
@@ -1849,16 +2126,13 @@ async fn connects(clients: usize, sequential: usize, concurrency: usize) -> Resu
     let rate = open.len() as f64 / started.elapsed().as_secs_f64();
     drop(open);
     report(
-        json!({"workload": "connects", "mode": mode, "sequential": sequential, "p50_ms": p50, "p99_ms": p99,
+        json!({"workload": "connects", "mode": mode, "nodes": NODES.load(Ordering::Relaxed), "sequential": sequential, "p50_ms": p50, "p99_ms": p99,
                "max_ms": max, "clients": clients, "concurrency": concurrency, "connects_per_s": rate, "errors": errors}),
         format!(
             "{label}: one at a time p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms; {concurrency} in flight: {rate:.0} connects/s ({errors} errors)"
         ),
     );
-    match Arc::try_unwrap(server) {
-        Ok(server) => server.finish().await,
-        Err(_) => Ok(()),
-    }
+    Ok(())
 }
 
 /// p50, p99 and max of sorted microsecond samples, in milliseconds.
