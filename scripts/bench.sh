@@ -34,7 +34,7 @@ nats=nats://127.0.0.1:4222
 "$bench" --target gateway fanout --clients 1000 --database postgres --seconds 10 | tee -a "$out"
 "$bench" --target gateway --cluster "$nats" fanout --clients 1000 --seconds 10 | tee -a "$out"
 "$bench" --target gateway --cluster "$nats" --nodes 3 fanout --clients 1000 --seconds 10 | tee -a "$out"
-"$bench" --target gateway latency --clients 1000 --rate 200 --seconds 10 | tee -a "$out"
+"$bench" --target gateway latency --clients 1000 --rate 200 --seconds 10 --database postgres | tee -a "$out"
 "$bench" --target gateway --cluster "$nats" --nodes 3 latency --clients 1000 --rate 200 --seconds 10 | tee -a "$out"
 "$bench" --target gateway connects --clients 2000 | tee -a "$out"
 "$bench" --target gateway --cluster "$nats" --nodes 3 connects --clients 2000 | tee -a "$out"

@@ -6,7 +6,7 @@
 //! ```sh
 //! cargo build --release --bins
 //! target/release/bench fanout --clients 100,1000,5000 [--members 10000] [--database postgres]
-//! target/release/bench latency --clients 1000 --rate 200
+//! target/release/bench latency --clients 1000 --rate 200 [--database postgres]
 //! target/release/bench --target gateway chat [--database postgres]
 //! target/release/bench storm --clients 10000
 //! target/release/bench idle --sessions 10000
@@ -135,6 +135,8 @@ enum Workload {
         rate: u64,
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        #[arg(long, value_enum, default_value = "sqlite")]
+        database: Database,
     },
     /// The chat mix: 10,000 sessions of 5,000 users in 2,020 channels;
     /// saturation events/s, then latency at half of it (gateway only).
@@ -281,9 +283,10 @@ async fn main() -> Result<()> {
             clients,
             rate,
             seconds,
+            database,
         } => {
             for kind in &targets {
-                latency(*kind, clients, rate, seconds).await?;
+                latency(*kind, clients, rate, seconds, database).await?;
             }
         }
         Workload::Chat { seconds, database } => chat(seconds, database).await?,
@@ -1621,9 +1624,19 @@ fn progress_task(
     })
 }
 
-async fn latency(kind: Kind, clients: usize, rate: u64, seconds: u64) -> Result<()> {
+async fn latency(
+    kind: Kind,
+    clients: usize,
+    rate: u64,
+    seconds: u64,
+    database: Database,
+) -> Result<()> {
+    let db = match kind {
+        Kind::Baseline => "none",
+        Kind::Gateway => database.label(),
+    };
     let label = format!(
-        "latency {} C={clients} at {rate}/s{}",
+        "latency {} C={clients} at {rate}/s db={db}{}",
         kind.name(),
         nodes_label()
     );
@@ -1633,7 +1646,7 @@ async fn latency(kind: Kind, clients: usize, rate: u64, seconds: u64) -> Result<
         members: clients,
         probes: events,
     };
-    let server = Server::start(kind, Database::Sqlite, seed).await?;
+    let server = Server::start(kind, database, seed).await?;
     let sessions = subscribe_all(&server, clients).await?;
     let tally = Tally::new();
     let book = Arc::new(LatencyBook {
