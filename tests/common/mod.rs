@@ -7,6 +7,7 @@
 pub mod client;
 pub mod cluster;
 pub mod dispatch;
+pub mod load;
 pub mod proxy;
 pub mod tls;
 
