@@ -2,7 +2,8 @@
 //! handlers and the misbehaving test plugins, built from source by
 //! `scripts/build-lang-plugins.sh` (componentize-js, componentize-py),
 //! routed in a real `serve` process and driven through the dispatch socket
-//! exactly like the Rust handler.
+//! exactly like the Rust handler; and `dev`'s save-to-live loop for all
+//! three languages, one message at a time and under pipelined load.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

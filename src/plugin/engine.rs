@@ -475,8 +475,8 @@ mod tests {
         );
         cache.use_dir(Some(root.path()));
         assert!(cache.get(b"k1").is_none());
-        for (n, key) in [b"k1", b"k2", b"k3"].into_iter().enumerate() {
-            assert!(cache.insert(key, vec![n as u8; 100]));
+        for (key, byte) in [(b"k1", 0u8), (b"k2", 1), (b"k3", 2)] {
+            assert!(cache.insert(key, vec![byte; 100]));
         }
         assert_eq!(cache.get(b"k2").as_deref(), Some(&[1u8; 100][..]));
         assert_eq!(cache.counts(), (2, 1));
