@@ -28,9 +28,9 @@ const PING_EVERY: Duration = Duration::from_secs(5);
 /// The events and the swap: `t`/`d` is every event (each gets an event id
 /// of its own); `swap` is made once [`BEFORE`] events are acked; `landed`
 /// tells whether the new version is in (polled every 50 acks; every event
-/// sent after it says so must run on the new version), and must within
-/// `within` of the swap. `version` names a frame's version (0 old, 1 new;
-/// `None`: a frame neither version produces).
+/// sent after it says so must run on the new version), and must say so
+/// within `within` of the swap. `version` names a frame's version (0 old,
+/// 1 new; `None`: a frame neither version produces).
 pub struct Swap<S, L> {
     pub t: &'static str,
     pub d: Value,
