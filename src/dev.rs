@@ -243,9 +243,14 @@ impl Builder {
     }
 
     /// Whether saving `path` calls for this rebuild. Build outputs and
-    /// toolchains never do: a build writes them.
+    /// toolchains never do: a build writes them. Only the part of the
+    /// path inside the sources folder is checked, so a project that sits
+    /// under a folder named like one (`…/target/…`) still rebuilds.
     fn rebuilds_on(&self, path: &Path) -> bool {
-        let generated = path.components().any(|c| {
+        let Ok(inside) = path.strip_prefix(self.sources()) else {
+            return false;
+        };
+        let generated = inside.components().any(|c| {
             ["target", "node_modules", ".toolchain", "__pycache__"]
                 .iter()
                 .any(|skip| c.as_os_str() == *skip)
@@ -258,7 +263,7 @@ impl Builder {
             .extension()
             .and_then(|x| x.to_str())
             .is_some_and(|x| extensions.contains(&x));
-        source && !generated && path.starts_with(self.sources())
+        source && !generated
     }
 
     /// Builds, then puts each changed routed component in place (the build
@@ -469,4 +474,27 @@ fn copy_if_changed(workspace: &Path, plugin: &Path) -> Result<bool, DevError> {
 pub fn build_plugin(workspace: &Path, plugin: &Path) -> Result<(), DevError> {
     cargo_build(workspace)?;
     copy_if_changed(workspace, plugin).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_rebuild_and_outputs_do_not_wherever_the_project_sits() {
+        let cargo = Builder::Cargo(PathBuf::from("/work/target/project/plugins"));
+        assert!(cargo.rebuilds_on(Path::new("/work/target/project/plugins/handler/src/lib.rs")));
+        assert!(!cargo.rebuilds_on(Path::new(
+            "/work/target/project/plugins/target/release/build/x/out.rs"
+        )));
+        assert!(!cargo.rebuilds_on(Path::new("/work/target/project/plugins/handler/notes.md")));
+        assert!(!cargo.rebuilds_on(Path::new("/elsewhere/src/lib.rs")));
+        let lang = Builder::Lang {
+            root: PathBuf::from("/work/target/p"),
+            name: "h".to_owned(),
+        };
+        assert!(lang.rebuilds_on(Path::new("/work/target/p/plugins/h/handler.js")));
+        assert!(!lang.rebuilds_on(Path::new("/work/target/p/plugins/h/node_modules/x.js")));
+        assert!(!lang.rebuilds_on(Path::new("/work/target/p/plugins/other/app.py")));
+    }
 }

@@ -2,7 +2,8 @@
 //! handlers and the misbehaving test plugins, built from source by
 //! `scripts/build-lang-plugins.sh` (componentize-js, componentize-py),
 //! routed in a real `serve` process and driven through the dispatch socket
-//! exactly like the Rust handler.
+//! exactly like the Rust handler; and `dev`'s save-to-live loop for all
+//! three languages, one message at a time and under pipelined load.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::client::Client;
 use common::dispatch::{DispatchClient, Seed};
+use common::load::{Swap, load_through_swap};
 use common::{Gateway, Setup, plugin, plugin_cache, test_plugin};
 use serde_json::{Value, json};
 
@@ -319,7 +321,9 @@ async fn new_plugin_scaffolds_builds_and_routes_a_js_handler() {
     assert!(!root.join("plugins/ok_name").exists());
 }
 
-/// Copies a folder, leaving out build outputs and toolchains.
+/// Copies a folder, leaving out build outputs and toolchains. A file that
+/// is already there with the same bytes is left alone, so its timestamp
+/// keeps a cargo build over it fresh.
 fn copy_sources(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
@@ -334,8 +338,15 @@ fn copy_sources(from: &std::path::Path, to: &std::path::Path) {
         if entry.file_type().unwrap().is_dir() {
             copy_sources(&entry.path(), &to.join(&*name));
         } else {
-            std::fs::copy(entry.path(), to.join(&*name)).unwrap();
+            write_if_changed(&to.join(&*name), &std::fs::read(entry.path()).unwrap());
         }
+    }
+}
+
+/// Writes `bytes` to `path` unless it holds them already.
+fn write_if_changed(path: &std::path::Path, bytes: &[u8]) {
+    if std::fs::read(path).ok().as_deref() != Some(bytes) {
+        std::fs::write(path, bytes).unwrap();
     }
 }
 
@@ -546,6 +557,172 @@ async fn dev_serves_a_saved_js_handler() {
 #[tokio::test]
 async fn dev_serves_a_saved_python_handler() {
     dev_serves_a_saved_handler(Lang::Python).await;
+}
+
+/// `dev`'s swap under load: `dev` routes `EVENT_MESSAGE_CREATE` to `wasm`
+/// (with `route`'s lines: a deadline no busy machine reaches), and
+/// thousands of events about one seeded message are pipelined on its
+/// dispatch listener while the test saves an edit to `source` that renames
+/// the delivered frame (`delivered`, the text naming `MESSAGE_CREATE`).
+/// Every event is acked successfully and delivered exactly once, by the old
+/// or the new code, and the new code serves the tail.
+async fn dev_swaps_under_load(
+    mut setup: Setup,
+    wasm: &std::path::Path,
+    route: &str,
+    source: &std::path::Path,
+    delivered: &str,
+) {
+    setup.set("sessions", "outbound_queue", "100000");
+    setup.route("EVENT_MESSAGE_CREATE", wasm, route);
+    let dev = setup.start_verb("dev");
+    // `dev` seeded users 1 and 2 in channel 1.
+    Seed::open(&setup)
+        .await
+        .message(3, 1, 1, "under load", Some("n3"))
+        .await;
+    let bob = Client::connect(dev.client, 2).await;
+    let backend = DispatchClient::connect(dev.dispatch).await;
+
+    // A new name on every run: the builds skip sources they have built.
+    let renamed = format!("MESSAGE_SAVED_{}", rand::random::<u32>());
+    let text = std::fs::read_to_string(source).unwrap();
+    let edited = text.replace(delivered, &delivered.replace("MESSAGE_CREATE", &renamed));
+    assert_ne!(text, edited);
+    let label = format!(
+        "plugin=\"{}\",result=\"ok\"",
+        wasm.file_name().unwrap().to_string_lossy()
+    );
+    let swap = Swap {
+        t: "EVENT_MESSAGE_CREATE",
+        d: json!({"id": "3", "channel_id": "1"}),
+        swap: || std::fs::write(source, edited).unwrap(),
+        landed: async || dev.metric("otako_plugin_reloads_total", &label).await == 2.0,
+        within: Duration::from_secs(180),
+        version: |frame| {
+            let t = frame["t"].as_str()?;
+            (frame["d"]["id"] == "3").then_some(())?;
+            if t == "MESSAGE_CREATE" {
+                Some(0)
+            } else {
+                t.starts_with("MESSAGE_SAVED_").then_some(1)
+            }
+        },
+    };
+    let took = load_through_swap(bob, backend, swap).await;
+    let file = source.file_name().unwrap().to_string_lossy();
+    println!("save -> serving ({file}, under load): {took:.1?}");
+    let log = dev.log();
+    let steps: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            ["dev: plugins rebuilt", "plugin compiled", "plugin loaded"]
+                .iter()
+                .any(|step| l.contains(step))
+        })
+        .collect();
+    assert!(
+        steps.iter().any(|l| l.contains("dev: plugins rebuilt")),
+        "{log}"
+    );
+    println!("{}", steps.join("\n"));
+    assert!(dev.stop().success());
+}
+
+/// [`dev_swaps_under_load`] for a JavaScript or Python handler: a copy of
+/// the MESSAGE_CREATE handler in the `dev` project, rebuilt by
+/// `scripts/build-lang-plugins.sh` when its `handler.js`/`app.py` is saved.
+async fn dev_swaps_a_lang_handler_under_load(lang: Lang) {
+    let setup = project();
+    let root = setup.dir.path().to_path_buf();
+    let name = format!("loaded_{}", lang.handler());
+    let source = root.join("plugins").join(&name);
+    copy_sources(
+        &common::repo().join("plugins").join(lang.handler()),
+        &source,
+    );
+    let wasm = root.join(format!("plugins/{name}.wasm"));
+    std::fs::copy(plugin(lang.handler()), &wasm).unwrap();
+    let (file, delivered) = match lang {
+        Lang::Js => ("handler.js", "event: \"MESSAGE_CREATE\","),
+        Lang::Python => ("app.py", "event=\"MESSAGE_CREATE\","),
+    };
+    let route = lang
+        .limits()
+        .replace("timeout_ms = 200", "timeout_ms = 5000");
+    dev_swaps_under_load(setup, &wasm, &route, &source.join(file), delivered).await;
+}
+
+// Multi-threaded so the client keeps up with the backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_swaps_a_saved_js_handler_under_load() {
+    dev_swaps_a_lang_handler_under_load(Lang::Js).await;
+}
+
+// Multi-threaded so the client keeps up with the backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_swaps_a_saved_python_handler_under_load() {
+    dev_swaps_a_lang_handler_under_load(Lang::Python).await;
+}
+
+/// [`dev_swaps_under_load`] for the Rust handler: `dev` routes
+/// `plugins/message_create.wasm` of a plugins workspace holding the SDK and
+/// the handler, and rebuilds it with an incremental cargo build when its
+/// `src/lib.rs` is saved. The workspace sits at a fixed place under
+/// `target/` and keeps its cargo target folder between runs (the first run
+/// builds the guest dependencies cold, for minutes; later ones only the
+/// handler), since cargo rebuilds what it finds at a new path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_swaps_a_saved_rust_handler_under_load() {
+    let setup = setup();
+    let repo = common::repo();
+    let project = repo.join("target/dev-rust-project");
+    let plugins = project.join("plugins");
+    for krate in ["sdk", "messages", "message_create"] {
+        copy_sources(&repo.join("plugins").join(krate), &plugins.join(krate));
+    }
+    let manifest = std::fs::read_to_string(repo.join("plugins/Cargo.toml")).unwrap();
+    let members = manifest
+        .split_once("members = [")
+        .and_then(|(_, rest)| rest.split_once(']'))
+        .unwrap()
+        .0;
+    let manifest = manifest.replace(
+        members,
+        "\n    \"sdk\",\n    \"messages\",\n    \"message_create\",\n",
+    );
+    write_if_changed(&plugins.join("Cargo.toml"), manifest.as_bytes());
+    write_if_changed(
+        &plugins.join("Cargo.lock"),
+        &std::fs::read(repo.join("plugins/Cargo.lock")).unwrap(),
+    );
+    if !project.join("wit").exists() {
+        std::os::unix::fs::symlink(repo.join("wit"), project.join("wit")).unwrap();
+    }
+    // Warm the build before `dev` starts (cold, the first time: minutes),
+    // with the very command `dev` runs on a save.
+    let built = Instant::now();
+    let status = std::process::Command::new("cargo")
+        .args(["build", "--quiet", "--target", "wasm32-wasip2", "--release"])
+        .arg("--manifest-path")
+        .arg(plugins.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(plugins.join("target"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    println!("warm-up cargo build: {:.1?}", built.elapsed());
+    // Missing: `dev` puts the built component in place.
+    let wasm = plugins.join("message_create.wasm");
+    let _ = std::fs::remove_file(&wasm);
+    dev_swaps_under_load(
+        setup,
+        &wasm,
+        "timeout_ms = 5000",
+        &plugins.join("message_create/src/lib.rs"),
+        "\"MESSAGE_CREATE\",",
+    )
+    .await;
 }
 
 /// Resident memory per idle instance, by language (the BENCHMARKS.md

@@ -8,16 +8,13 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::client::Client;
 use common::dispatch::{DispatchClient, Seed};
+use common::load::{Swap, load_through_swap};
 use common::{Gateway, Setup, test_plugin};
-use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::Message;
 
 /// The gateway's debounce is 100 ms: "settled" means no change for this long.
 const SETTLE: Duration = Duration::from_millis(700);
@@ -263,120 +260,6 @@ async fn a_reload_whose_plugin_fails_changes_nothing() {
     }
 }
 
-/// Pipelines events on one dispatch connection until `swap` has been
-/// made and `AFTER` more events were sent after it reloaded, then checks
-/// that every event was acked successfully and delivered exactly once,
-/// each frame from exactly one version. `version` names a frame's version
-/// (0 old, 1 new; `None`: a frame neither version produces).
-async fn load_through_swap(
-    gateway: &Gateway,
-    client: Client,
-    backend: DispatchClient,
-    swap: impl FnOnce(),
-    version: fn(&Value) -> Option<usize>,
-) {
-    const CAP: u64 = 30_000;
-    const BEFORE: u64 = 500;
-    const AFTER: u64 = 500;
-    /// Events sent but not yet acked: thousands in flight, yet few enough
-    /// that the writer stops soon after it is told to.
-    const WINDOW: usize = 2_000;
-    let stop = Arc::new(AtomicBool::new(false));
-    let sent = Arc::new(AtomicU64::new(0));
-    let window = Arc::new(tokio::sync::Semaphore::new(WINDOW));
-    let (mut write, mut read) = backend.ws.split();
-    let writer = {
-        let (stop, sent, window) = (stop.clone(), sent.clone(), window.clone());
-        tokio::spawn(async move {
-            let mut n = 0;
-            while n < CAP && !stop.load(Ordering::Relaxed) {
-                if window.available_permits() == 0 {
-                    write.flush().await.unwrap();
-                }
-                window.acquire().await.unwrap().forget();
-                n += 1;
-                let frame = json!({"t": "EVENT_X", "d": {"user_id": "10"}, "op": 0, "s": n, "event_id": format!("l-{n}")});
-                write.feed(Message::text(frame.to_string())).await.unwrap();
-                if n % 32 == 0 {
-                    write.flush().await.unwrap();
-                }
-                sent.store(n, Ordering::Relaxed);
-            }
-            write.flush().await.unwrap();
-            n
-        })
-    };
-    // Frames by version; the reader stops once it has one per event sent.
-    let expected = Arc::new(AtomicU64::new(u64::MAX));
-    let frames = {
-        let expected = expected.clone();
-        let mut client = client;
-        tokio::spawn(async move {
-            let mut seen = [0u64; 2];
-            while seen[0] + seen[1] < expected.load(Ordering::Relaxed) {
-                // Short waits, so the loop sees `expected` once it is known.
-                let Ok(frame) =
-                    tokio::time::timeout(Duration::from_millis(100), client.next()).await
-                else {
-                    continue;
-                };
-                let v = version(&frame).unwrap_or_else(|| panic!("a frame of no version: {frame}"));
-                seen[v] += 1;
-            }
-            client.expect_silence(Duration::from_millis(200)).await;
-            seen
-        })
-    };
-
-    let mut acks = 0u64;
-    let mut swap = Some(swap);
-    // Events sent when the new version was in: every later one runs on it.
-    let mut landed_at = None;
-    while !(writer.is_finished() && acks == sent.load(Ordering::Relaxed)) {
-        let message = tokio::time::timeout(Duration::from_secs(20), read.next())
-            .await
-            .expect("no ack in 20 s")
-            .unwrap()
-            .unwrap();
-        let Message::Text(text) = message else {
-            continue;
-        };
-        let ack: Value = serde_json::from_str(&text).unwrap();
-        assert_eq!(ack["t"], "EVENT_ROUNDTRIP", "{ack}");
-        assert_eq!(
-            ack["success"], true,
-            "an event failed during the swap: {ack}"
-        );
-        acks += 1;
-        window.add_permits(1);
-        if acks == BEFORE {
-            swap.take().unwrap()();
-        }
-        if swap.is_none()
-            && landed_at.is_none()
-            && acks.is_multiple_of(50)
-            && reloads(gateway, "ok").await == 2.0
-        {
-            landed_at = Some(sent.load(Ordering::Relaxed));
-        }
-        if landed_at.is_some_and(|at| sent.load(Ordering::Relaxed) >= at + AFTER) {
-            stop.store(true, Ordering::Relaxed);
-        }
-    }
-    let total = writer.await.unwrap();
-    assert!(swap.is_none(), "only {total} events were sent");
-    assert!(total < CAP, "the new version never served {AFTER} events");
-    expected.store(total, Ordering::Relaxed);
-    let seen = tokio::time::timeout(Duration::from_secs(30), frames)
-        .await
-        .expect("frames missing")
-        .unwrap();
-    assert_eq!(seen[0] + seen[1], total, "one frame per event");
-    assert!(seen[0] >= BEFORE, "{seen:?}");
-    assert!(seen[1] >= AFTER, "{seen:?}");
-    eprintln!("{total} events: {seen:?}");
-}
-
 // Multi-threaded so the client keeps up with the backend.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_in_flight_during_a_config_swap_finish_on_their_version() {
@@ -385,18 +268,19 @@ async fn events_in_flight_during_a_config_swap_finish_on_their_version() {
     let (_plugin, gateway, client, backend) =
         start_with(&mut setup, "config_echo_plugin", &load_route(1)).await;
     let config = setup.config_path();
-    load_through_swap(
-        &gateway,
-        client,
-        backend,
-        move || {
+    let swap = Swap {
+        t: "EVENT_X",
+        d: json!({"user_id": "10"}),
+        landed: async || reloads(&gateway, "ok").await == 2.0,
+        within: Duration::from_secs(15),
+        swap: move || {
             let text = std::fs::read_to_string(&config).unwrap();
             save(
                 &config,
                 text.replace(&echo_config(1), &echo_config(2)).as_bytes(),
             );
         },
-        |frame| match (
+        version: |frame| match (
             frame["d"]["greeting"].as_str(),
             frame["d"]["max_content_len"].as_str(),
         ) {
@@ -404,8 +288,8 @@ async fn events_in_flight_during_a_config_swap_finish_on_their_version() {
             (Some("v2"), Some("200")) => Some(1),
             _ => None,
         },
-    )
-    .await;
+    };
+    load_through_swap(client, backend, swap).await;
     expect_reloads(&gateway, "ok", 2.0).await;
 }
 
@@ -416,23 +300,24 @@ async fn events_in_flight_during_a_plugin_swap_finish_on_their_version() {
     setup.set("sessions", "outbound_queue", "100000");
     let (plugin, gateway, client, backend) =
         start_with(&mut setup, "noop_plugin", &load_route(1)).await;
-    load_through_swap(
-        &gateway,
-        client,
-        backend,
-        move || {
+    let swap = Swap {
+        t: "EVENT_X",
+        d: json!({"user_id": "10"}),
+        landed: async || reloads(&gateway, "ok").await == 2.0,
+        within: Duration::from_secs(15),
+        swap: move || {
             save(
                 &plugin,
                 &std::fs::read(test_plugin("config_echo_plugin")).unwrap(),
             )
         },
-        |frame| match (frame["t"].as_str(), frame["d"]["greeting"].as_str()) {
+        version: |frame| match (frame["t"].as_str(), frame["d"]["greeting"].as_str()) {
             (Some("NOOP"), None) => Some(0),
             (Some("CONFIG_ECHO"), Some("v1")) => Some(1),
             _ => None,
         },
-    )
-    .await;
+    };
+    load_through_swap(client, backend, swap).await;
     expect_reloads(&gateway, "ok", 2.0).await;
 }
 

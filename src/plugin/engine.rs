@@ -1,14 +1,19 @@
 //! The wasmtime engine every plugin runs on: its configuration (pooling
 //! allocator, epoch interruption), the epoch ticker, the linker, and
-//! compilation with an on-disk cache of compiled code.
+//! compilation with an on-disk cache of compiled code, whole components
+//! and single functions.
 
+use std::borrow::Cow;
 use std::hash::{Hash, Hasher};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime::{CacheStore, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::bindings::{Plugin, PluginPre};
 use super::host::HostState;
@@ -77,7 +82,8 @@ pub(crate) fn idle_per_route(max_live: usize, instance_bytes: usize) -> usize {
 #[derive(Clone)]
 pub(crate) struct PluginEngine {
     pub engine: Engine,
-    pub linker: std::sync::Arc<Linker<HostState>>,
+    pub linker: Arc<Linker<HostState>>,
+    functions: Arc<FunctionCache>,
 }
 
 impl PluginEngine {
@@ -95,7 +101,9 @@ impl PluginEngine {
             .max_memories_per_component(1)
             .max_tables_per_component(8)
             .max_memory_size(MAX_MEMORY_MB as usize * 1024 * 1024);
+        let functions = Arc::new(FunctionCache::default());
         let mut config = Config::new();
+        config.enable_incremental_compilation(functions.clone())?;
         config
             .epoch_interruption(true)
             // No WIT `async func`s or streams: without the component-model
@@ -111,7 +119,8 @@ impl PluginEngine {
         Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
         Ok(PluginEngine {
             engine,
-            linker: std::sync::Arc::new(linker),
+            linker: Arc::new(linker),
+            functions,
         })
     }
 
@@ -130,7 +139,17 @@ impl PluginEngine {
         let component = match cached {
             Some(component) => component,
             None => {
+                self.functions.use_dir(cache_dir);
+                let (lookups, hits) = self.functions.counts();
                 let component = Component::new(&self.engine, bytes).map_err(|e| chain(&e))?;
+                let (now_lookups, now_hits) = self.functions.counts();
+                // Approximate when other plugins compile at the same time.
+                tracing::debug!(
+                    took = ?started.elapsed(),
+                    functions = now_lookups - lookups,
+                    reused = now_hits - hits,
+                    "plugin compiled"
+                );
                 if let (Some(dir), Some(file)) = (cache_dir, &cache_file) {
                     store_cached(dir, file, &component);
                 }
@@ -184,29 +203,183 @@ impl PluginEngine {
     }
 }
 
-/// Writes a cache entry through a temporary file and a rename, so a reader
-/// never sees half a file. Failures only cost the next start a compile.
+/// Writes a cache entry. Failures only cost the next start a compile.
 fn store_cached(dir: &Path, file: &Path, component: &Component) {
-    let result = (|| -> Result<(), String> {
-        let bytes = component.serialize().map_err(|e| chain(&e))?;
-        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-        let tmp = dir.join(format!(
-            ".{}.{}.{}.tmp",
-            file.file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("plugin"),
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::write(&tmp, bytes).map_err(|e| e.to_string())?;
-        std::fs::rename(&tmp, file).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            e.to_string()
-        })
-    })();
+    let result = component
+        .serialize()
+        .map_err(|e| chain(&e))
+        .and_then(|bytes| write_atomically(file, &bytes));
     if let Err(err) = result {
         tracing::warn!(dir = %dir.display(), error = %err, "cannot cache compiled plugin code");
     }
+}
+
+/// Writes `file` through a temporary file and a rename, so a reader never
+/// sees half a file.
+fn write_atomically(file: &Path, bytes: &[u8]) -> Result<(), String> {
+    let dir = file.parent().ok_or("no parent folder")?;
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let tmp = dir.join(format!(
+        ".{}.{}.{}.tmp",
+        file.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("plugin"),
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::write(&tmp, bytes).map_err(|e| e.to_string())?;
+    std::fs::rename(&tmp, file).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        e.to_string()
+    })
+}
+
+/// Cranelift's incremental compilation cache, on disk under the
+/// compiled-code cache folder: one file per compiled function, named by
+/// the hash of the function's IR and the target. A JS or Python component
+/// rebuilt around an edited handler is new bytes, so the whole-component
+/// cache misses, but its runtime's functions are unchanged (only the
+/// snapshot data differs): they come from here instead of cranelift.
+///
+/// On disk rather than in memory: the version being replaced was usually
+/// loaded from the compiled-code cache, so this process never compiled
+/// its functions, and the entries must outlive restarts of `dev`. Bounded
+/// by [`FUNCTION_CACHE_BYTES`]: past it, the least recently used entries
+/// go. A failure to read or write only costs a compile.
+#[derive(Debug, Default)]
+pub(crate) struct FunctionCache {
+    dir: Mutex<Option<FunctionDir>>,
+    /// Lookups and hits since the engine started, for the compile log.
+    lookups: AtomicU64,
+    hits: AtomicU64,
+}
+
+/// Largest size of the function cache folder.
+pub(crate) const FUNCTION_CACHE_BYTES: u64 = 512 * 1024 * 1024;
+
+#[derive(Debug)]
+struct FunctionDir {
+    path: PathBuf,
+    /// Size of the entries, as counted at first use plus those written.
+    bytes: u64,
+    /// Whether a failed write was logged (once per folder, not per function).
+    warned: bool,
+}
+
+impl FunctionCache {
+    /// Caches under `cache_dir` (the compiled-code cache folder, which a
+    /// reload may change), or nowhere.
+    fn use_dir(&self, cache_dir: Option<&Path>) {
+        let path = cache_dir.map(|dir| dir.join(format!("functions-{WASMTIME_VERSION}")));
+        let mut dir = lock(&self.dir);
+        if dir.as_ref().map(|d| &d.path) != path.as_ref() {
+            *dir = path.map(|path| FunctionDir {
+                bytes: entries(&path).iter().map(|e| e.1).sum(),
+                path,
+                warned: false,
+            });
+        }
+    }
+
+    fn file(&self, key: &[u8]) -> Option<PathBuf> {
+        let name = hex(key);
+        let dir = lock(&self.dir).as_ref()?.path.join(name.get(..2)?);
+        Some(dir.join(name.get(2..)?))
+    }
+
+    /// (lookups, hits) so far.
+    fn counts(&self) -> (u64, u64) {
+        (
+            self.lookups.load(Ordering::Relaxed),
+            self.hits.load(Ordering::Relaxed),
+        )
+    }
+}
+
+impl CacheStore for FunctionCache {
+    fn get(&self, key: &[u8]) -> Option<Cow<'_, [u8]>> {
+        self.lookups.fetch_add(1, Ordering::Relaxed);
+        let file = self.file(key)?;
+        let mut opened = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open(file)
+            .ok()?;
+        let mut bytes = Vec::new();
+        opened.read_to_end(&mut bytes).ok()?;
+        // The timestamp is the entry's last use, for the eviction order.
+        let _ = opened.set_modified(SystemTime::now());
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        Some(Cow::Owned(bytes))
+    }
+
+    fn insert(&self, key: &[u8], value: Vec<u8>) -> bool {
+        let Some(file) = self.file(key) else {
+            return false;
+        };
+        let len = value.len() as u64;
+        let written = write_atomically(&file, &value);
+        let mut dir = lock(&self.dir);
+        let Some(dir) = dir.as_mut() else {
+            return false;
+        };
+        if let Err(err) = written {
+            if !dir.warned {
+                dir.warned = true;
+                tracing::warn!(dir = %dir.path.display(), error = %err, "cannot cache compiled functions; reloads of big plugins compile in full");
+            }
+            return false;
+        }
+        dir.bytes += len;
+        if dir.bytes > FUNCTION_CACHE_BYTES {
+            dir.bytes = evict(&dir.path, FUNCTION_CACHE_BYTES / 4 * 3);
+        }
+        true
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The function cache's entries: (file, size, last use).
+fn entries(dir: &Path) -> Vec<(PathBuf, u64, SystemTime)> {
+    let files = |dir: &Path| {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect::<Vec<_>>()
+    };
+    files(dir)
+        .iter()
+        .flat_map(|shard| files(shard))
+        .filter_map(|file| {
+            let meta = std::fs::metadata(&file).ok()?;
+            let used = meta.modified().ok()?;
+            meta.is_file().then_some((file, meta.len(), used))
+        })
+        .collect()
+}
+
+/// Removes the least recently used entries until at most `keep` bytes
+/// are left; returns the bytes left.
+fn evict(dir: &Path, keep: u64) -> u64 {
+    let mut entries = entries(dir);
+    entries.sort_by_key(|e| std::cmp::Reverse(e.2));
+    let mut left = 0;
+    for (file, len, _) in entries {
+        if left + len <= keep {
+            left += len;
+        } else {
+            let _ = std::fs::remove_file(file);
+        }
+    }
+    tracing::debug!(dir = %dir.display(), bytes = left, "function cache evicted its oldest entries");
+    left
 }
 
 /// Advances the epoch every [`TICK`] on a thread of its own: a tokio task
@@ -290,6 +463,44 @@ mod tests {
         for routes in [1, 31, 32, 40, 100, 333, MAX_ROUTES] {
             assert!(2 * routes * live_per_route(routes) <= POOL_INSTANCES as usize);
         }
+    }
+
+    #[test]
+    fn the_function_cache_round_trips_and_evicts_the_least_recently_used() {
+        let root = tempfile::tempdir().unwrap();
+        let cache = FunctionCache::default();
+        assert!(
+            !cache.insert(b"k0", vec![0; 8]),
+            "no folder: nothing cached"
+        );
+        cache.use_dir(Some(root.path()));
+        assert!(cache.get(b"k1").is_none());
+        for (key, byte) in [(b"k1", 0u8), (b"k2", 1), (b"k3", 2)] {
+            assert!(cache.insert(key, vec![byte; 100]));
+        }
+        assert_eq!(cache.get(b"k2").as_deref(), Some(&[1u8; 100][..]));
+        assert_eq!(cache.counts(), (2, 1));
+        // Used: k2 just now, then k3, k1 longest ago.
+        let age = |key: &[u8], secs| {
+            let file = std::fs::File::options()
+                .write(true)
+                .open(cache.file(key).unwrap())
+                .unwrap();
+            file.set_modified(SystemTime::now() - Duration::from_secs(secs))
+                .unwrap();
+        };
+        age(b"k1", 20);
+        age(b"k3", 10);
+        let dir = root.path().join(format!("functions-{WASMTIME_VERSION}"));
+        assert_eq!(evict(&dir, 250), 200);
+        assert!(cache.get(b"k1").is_none());
+        assert!(cache.get(b"k2").is_some() && cache.get(b"k3").is_some());
+        // A folder that can't be written: a miss, not an error.
+        let blocked = root.path().join("blocked");
+        std::fs::write(&blocked, b"a file, not a folder").unwrap();
+        cache.use_dir(Some(&blocked));
+        assert!(!cache.insert(b"k4", vec![4; 8]));
+        assert!(cache.get(b"k4").is_none());
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod api;
 pub mod client;
 pub mod cluster;
 pub mod dispatch;
+pub mod load;
 pub mod nats;
 pub mod proxy;
 pub mod tls;
