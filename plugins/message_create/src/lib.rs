@@ -30,17 +30,7 @@ mod tests {
 
     /// The seed message (`{"id":"3","channel_id":"1"}`) as the lookup returns it.
     fn seed_row(content: &str) -> Rows {
-        Rows::with_columns([
-            "id",
-            "channel_id",
-            "author_id",
-            "author_name",
-            "content",
-            "nonce",
-            "created_at",
-            "edited_at",
-        ])
-        .row(&[
+        Rows::with_columns(otako_messages::COLUMNS).row(&[
             &3_i64,
             &1_i64,
             &2_i64,

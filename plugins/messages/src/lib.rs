@@ -77,6 +77,19 @@ const LOAD_MESSAGE: &str = "\
     FROM messages m JOIN users u ON u.id = m.author_id \
     WHERE m.id = $1 AND m.channel_id = $2";
 
+/// The columns [`load`]'s statement returns, in order: what a test host
+/// answers it with.
+pub const COLUMNS: [&str; 8] = [
+    "id",
+    "channel_id",
+    "author_id",
+    "author_name",
+    "content",
+    "nonce",
+    "created_at",
+    "edited_at",
+];
+
 /// The result of [`load`]: owns the row the [`Message`] borrows from.
 #[derive(Debug)]
 pub struct Found {
@@ -171,18 +184,7 @@ mod tests {
 
     #[test]
     fn a_found_row_reads_as_the_message() {
-        let columns: Vec<String> = [
-            "id",
-            "channel_id",
-            "author_id",
-            "author_name",
-            "content",
-            "nonce",
-            "created_at",
-            "edited_at",
-        ]
-        .map(String::from)
-        .to_vec();
+        let columns: Vec<String> = COLUMNS.map(String::from).to_vec();
         let row = vec![
             Value::Integer(3),
             Value::Integer(1),
