@@ -608,12 +608,29 @@ async fn compiled_code_is_cached_on_disk() {
     assert!(first.iter().all(|s| s.is_ok()), "{first:?}");
     assert!(!first[0].cached);
     let hash = first[0].hash.clone().unwrap();
-    let entries: Vec<String> = std::fs::read_dir(&cache)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+    let names = |dir: &std::path::Path| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    // One whole-component entry, beside the per-function compile cache.
+    let entries: Vec<String> = names(&cache)
+        .into_iter()
+        .filter(|n| !n.starts_with("functions-"))
         .collect();
     assert_eq!(entries.len(), 1, "{entries:?}");
     assert!(entries[0].starts_with(&hash) && entries[0].ends_with(".cwasm"));
+    let functions = names(&cache)
+        .into_iter()
+        .find(|n| n.starts_with("functions-"))
+        .expect("the per-function compile cache directory");
+    assert!(
+        !names(&cache.join(&functions)).is_empty(),
+        "the first compile fills the per-function cache"
+    );
 
     let second = Plugins::check(&config).await;
     assert!(second[0].cached, "{second:?}");
