@@ -38,3 +38,5 @@ nats=nats://127.0.0.1:4222
 "$bench" --target gateway --cluster "$nats" --nodes 3 latency --clients 1000 --rate 200 --seconds 10 | tee -a "$out"
 "$bench" --target gateway connects --clients 2000 | tee -a "$out"
 "$bench" --target gateway --cluster "$nats" --nodes 3 connects --clients 2000 | tee -a "$out"
+"$bench" --target gateway ack-rate --connections 1 --seconds 10 --database postgres | tee -a "$out"
+"$bench" --target gateway --cluster "$nats" ack-rate --connections 1 --seconds 10 | tee -a "$out"

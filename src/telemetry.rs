@@ -113,6 +113,7 @@ pub struct Metrics {
     pub cluster_lease_failures: Counter,
     pub cluster_bus_publish_failures: Counter,
     pub cluster_bus_gaps: Counter,
+    pub cluster_bus_consumer_restarts: Counter,
     pub cluster_bus_publish_latency: Histogram,
     pub cluster_bus_consumer_lag: Gauge,
     pub cluster_bus_delivery_delay: Histogram,
@@ -155,6 +156,7 @@ impl Metrics {
             cluster_lease_failures: Counter::default(),
             cluster_bus_publish_failures: Counter::default(),
             cluster_bus_gaps: Counter::default(),
+            cluster_bus_consumer_restarts: Counter::default(),
             // 50 µs .. ~1.6 s
             cluster_bus_publish_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             cluster_bus_consumer_lag: Gauge::default(),
@@ -185,6 +187,11 @@ impl Metrics {
             "cluster_bus_gaps",
             "Cluster mode: times this node's sessions were closed with 4000 because frames it missed were gone from the fan-out stream (or could not be delivered)",
             m.cluster_bus_gaps.clone(),
+        );
+        registry.register(
+            "cluster_bus_consumer_restarts",
+            "Cluster mode: times this node started its fan-out consumer again (reconnect, consumer error, sequence gap); local deliveries pause until it has caught up",
+            m.cluster_bus_consumer_restarts.clone(),
         );
         registry.register(
             "cluster_bus_publish_latency_seconds",

@@ -305,6 +305,11 @@ async fn an_event_reaches_every_node_exactly_once_for_a_channel_and_for_users() 
             .any(|l| l == "otako_cluster_bus_consumer_lag 0"),
         "{body}"
     );
+    // A healthy run never starts a consumer again.
+    for gw in [&a, &b, &c] {
+        let restarts = "otako_cluster_bus_consumer_restarts_total";
+        assert_eq!(gw.metric(restarts, "").await, 0.0);
+    }
     for gw in [a, b, c] {
         gw.stop();
     }
@@ -523,6 +528,12 @@ async fn a_lost_fanout_stream_is_made_again_and_events_flow_again() {
     )
     .await;
     assert_eq!(expect_frame(&mut again, "NOOP", 1).await["d"]["n"], 2);
+    // B noticed the stream was gone and started its consumer again.
+    assert!(
+        b.metric("otako_cluster_bus_consumer_restarts_total", "")
+            .await
+            >= 1.0
+    );
     a.stop();
     b.stop();
 }

@@ -21,12 +21,13 @@
 //! target/release/bench --target gateway --cluster nats://127.0.0.1:4222 --nodes 3 connects --clients 2000
 //! ```
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -80,6 +81,9 @@ struct Cli {
     /// listeners, events dispatched to node 1 (fanout, latency, connects).
     #[arg(long, default_value_t = 1, global = true)]
     nodes: usize,
+    /// The gateway's `database.max_connections` (each of its two pools).
+    #[arg(long, default_value_t = 8, global = true)]
+    db_connections: u32,
     #[command(subcommand)]
     workload: Workload,
 }
@@ -222,6 +226,7 @@ enum Workload {
 async fn main() -> Result<()> {
     let cli = Cli::parse();
     RESUME_BUFFER.store(cli.resume_buffer.max(1) as u64, Ordering::Relaxed);
+    DB_CONNECTIONS.store(cli.db_connections.max(1), Ordering::Relaxed);
     if cli.tls {
         if cli.target != Which::Gateway {
             bail!("--tls needs --target gateway: the baseline speaks plain WebSocket only");
@@ -412,6 +417,9 @@ impl Drop for Server {
         if let (Some(prefix), Some(url)) = (&self.cluster_prefix, CLUSTER.get()) {
             delete_cluster_state(url, prefix);
         }
+        if let Some((_, schema)) = self.db_url.split_once(SCHEMA_PARAM) {
+            drop_schema(schema);
+        }
     }
 }
 
@@ -420,35 +428,63 @@ impl Drop for Server {
 fn delete_cluster_state(url: &str, prefix: &str) {
     let buckets = [format!("{prefix}_nodes"), format!("{prefix}_slots")];
     let stream = format!("{prefix}_fanout");
-    let delete = || -> Result<()> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        runtime.block_on(async {
-            let js = async_nats::jetstream::new(async_nats::connect(url).await?);
-            let mut failed = Vec::new();
-            for bucket in &buckets {
-                if let Err(err) = js.delete_key_value(bucket).await {
-                    failed.push(format!("bucket {bucket}: {err}"));
-                }
+    let deleted = run_apart(|| async {
+        let js = async_nats::jetstream::new(async_nats::connect(url).await?);
+        let mut failed = Vec::new();
+        for bucket in &buckets {
+            if let Err(err) = js.delete_key_value(bucket).await {
+                failed.push(format!("bucket {bucket}: {err}"));
             }
-            if let Err(err) = js.delete_stream(&stream).await {
-                failed.push(format!("stream {stream}: {err}"));
-            }
-            if !failed.is_empty() {
-                bail!("{}", failed.join("; "));
-            }
-            Ok(())
-        })
-    };
-    match std::thread::scope(|scope| scope.spawn(delete).join()) {
-        Ok(Ok(())) => eprintln!(
+        }
+        if let Err(err) = js.delete_stream(&stream).await {
+            failed.push(format!("stream {stream}: {err}"));
+        }
+        if !failed.is_empty() {
+            bail!("{}", failed.join("; "));
+        }
+        Ok(())
+    });
+    match deleted {
+        Ok(()) => eprintln!(
             "  cluster cleanup: deleted KV buckets {}, {} and stream {stream}",
             buckets[0], buckets[1]
         ),
-        Ok(Err(err)) => eprintln!("  cluster cleanup of {prefix}: {err:#}"),
-        Err(_) => eprintln!("  cluster cleanup of {prefix} panicked"),
+        Err(err) => eprintln!("  cluster cleanup of {prefix}: {err:#}"),
     }
+}
+
+/// Drops the PostgreSQL schema a run made, so runs leave nothing behind.
+fn drop_schema(schema: &str) {
+    let dropped = run_apart(|| async {
+        let pool = sqlx::PgPool::connect(PG_ADMIN).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA IF EXISTS {schema} CASCADE"
+        )))
+        .execute(&pool)
+        .await?;
+        pool.close().await;
+        Ok(())
+    });
+    if let Err(err) = dropped {
+        eprintln!("  cleanup: cannot drop schema {schema}: {err:#}");
+    }
+}
+
+/// Runs `work` on a runtime of its own, on a thread of its own: cleanups
+/// run in `Drop`, on any path out of a run, maybe inside the tool's runtime.
+fn run_apart<F, Fut>(work: F) -> Result<()>
+where
+    F: FnOnce() -> Fut + Send,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let run = || -> Result<()> {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(work())
+    };
+    std::thread::scope(|scope| scope.spawn(run).join())
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the cleanup panicked")))
 }
 
 fn sibling(name: &str) -> Result<PathBuf> {
@@ -781,6 +817,7 @@ token_secret = "{TOKEN_SECRET}"
 dispatch_secret = "{DISPATCH_SECRET}"
 [database]
 url = "{db_url}"
+max_connections = {db_connections}
 [sessions]
 max_per_user = 5
 outbound_queue = 1024
@@ -801,6 +838,7 @@ timeout_ms = 1000
 memory_mb = 32
 {cluster}"#,
         resume_buffer = RESUME_BUFFER.load(Ordering::Relaxed),
+        db_connections = DB_CONNECTIONS.load(Ordering::Relaxed),
         handshake_timeout_ms = HANDSHAKE_TIMEOUT_MS.load(Ordering::Relaxed),
         cache = repo().join("target/bench-plugin-cache").display(),
         plugin = repo().join("plugins/message_create.wasm").display(),
@@ -860,10 +898,14 @@ async fn cluster_nodes(admin: SocketAddr) -> Result<usize> {
     Ok(status["nodes"].as_array().map_or(0, Vec::len))
 }
 
+/// The local PostgreSQL's `test` database, as its superuser.
+const PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/test";
+/// How a run's schema is named in its database URL.
+const SCHEMA_PARAM: &str = "?options=-c%20search_path%3D";
+
 async fn postgres_schema() -> Result<String> {
-    let admin = "postgres://postgres@127.0.0.1:5432/test";
     let schema = format!("bench_{}", std::process::id());
-    let pool = sqlx::PgPool::connect(admin).await?;
+    let pool = sqlx::PgPool::connect(PG_ADMIN).await?;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "DROP SCHEMA IF EXISTS {schema} CASCADE"
     )))
@@ -873,7 +915,7 @@ async fn postgres_schema() -> Result<String> {
         .execute(&pool)
         .await?;
     pool.close().await;
-    Ok(format!("{admin}?options=-c%20search_path%3D{schema}"))
+    Ok(format!("{PG_ADMIN}{SCHEMA_PARAM}{schema}"))
 }
 
 fn client_config() -> WebSocketConfig {
@@ -1029,6 +1071,8 @@ fn cluster_section(prefix: Option<&str>, node_id: usize) -> String {
 
 /// `--resume-buffer`, for the gateway's config.
 static RESUME_BUFFER: AtomicU64 = AtomicU64::new(1024);
+/// `--db-connections`.
+static DB_CONNECTIONS: AtomicU32 = AtomicU32::new(8);
 
 /// This process's open-file limit once raised (every subscriber is a socket).
 static FD_LIMIT: AtomicU64 = AtomicU64::new(u64::MAX);
@@ -1216,6 +1260,9 @@ struct CpuMeter {
     tool_start: f64,
     /// `--cluster`: the NATS server's pid (if found) and CPU at the start.
     nats: Option<(u32, f64)>,
+    /// On PostgreSQL: the CPU of its processes (server and backends, the
+    /// machine's other clients included) at the start.
+    postgres: Option<HashMap<u32, f64>>,
     wall: Instant,
 }
 
@@ -1235,6 +1282,12 @@ impl CpuMeter {
                 .get()
                 .and_then(|url| nats_pid(url))
                 .map(|pid| (pid, cpu_seconds(pid))),
+            postgres: server.db_url.starts_with("postgres").then(|| {
+                postgres_pids()
+                    .into_iter()
+                    .map(|pid| (pid, cpu_seconds(pid)))
+                    .collect()
+            }),
             wall: Instant::now(),
         }
     }
@@ -1262,6 +1315,24 @@ impl CpuMeter {
             per(server, deliveries),
             per(server, events)
         );
+        if let Some(start) = &self.postgres {
+            // Backends opened during the window count in full; those that
+            // ended during it are missed (the gateway's pools keep theirs).
+            let cpu: f64 = postgres_pids()
+                .into_iter()
+                .map(|pid| cpu_seconds(pid) - start.get(&pid).copied().unwrap_or(0.0))
+                .sum();
+            fields = merged(
+                fields,
+                json!({"postgres_cpu_s": cpu, "postgres_cpu_pct": (100.0 * cpu / wall).round(),
+                       "postgres_cpu_us_per_event": per(cpu, events)}),
+            );
+            summary.push_str(&format!(
+                ", postgres CPU {:.0} % ({:.1} us/event)",
+                100.0 * cpu / wall,
+                per(cpu, events)
+            ));
+        }
         if CLUSTER.get().is_some() {
             let nats = self.nats.map(|(pid, start)| cpu_seconds(pid) - start);
             let nats_pct = nats.map(|cpu| (100.0 * cpu / wall).round());
@@ -1283,6 +1354,19 @@ impl CpuMeter {
         }
         (fields, summary)
     }
+}
+
+/// Every `postgres` process (the server and its backends), from /proc.
+fn postgres_pids() -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim_end() == "postgres")
+        })
+        .collect()
 }
 
 /// The pid of the `nats-server` process listening on `url`'s port (found
@@ -2202,10 +2286,7 @@ async fn idle(kind: Kind, sessions: usize) -> Result<()> {
 }
 
 async fn ack_rate(connections: usize, seconds: u64, database: Database) -> Result<()> {
-    let db = match database {
-        Database::Sqlite => "sqlite",
-        Database::Postgres => "postgres",
-    };
+    let db = database.label();
     eprintln!("ack-rate gateway K={connections} on {db}: starting");
     // One member in channel 1; the recipient is its only member.
     let seed = Seed::OneChannel {
@@ -2216,6 +2297,7 @@ async fn ack_rate(connections: usize, seconds: u64, database: Database) -> Resul
     let recipient = subscribe_all(&server, 1).await?;
     let tally = Tally::new();
     let _readers = spawn_readers(recipient, &tally, None);
+    let cpu = CpuMeter::start(&server);
     let started = Instant::now();
     let deadline = started + Duration::from_secs(seconds);
     let mut pumps = Vec::new();
@@ -2238,11 +2320,16 @@ async fn ack_rate(connections: usize, seconds: u64, database: Database) -> Resul
         last = last.max(l);
     }
     let rate = acked as f64 / last.duration_since(started).as_secs_f64();
+    // One recipient: a delivery per acked event.
+    let (cpu_fields, cpu_summary) = cpu.finish(acked, acked);
     report(
-        json!({"workload": "ack_rate", "target": "gateway", "database": db, "connections": connections,
-               "events_acked": acked, "events_failed": failed, "events_per_s": rate.round()}),
+        merged(
+            json!({"workload": "ack_rate", "target": "gateway", "database": db, "connections": connections,
+                   "events_acked": acked, "events_failed": failed, "events_per_s": rate.round()}),
+            cpu_fields,
+        ),
         format!(
-            "ack-rate gateway K={connections} {db}: {rate:.0} events/s acked ({failed} failed)"
+            "ack-rate gateway K={connections} {db}: {rate:.0} events/s acked ({failed} failed); {cpu_summary}"
         ),
     );
     Ok(())
