@@ -15,6 +15,7 @@ bench=target/release/bench
 "$bench" --target gateway fanout --clients 1000 --database postgres --seconds 10 | tee -a "$out"
 "$bench" latency --clients 1000 --rate 200 --seconds 10 | tee -a "$out"
 "$bench" --target gateway chat --seconds 10 | tee -a "$out"
+"$bench" --target gateway chat --offline --seconds 10 | tee -a "$out"
 "$bench" storm --clients 10000 | tee -a "$out"
 "$bench" --target gateway resume --clients 1000 --rate 200 --seconds 10 | tee -a "$out"
 # The hardened edge: handshakes plain vs TLS, connects under slowloris,

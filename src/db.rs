@@ -313,6 +313,25 @@ fn sqlite_options(path: &Path, access: Access) -> SqliteConnectOptions {
 }
 
 /// Milliseconds since the unix epoch, as stored in `*_at` integer columns.
+/// Turns off SQLite's memory statistics, which take one process-wide mutex
+/// on every allocation SQLite makes: the plugin readers on the tokio
+/// workers and the writer thread contended on it (futex wake-ups in the
+/// per-event profile). Must run before the first connection opens; later
+/// SQLite refuses it and nothing changes.
+pub fn tune_sqlite() {
+    // SAFETY: sqlite3_config with SQLITE_CONFIG_MEMSTATUS takes one int and
+    // is called before SQLite is initialized, on one thread.
+    let off: std::ffi::c_int = 0;
+    #[allow(unsafe_code)]
+    let rc = unsafe { rusqlite::ffi::sqlite3_config(rusqlite::ffi::SQLITE_CONFIG_MEMSTATUS, off) };
+    if rc != rusqlite::ffi::SQLITE_OK {
+        tracing::debug!(
+            rc,
+            "SQLite was initialized already; its memory statistics stay on"
+        );
+    }
+}
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

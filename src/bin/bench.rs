@@ -149,6 +149,11 @@ enum Workload {
         seconds: u64,
         #[arg(long, value_enum, default_value = "sqlite")]
         database: Database,
+        /// No session connects: every event runs its whole path but
+        /// reaches nobody, so the server's CPU per event is the per-event
+        /// cost with the fan-out excluded (saturation phase only).
+        #[arg(long)]
+        offline: bool,
     },
     /// Simultaneous connects (a reconnect storm): time until all are in.
     Storm {
@@ -222,6 +227,10 @@ enum Workload {
     },
 }
 
+/// The load tool's own cost per frame stays small with per-thread heaps.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -294,7 +303,11 @@ async fn main() -> Result<()> {
                 latency(*kind, clients, rate, seconds, database).await?;
             }
         }
-        Workload::Chat { seconds, database } => chat(seconds, database).await?,
+        Workload::Chat {
+            seconds,
+            database,
+            offline,
+        } => chat(seconds, database, offline).await?,
         Workload::Storm { clients } => {
             for c in clients {
                 for kind in &targets {
@@ -2023,12 +2036,13 @@ async fn collect_samples(readers: Vec<tokio::task::JoinHandle<Vec<u64>>>) -> Vec
 /// The chat mix (gateway only: the baseline has one channel): events
 /// spread over the chat channels, first as fast as 1,024 unacked events
 /// allow (saturation), then at half that rate for latency.
-async fn chat(seconds: u64, database: Database) -> Result<()> {
+async fn chat(seconds: u64, database: Database, offline: bool) -> Result<()> {
     let db = database.label();
-    let label = format!("chat gateway {CHAT_SESSIONS} sessions db={db}");
+    let online = if offline { 0 } else { CHAT_SESSIONS };
+    let label = format!("chat gateway {online} sessions db={db}");
     eprintln!("{label}: starting");
     let server = Server::start(Kind::Gateway, database, Seed::Chat { probes: 0 }).await?;
-    let sessions = subscribe_all(&server, CHAT_SESSIONS).await?;
+    let sessions = subscribe_all(&server, online).await?;
     let tally = Tally::new();
     // Probe numbers are bounded by the latency phase's rate × seconds.
     let book = Arc::new(LatencyBook {
@@ -2036,7 +2050,7 @@ async fn chat(seconds: u64, database: Database) -> Result<()> {
         sent_us: (0..=500_000).map(|_| AtomicU64::new(0)).collect(),
     });
     let readers = spawn_readers(sessions, &tally, Some(&book));
-    let sessions_per_user = (CHAT_SESSIONS / CHAT_USERS) as u64;
+    let sessions_per_user = (online / CHAT_USERS) as u64;
     let deliveries_of = |n: u64| chat_members(chat_channel(n)).count() as u64 * sessions_per_user;
 
     // Saturation.
@@ -2066,7 +2080,7 @@ async fn chat(seconds: u64, database: Database) -> Result<()> {
     report(
         merged(
             json!({"workload": "chat", "phase": "saturation", "target": "gateway", "database": db,
-                   "sessions": CHAT_SESSIONS, "events_acked": acked, "events_failed": failed,
+                   "sessions": online, "events_acked": acked, "events_failed": failed,
                    "events_per_s": events_per_s.round(), "frames_received": delivered,
                    "lost_frames": expected.saturating_sub(delivered),
                    "deliveries_per_event": expected as f64 / acked.max(1) as f64}),
@@ -2074,6 +2088,9 @@ async fn chat(seconds: u64, database: Database) -> Result<()> {
         ),
         format!("{label} saturation: {events_per_s:.0} events/s, failed {failed}; {cpu_summary}"),
     );
+    if offline {
+        return Ok(());
+    }
 
     // Latency at half the saturation rate.
     let rate = ((events_per_s / 2.0) as u64).max(1);

@@ -433,11 +433,13 @@ macro_rules! mark_done {
 /// Claims every key it can; for the keys it can't claim, reads who holds
 /// them. Each chunk is one statement, atomic by itself: no explicit
 /// transaction, so a round of claims is one round trip to the database
-/// (this commit is on every event's way to its fan-out).
+/// (this commit is on every event's way to its fan-out). The insert
+/// returns no rows: when it added every key (the common case) all are
+/// ours, and only a chunk with a key already present pays a read (a
+/// `RETURNING` row per key cost more than the insert on SQLite).
 async fn insert_claims(db: &Db, owner: &str, keys: &[String]) -> Result<Vec<Found>, sqlx::Error> {
     let now = now_ms();
-    let mut inserted: HashSet<String> = HashSet::with_capacity(keys.len());
-    let mut held: HashMap<String, (String, i64)> = HashMap::new();
+    let mut found = Vec::with_capacity(keys.len());
     with_conn!(db, c => {
         for chunk in keys.chunks(CHUNK) {
             let mut q = sqlx::QueryBuilder::new(
@@ -446,38 +448,42 @@ async fn insert_claims(db: &Db, owner: &str, keys: &[String]) -> Result<Vec<Foun
             q.push_values(chunk, |mut row, key| {
                 row.push_bind(key.as_str()).push_bind(now).push_bind(owner).push_bind(0_i64);
             });
-            q.push(" ON CONFLICT (event_id) DO NOTHING RETURNING event_id");
-            let rows: Vec<(String,)> = q.build_query_as().fetch_all(&mut *c).await?;
-            inserted.extend(rows.into_iter().map(|(k,)| k));
-        }
-        let others: Vec<&String> = keys.iter().filter(|k| !inserted.contains(*k)).collect();
-        for chunk in others.chunks(CHUNK) {
-            // `done` is INTEGER, which PostgreSQL won't decode as i64.
+            q.push(" ON CONFLICT (event_id) DO NOTHING");
+            let added = q.build().execute(&mut *c).await?.rows_affected();
+            if added == chunk.len() as u64 {
+                found.extend(chunk.iter().map(|_| Found::New));
+                continue;
+            }
             let mut q = sqlx::QueryBuilder::new(
                 // `done` is INTEGER (int4 on PostgreSQL): read as BIGINT on both.
-                "SELECT event_id, owner, CAST(done AS BIGINT) FROM event_outcomes WHERE event_id IN (",
+                "SELECT event_id, owner, CAST(done AS BIGINT), completed_at FROM event_outcomes WHERE event_id IN (",
             );
             push_keys!(q, chunk);
-            let rows: Vec<(String, String, i64)> = q.build_query_as().fetch_all(&mut *c).await?;
-            held.extend(rows.into_iter().map(|(k, o, d)| (k, (o, d))));
+            let rows: Vec<(String, String, i64, i64)> = q.build_query_as().fetch_all(&mut *c).await?;
+            let held: HashMap<String, (String, i64, i64)> =
+                rows.into_iter().map(|(k, o, d, at)| (k, (o, d, at))).collect();
+            found.extend(chunk.iter().map(|key| claim_found(held.get(key), owner, now)));
         }
         Ok(())
     })?;
-    Ok(keys
-        .iter()
-        .map(|key| {
-            if inserted.contains(key) {
-                return Found::New;
-            }
-            match held.get(key) {
-                Some((_, done)) if *done != 0 => Found::Done,
-                // Our own success whose `done` mark is still queued.
-                Some((holder, _)) if holder == owner => Found::Done,
-                Some((holder, _)) => Found::Held(holder.clone()),
-                None => Found::Gone,
-            }
-        })
-        .collect())
+    Ok(found)
+}
+
+/// What a key's row, read right after this process's insert at `now`,
+/// says about the claim.
+fn claim_found(row: Option<&(String, i64, i64)>, owner: &str, now: i64) -> Found {
+    match row {
+        None => Found::Gone,
+        Some((_, done, _)) if *done != 0 => Found::Done,
+        // This insert's own row: this process never claims an id twice at
+        // once, and an id it finished earlier is answered from memory
+        // before any claim, so its unfinished row from this very
+        // millisecond is the one just written.
+        Some((holder, _, at)) if holder == owner && *at == now => Found::New,
+        // Our own earlier success whose `done` mark is still queued.
+        Some((holder, _, _)) if holder == owner => Found::Done,
+        Some((holder, _, _)) => Found::Held(holder.clone()),
+    }
 }
 
 /// One claim's holder and whether it is finished; `None` once released.
@@ -684,5 +690,48 @@ mod tests {
         peers.0.store(false, Ordering::Release);
         let claimed = tokio::time::timeout(Duration::from_secs(5), claim).await;
         assert_eq!(claimed.unwrap().unwrap(), Claimed::Abandoned);
+    }
+    /// One insert whose chunk mixes new ids with ids already present:
+    /// each gets its own answer, including this process's own unfinished
+    /// row from an earlier millisecond (its success's mark still queued).
+    #[tokio::test]
+    async fn a_chunk_mixing_new_and_present_ids_sorts_each() {
+        let (_dir, db, _peers, _store) = setup(Duration::from_secs(30)).await;
+        held_by_peer(&db, "peer-held").await;
+        with_pool!(db, p => sqlx::query(
+            "INSERT INTO event_outcomes (event_id, completed_at, owner, done) \
+             VALUES ('peer-done', 1, 'peer', 1), ('mine-queued', 1, 'me', 0)",
+        )
+        .execute(p)
+        .await
+        .map(|_| ()))
+        .unwrap();
+        let keys: Vec<String> = ["a", "peer-held", "b", "peer-done", "mine-queued", "c"]
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        let found = insert_claims(&db, "me", &keys).await.unwrap();
+        assert_eq!(
+            found,
+            vec![
+                Found::New,
+                Found::Held("peer".to_owned()),
+                Found::New,
+                Found::Done,
+                Found::Done,
+                Found::New,
+            ]
+        );
+        // Every new id is claimed in the table, by this process.
+        for key in ["a", "b", "c"] {
+            assert_eq!(
+                read_claim(&db, key).await.unwrap(),
+                Some(("me".to_owned(), false))
+            );
+        }
+        // All new: no read needed, all ours.
+        let fresh: Vec<String> = (0..300).map(|i| format!("k{i}")).collect();
+        let found = insert_claims(&db, "me", &fresh).await.unwrap();
+        assert!(found.iter().all(|f| *f == Found::New), "{found:?}");
     }
 }

@@ -46,8 +46,12 @@ const TOKEN_PROTOCOL: &str = "otako.token.";
 /// responsive between batches.
 const MAX_BATCH: usize = 32;
 const MAX_BATCH_BYTES: usize = 64 * 1024;
-/// Times a session woken for a short queue yields before writing.
-const COALESCE_YIELDS: usize = 4;
+/// Most times a session woken for a short queue yields before writing;
+/// it stops as soon as a yield brought no new frame.
+const COALESCE_YIELDS: usize = 12;
+/// Yields taken even when no frame arrived meanwhile: a fan-out may be
+/// runnable right behind this task.
+const MIN_YIELDS: usize = 2;
 
 /// Close codes (DESIGN §2).
 mod code {
@@ -685,11 +689,18 @@ async fn run(
                 // runnable go first, so their frames share this write.
                 // Each socket write costs far more than a frame; under
                 // load this is what batches, and idle it costs one poll.
-                for _ in 0..COALESCE_YIELDS {
-                    if slot.queue.pending() >= MAX_BATCH as u64 / 2 {
+                // While frames keep arriving, keep letting them.
+                let mut seen = slot.queue.pending();
+                for round in 0..COALESCE_YIELDS {
+                    if seen >= MAX_BATCH as u64 {
                         break;
                     }
                     tokio::task::yield_now().await;
+                    let now = slot.queue.pending();
+                    if now == seen && round + 1 >= MIN_YIELDS {
+                        break;
+                    }
+                    seen = now;
                 }
                 let batch = write_batch(inner, ws, slot, epoch);
                 if let Err(exit) = guard.run(batch).await {
