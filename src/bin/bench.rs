@@ -227,10 +227,6 @@ enum Workload {
     },
 }
 
-/// The load tool's own cost per frame stays small with per-thread heaps.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
