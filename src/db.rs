@@ -312,7 +312,6 @@ fn sqlite_options(path: &Path, access: Access) -> SqliteConnectOptions {
     }
 }
 
-/// Milliseconds since the unix epoch, as stored in `*_at` integer columns.
 /// Turns off SQLite's memory statistics, which take one process-wide mutex
 /// on every allocation SQLite makes: the plugin readers on the tokio
 /// workers and the writer thread contended on it (futex wake-ups in the
@@ -332,6 +331,7 @@ pub fn tune_sqlite() {
     }
 }
 
+/// Milliseconds since the unix epoch, as stored in `*_at` integer columns.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -688,7 +688,7 @@ async fn run(
                 // Woken for a frame or two: let the fan-outs already
                 // runnable go first, so their frames share this write.
                 // Each socket write costs far more than a frame; under
-                // load this is what batches, and idle it costs one poll.
+                // load this is what batches, and idle it costs two polls.
                 // While frames keep arriving, keep letting them.
                 let mut seen = slot.queue.pending();
                 for round in 0..COALESCE_YIELDS {
