@@ -606,6 +606,7 @@ async fn max_inflight_applies_backpressure_instead_of_buffering() {
         "{max_inflight_seen} in flight"
     );
     let growth = rss_peak.saturating_sub(rss_before);
+    eprintln!("RSS grew by {growth} bytes under backpressure");
     assert!(growth < 10 * 1024 * 1024, "RSS grew by {growth} bytes");
 }
 

@@ -286,7 +286,16 @@ async fn read(
                 }
                 let channel = ev.body.as_ref().ok().and_then(|b| b.channel.as_deref());
                 let turn = order.turn(channel);
-                tokio::spawn(run(pipeline.clone(), ev, turn, acks.tx.clone(), permit));
+                // Boxed, so the task tokio allocates and updates stays
+                // small (the future is kilobytes; profiles showed its
+                // copies on spawn and completion).
+                tokio::spawn(Box::pin(run(
+                    pipeline.clone(),
+                    ev,
+                    turn,
+                    acks.tx.clone(),
+                    permit,
+                )));
             }
             Err(reason) => {
                 metrics.invalid_frames.inc();

@@ -140,10 +140,13 @@ impl Pipeline {
                 claim.delivered(false);
                 Outcome::Success { duplicate: true }
             }
+            // Boxed: these rare paths' database futures are most of
+            // the event's state machine (~10 KB inline), which every
+            // event's task would otherwise carry and copy.
             Err((failure, held)) => {
-                let failure = self.log_failure(ev, failure).await;
+                let failure = Box::pin(self.log_failure(ev, failure)).await;
                 let outcome = Outcome::Failed(failure);
-                if let Err(err) = claim.failed(&outcome, held).await {
+                if let Err(err) = Box::pin(claim.failed(&outcome, held)).await {
                     tracing::error!(error = %err, "cannot release the failed event's claim; it is retried in this process only");
                 }
                 outcome
