@@ -691,6 +691,7 @@ mod tests {
         let claimed = tokio::time::timeout(Duration::from_secs(5), claim).await;
         assert_eq!(claimed.unwrap().unwrap(), Claimed::Abandoned);
     }
+
     /// One insert whose chunk mixes new ids with ids already present:
     /// each gets its own answer, including this process's own unfinished
     /// row from an earlier millisecond (its success's mark still queued).
