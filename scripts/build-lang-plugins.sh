@@ -10,7 +10,10 @@
 # reinstalled only when its manifest changes, and a plugin is rebuilt only
 # when its sources, the WIT world or the toolchain changed (a JS/Python build
 # takes 10-20 s, so the test suite must not pay it on every run).
-# Arguments: plugin folder names to build only those (default: all).
+# Arguments: plugin folder names to build only those (default: all, and
+# the dev loaders), or --dev-loaders to build only the loaders: the JS and
+# Python runtimes `otako-gateway dev` evaluates a saved handler's source in
+# (plugins/toolchain/dev/, world dev-loader) into plugins/.toolchain/dev/.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -55,22 +58,43 @@ install_py() {
     "$tools/py/bin/pip" install --quiet --disable-pip-version-check -r "$manifests/requirements.txt"
 }
 
-componentize_js() { # source dir, output file
+componentize_js() { # source dir, output file[, world, file]
     # No wasi:http: the gateway links WASI p2 without it (a plugin gets no
     # network), and a component importing it would not link.
     node "$tools/js/node_modules/@bytecodealliance/componentize-js/src/cli.js" \
-        "$1/handler.js" --wit "$root/wit" --world-name plugin \
+        "$1/${4:-handler.js}" --wit "$root/wit" --world-name "${3:-plugin}" \
         --disable http fetch-event --out "$2.tmp"
     mv "$2.tmp" "$2"
 }
 
-componentize_py() { # source dir, output file
+componentize_py() { # source dir, output file[, world, module]
     # Bytecode caches would otherwise land in the source folder.
     PYTHONDONTWRITEBYTECODE=1 "$tools/py/bin/componentize-py" \
-        --quiet --wit-path "$root/wit" --world plugin componentize app \
+        --quiet --wit-path "$root/wit" --world "${3:-plugin}" componentize "${4:-app}" \
         --python-path "$1" --output "$2.tmp"
     mv "$2.tmp" "$2"
 }
+
+# The dev loaders: one runtime per language that evaluates a handler's
+# source at load (see wit/dev.wit), so a save in `dev` skips componentize.
+build_dev_loaders() {
+    local dev="$manifests/dev" out="$tools/dev" sum
+    mkdir -p "$out"
+    when_changed toolchain-js "$js_tool_sum" install_js
+    sum="$(digest "$dev/loader.js" "$root"/wit/*.wit "$root/scripts/build-lang-plugins.sh")-$js_tool_sum"
+    [[ -f "$out/loader-js.wasm" ]] || rm -f "$stamps/dev-loader.js"
+    when_changed dev-loader.js "$sum" componentize_js "$dev" "$out/loader-js.wasm" dev-loader loader.js
+    when_changed toolchain-py "$py_tool_sum" install_py
+    sum="$(digest "$dev/loader.py" "$root"/wit/*.wit "$root/scripts/build-lang-plugins.sh")-$py_tool_sum"
+    [[ -f "$out/loader-py.wasm" ]] || rm -f "$stamps/dev-loader.py"
+    when_changed dev-loader.py "$sum" componentize_py "$dev" "$out/loader-py.wasm" dev-loader loader
+    echo "dev loaders up to date: ${out#"$root"/}/loader-js.wasm, loader-py.wasm"
+}
+
+if [[ "${1:-}" == "--dev-loaders" ]]; then
+    build_dev_loaders
+    exit 0
+fi
 
 # Every JS/Python plugin folder: plugins/* (handlers) and plugins/testing/*.
 sources=()
@@ -115,3 +139,6 @@ done
 if ((${#summary[@]} > 0)); then
     (IFS=','; echo "JS/Python plugins up to date: ${summary[*]}" | sed 's/,/, /g')
 fi
+
+# With no arguments, everything: the dev loaders too.
+(($# > 0)) || build_dev_loaders

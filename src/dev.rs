@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use notify::RecursiveMode;
@@ -18,6 +19,7 @@ use crate::config::{Config, Secret};
 use crate::db::{Db, now_ms, rfc3339};
 use crate::gateway::{self, Bound};
 use crate::ids::UserId;
+use crate::plugin::{DevSource, Plugins};
 use crate::token::{TokenKey, now_s};
 use crate::with_pool;
 
@@ -59,18 +61,18 @@ pub async fn run(
     seed(&db).await?;
 
     let stop_all = CancellationToken::new();
-    let (bound_tx, bound_rx) = tokio::sync::oneshot::channel::<Bound>();
+    let (bound_tx, bound_rx) = tokio::sync::oneshot::channel::<(Bound, Plugins)>();
     let gateway_task = {
         let config = config.clone();
         let stop = stop_all.clone();
         tokio::spawn(async move {
-            gateway::serve(config, stop.cancelled_owned(), move |bound| {
-                let _ = bound_tx.send(bound);
+            gateway::serve(config, stop.cancelled_owned(), move |bound, plugins| {
+                let _ = bound_tx.send((bound, plugins.clone()));
             })
             .await
         })
     };
-    let Ok(bound) = bound_rx.await else {
+    let Ok((bound, plugins)) = bound_rx.await else {
         // The gateway failed before binding: report its error.
         return match gateway_task.await {
             Ok(Err(err)) => Err(err.into()),
@@ -104,7 +106,7 @@ pub async fn run(
         })
     };
 
-    let rebuilder = tokio::spawn(rebuild_on_save(config.clone(), stop_all.clone()));
+    let rebuilder = tokio::spawn(rebuild_on_save(config.clone(), plugins, stop_all.clone()));
 
     stop.await;
     stop_all.cancel();
@@ -212,6 +214,9 @@ fn build_missing_plugins(config: &Config) -> Result<(), DevError> {
     Ok(())
 }
 
+/// Folders of build outputs and toolchains: never sources.
+const GENERATED: [&str; 4] = ["target", "node_modules", ".toolchain", "__pycache__"];
+
 /// How `dev` rebuilds a routed plugin when its sources are saved.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Builder {
@@ -250,11 +255,9 @@ impl Builder {
         let Ok(inside) = path.strip_prefix(self.sources()) else {
             return false;
         };
-        let generated = inside.components().any(|c| {
-            ["target", "node_modules", ".toolchain", "__pycache__"]
-                .iter()
-                .any(|skip| c.as_os_str() == *skip)
-        });
+        let generated = inside
+            .components()
+            .any(|c| GENERATED.iter().any(|skip| c.as_os_str() == *skip));
         let extensions: &[&str] = match self {
             Builder::Cargo(_) => &["rs", "toml", "wit"],
             Builder::Lang { .. } => &["js", "py"],
@@ -334,8 +337,9 @@ pub fn build_lang_plugin(root: &Path, name: &str) -> Result<(), DevError> {
 /// `.rs`/`.toml`/`.wit`, a JS `handler.js` or Python `app.py` and their
 /// modules), rebuild it (incremental cargo, or componentize) and put each
 /// routed component whose bytes changed into place; the gateway's hot
-/// reload then swaps it in.
-async fn rebuild_on_save(config: Config, stop: CancellationToken) {
+/// reload then swaps it in. A JS/Python save is served from its sources
+/// first ([`LangReload`]).
+async fn rebuild_on_save(config: Config, plugins: Plugins, stop: CancellationToken) {
     let builders: BTreeSet<Builder> = config
         .routes
         .iter()
@@ -345,6 +349,7 @@ async fn rebuild_on_save(config: Config, stop: CancellationToken) {
         return;
     }
     let routed: Vec<PathBuf> = config.routes.iter().map(|r| r.plugin.clone()).collect();
+    let langs = LangReload::start(&builders, &plugins, &stop);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<PathBuf>>();
     let debouncer = new_debouncer(
         Duration::from_millis(150),
@@ -388,6 +393,10 @@ async fn rebuild_on_save(config: Config, stop: CancellationToken) {
             .iter()
             .filter(|b| saved.iter().any(|p| b.rebuilds_on(p)))
         {
+            if let Some(lang) = langs.iter().find(|l| &l.builder == builder) {
+                lang.saved(&plugins).await;
+                continue;
+            }
             let (builder, routed) = (builder.clone(), routed.clone());
             let started = Instant::now();
             let label = format!("{}", builder.sources().display());
@@ -405,9 +414,215 @@ async fn rebuild_on_save(config: Config, stop: CancellationToken) {
     }
 }
 
+/// A JS/Python handler's save-to-live. componentize-js/-py rebuild a whole
+/// runtime image around a saved handler (6-20 s), so a save is served at
+/// once from its sources through the dev loader of its language
+/// (wit/dev.wit, built once), while componentize rebuilds
+/// `plugins/<name>.wasm` in the background; once that build holds what is
+/// served, the route moves to the built component, which `serve` runs.
+struct LangReload {
+    builder: Builder,
+    /// `plugins/<name>.wasm`, absolute.
+    plugin: PathBuf,
+    /// `plugins/.toolchain/dev/loader-{js,py}.wasm`.
+    loader: PathBuf,
+    /// The loader is built and compiled: until then saves wait for the build.
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    /// Bumped per save; the background builder builds the latest.
+    builds: tokio::sync::watch::Sender<u64>,
+}
+
+impl LangReload {
+    /// One per JS/Python builder, with its background builder, and one
+    /// task that readies the dev loaders.
+    fn start(
+        builders: &BTreeSet<Builder>,
+        plugins: &Plugins,
+        stop: &CancellationToken,
+    ) -> Vec<LangReload> {
+        let mut langs = Vec::new();
+        let mut project = None;
+        for builder in builders {
+            let Builder::Lang { root, name } = builder else {
+                continue;
+            };
+            project = Some(root.clone());
+            let sources = builder.sources();
+            let lang = if sources.join("handler.js").is_file() {
+                "js"
+            } else {
+                "py"
+            };
+            let (builds, requests) = tokio::sync::watch::channel(0u64);
+            let reload = LangReload {
+                builder: builder.clone(),
+                plugin: root.join("plugins").join(format!("{name}.wasm")),
+                loader: root.join(format!("plugins/.toolchain/dev/loader-{lang}.wasm")),
+                ready: Arc::default(),
+                builds,
+            };
+            tokio::spawn(reload.build_in_background(requests, plugins.clone(), stop.clone()));
+            langs.push(reload);
+        }
+        if let Some(root) = project {
+            let loaders = langs
+                .iter()
+                .map(|l| (l.loader.clone(), l.ready.clone()))
+                .collect();
+            tokio::spawn(ready_dev_loaders(root, loaders, plugins.clone()));
+        }
+        langs
+    }
+
+    /// A save: serve the sources now if the loader is ready, and ask for a build.
+    async fn saved(&self, plugins: &Plugins) {
+        if self.ready.load(std::sync::atomic::Ordering::Acquire) {
+            let started = Instant::now();
+            let source = DevSource {
+                loader: self.loader.clone(),
+                files: Arc::new(read_sources(&self.builder)),
+            };
+            match plugins.serve_dev_source(&self.plugin, source).await {
+                Ok(()) => {
+                    tracing::info!(plugin = %self.plugin.display(), took = ?started.elapsed(), "dev: saved source serving through the dev loader; building the component")
+                }
+                Err(err) => {
+                    tracing::error!(plugin = %self.plugin.display(), error = %err, "dev: the saved source does not load; the running version keeps serving")
+                }
+            }
+        }
+        self.builds.send_modify(|n| *n += 1);
+    }
+
+    /// Builds after each save (the latest one when saves come faster), and
+    /// moves the route to the built component once it holds what is served.
+    fn build_in_background(
+        &self,
+        mut requests: tokio::sync::watch::Receiver<u64>,
+        plugins: Plugins,
+        stop: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + use<> {
+        let (builder, plugin) = (self.builder.clone(), self.plugin.clone());
+        async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    changed = requests.changed() => if changed.is_err() { return },
+                }
+                requests.borrow_and_update();
+                let files = read_sources(&builder);
+                let started = Instant::now();
+                let build = builder.clone();
+                let built = tokio::task::spawn_blocking(move || build.build(&[])).await;
+                match built {
+                    Ok(Ok(_)) => {
+                        tracing::info!(plugin = %plugin.display(), took = ?started.elapsed(), "dev: plugins rebuilt");
+                        // Compiled first, so the swap below is quick and
+                        // a save meanwhile is not held up behind it.
+                        if let Err(err) = plugins.precompile(&plugin).await {
+                            tracing::error!(error = %err, "dev: the built component does not compile; the saved source keeps serving");
+                            continue;
+                        }
+                        match plugins.end_dev_source(&plugin, &files).await {
+                            Ok(true) => {
+                                tracing::info!(plugin = %plugin.display(), "dev: the built component serves the saved source now")
+                            }
+                            Ok(false) => {}
+                            Err(err) => {
+                                tracing::error!(plugin = %plugin.display(), error = %err, "dev: the built component does not load; the saved source keeps serving")
+                            }
+                        }
+                    }
+                    Ok(Err(err)) => {
+                        tracing::error!(plugin = %plugin.display(), error = %err, "dev: plugin build failed; the running version keeps serving")
+                    }
+                    Err(err) => tracing::error!(error = %err, "dev: plugin build task failed"),
+                }
+            }
+        }
+    }
+}
+
+/// Builds the dev loaders if needed (`build-lang-plugins.sh --dev-loaders`,
+/// a no-op when up to date) and compiles them, then lets saves use them.
+async fn ready_dev_loaders(
+    root: PathBuf,
+    loaders: Vec<(PathBuf, Arc<std::sync::atomic::AtomicBool>)>,
+    plugins: Plugins,
+) {
+    let started = Instant::now();
+    let script = lang_script(&root);
+    let status =
+        tokio::task::spawn_blocking(move || Command::new(&script).arg("--dev-loaders").status())
+            .await;
+    if !matches!(status, Ok(Ok(s)) if s.success()) {
+        tracing::warn!(
+            "dev: the JS/Python dev loaders did not build; a saved handler goes live after its componentize build"
+        );
+        return;
+    }
+    for (loader, ready) in loaders {
+        match plugins.prepare_dev_loader(&loader).await {
+            Ok(()) => {
+                ready.store(true, std::sync::atomic::Ordering::Release);
+                tracing::info!(loader = %loader.display(), took = ?started.elapsed(), "dev: dev loader ready; a saved JS/Python handler goes live without waiting for its build");
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "dev: dev loader unusable; a saved handler goes live after its componentize build")
+            }
+        }
+    }
+}
+
+/// A JS/Python handler's sources as its build reads them (tests and
+/// generated folders left out), sorted by path.
+fn read_sources(builder: &Builder) -> Vec<(String, String)> {
+    let dir = builder.sources();
+    let mut files = Vec::new();
+    let mut pending = vec![dir.clone()];
+    while let Some(folder) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&folder) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                if !GENERATED.iter().any(|g| path.ends_with(g)) {
+                    pending.push(path);
+                }
+                continue;
+            }
+            let test = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("test_") || n.contains(".test."));
+            if test || !builder.rebuilds_on(&path) {
+                continue;
+            }
+            let (Ok(relative), Ok(text)) =
+                (path.strip_prefix(&dir), std::fs::read_to_string(&path))
+            else {
+                continue;
+            };
+            let relative = relative
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy())
+                .collect::<Vec<_>>()
+                .join("/");
+            files.push((relative, text));
+        }
+    }
+    files.sort();
+    files
+}
+
+/// The plugins workspace's cargo profile `dev` builds: release code
+/// without LTO, built incrementally (plugins/Cargo.toml says why).
+const DEV_PROFILE: &str = "dev-plugin";
+
 fn build_command(workspace: &Path) -> String {
     format!(
-        "cargo build --manifest-path {} --target wasm32-wasip2 --target-dir {} --release",
+        "cargo build --manifest-path {} --target wasm32-wasip2 --target-dir {} --profile {DEV_PROFILE}",
         workspace.join("Cargo.toml").display(),
         workspace.join("target").display()
     )
@@ -428,7 +643,8 @@ fn cargo_build(workspace: &Path) -> Result<(), DevError> {
             "--quiet",
             "--target",
             "wasm32-wasip2",
-            "--release",
+            "--profile",
+            DEV_PROFILE,
             "--manifest-path",
         ])
         .arg(workspace.join("Cargo.toml"))
@@ -440,7 +656,7 @@ fn cargo_build(workspace: &Path) -> Result<(), DevError> {
         Ok(())
     } else {
         Err(fail(format!(
-            "exited with {status} (is `rustup target add wasm32-wasip2` done?)"
+            "exited with {status} (is `rustup target add wasm32-wasip2` done, and does the workspace define [profile.{DEV_PROFILE}]?)"
         )))
     }
 }
@@ -455,7 +671,10 @@ fn copy_if_changed(workspace: &Path, plugin: &Path) -> Result<bool, DevError> {
     let name = plugin
         .file_name()
         .ok_or_else(|| fail("the plugin path has no file name".into()))?;
-    let built = workspace.join("target/wasm32-wasip2/release").join(name);
+    let built = workspace
+        .join("target/wasm32-wasip2")
+        .join(DEV_PROFILE)
+        .join(name);
     let fresh =
         std::fs::read(&built).map_err(|e| fail(format!("cannot read {}: {e}", built.display())))?;
     if std::fs::read(plugin).ok().as_deref() == Some(fresh.as_slice()) {
@@ -469,7 +688,7 @@ fn copy_if_changed(workspace: &Path, plugin: &Path) -> Result<bool, DevError> {
     Ok(true)
 }
 
-/// `cargo build --release --target wasm32-wasip2` in `workspace`, then
+/// `cargo build --profile dev-plugin --target wasm32-wasip2` in `workspace`, then
 /// copies the component named like `plugin` to `plugin`.
 pub fn build_plugin(workspace: &Path, plugin: &Path) -> Result<(), DevError> {
     cargo_build(workspace)?;

@@ -105,7 +105,8 @@ impl Presence for Sessions {
 }
 
 /// Runs the gateway until `stop` resolves. `on_bound` hears the bound
-/// addresses once every listener is up.
+/// addresses once every listener is up, with the loaded plugins (`dev`
+/// serves saved handler sources through them).
 ///
 /// Shutdown runs in three phases so nothing in flight is lost: dispatch
 /// connections stop reading and finish their events (acks sent), then
@@ -114,7 +115,7 @@ impl Presence for Sessions {
 pub async fn serve(
     config: Config,
     stop: impl Future<Output = ()>,
-    on_bound: impl FnOnce(Bound),
+    on_bound: impl FnOnce(Bound, &Plugins),
 ) -> Result<(), StartError> {
     let (token_secret, dispatch_secret) = config.require_secrets()?;
     let metrics = Metrics::new();
@@ -267,7 +268,7 @@ pub async fn serve(
     let claims = SqlClaims::start(db.clone(), retention, peers, &background);
     readiness.watch_claims(claims.healthy());
     let pipeline = Pipeline {
-        plugins,
+        plugins: plugins.clone(),
         sessions: sessions.clone(),
         fanout,
         reads: read_db.clone(),
@@ -296,7 +297,7 @@ pub async fn serve(
     drop(listener);
 
     tracing::info!(%bound, "gateway listening");
-    on_bound(bound);
+    on_bound(bound, &plugins);
 
     stop.await;
     tracing::info!("shutting down: finishing in-flight events");

@@ -235,6 +235,6 @@ async fn run(cli: Cli) -> Result<()> {
 }
 
 /// Prints the bound addresses on stdout: one line scripts and tests read.
-fn announce(bound: gateway::Bound) {
+fn announce(bound: gateway::Bound, _: &Plugins) {
     println!("otako-gateway listening {bound}");
 }

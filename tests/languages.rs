@@ -474,16 +474,24 @@ async fn many_routes_and_big_components_share_the_instance_pool() {
 /// the delivered frame (`delivered`, the text naming `MESSAGE_CREATE`).
 /// Every event is acked successfully and delivered exactly once, by the old
 /// or the new code, and the new code serves the tail.
+///
+/// A JS/Python handler (`lang`) swaps twice: to its saved source through
+/// the dev loader, then to the component componentize built; the load runs
+/// until the second, and the first must come before the build ends.
 async fn dev_swaps_under_load(
     mut setup: Setup,
     wasm: &std::path::Path,
     route: &str,
     source: &std::path::Path,
     delivered: &str,
+    lang: bool,
 ) {
     setup.set("sessions", "outbound_queue", "100000");
     setup.route("EVENT_MESSAGE_CREATE", wasm, route);
     let dev = setup.start_verb("dev");
+    if lang {
+        wait_dev_loader(&dev).await;
+    }
     // `dev` seeded users 1 and 2 in channel 1.
     Seed::open(&setup)
         .await
@@ -501,11 +509,22 @@ async fn dev_swaps_under_load(
         "plugin=\"{}\",result=\"ok\"",
         wasm.file_name().unwrap().to_string_lossy()
     );
+    let saved_at = std::cell::Cell::new(0.0);
     let swap = Swap {
         t: "EVENT_MESSAGE_CREATE",
         d: json!({"id": "3", "channel_id": "1"}),
-        swap: || std::fs::write(source, edited).unwrap(),
-        landed: async || dev.metric("otako_plugin_reloads_total", &label).await == 2.0,
+        swap: || {
+            saved_at.set(time_of_day());
+            std::fs::write(source, edited).unwrap()
+        },
+        landed: async || {
+            if lang {
+                dev.log()
+                    .contains("dev: the built component serves the saved source now")
+            } else {
+                dev.metric("otako_plugin_reloads_total", &label).await == 2.0
+            }
+        },
         within: Duration::from_secs(180),
         version: |frame| {
             let t = frame["t"].as_str()?;
@@ -518,29 +537,88 @@ async fn dev_swaps_under_load(
         },
     };
     let took = load_through_swap(bob, backend, swap).await;
-    let file = source.file_name().unwrap().to_string_lossy();
-    println!("save -> serving ({file}, under load): {took:.1?}");
     let log = dev.log();
+    // When the new code took over: the log line written once it did.
+    let swapped = if lang {
+        "dev: saved source serving through the dev loader"
+    } else {
+        "hot reload: routes and plugins swapped in"
+    };
+    let swapped = log.lines().find(|l| l.contains(swapped)).expect(swapped);
+    let serving = (log_time_of_day(swapped) - saved_at.get()).rem_euclid(86_400.0);
+    let file = source.file_name().unwrap().to_string_lossy();
+    println!(
+        "save -> new code serving ({file}, under load): {serving:.2} s; save -> {} serving: {took:.1?}",
+        if lang { "the built component" } else { "it" },
+    );
     let steps: Vec<&str> = log
         .lines()
         .filter(|l| {
-            ["dev: plugins rebuilt", "plugin compiled", "plugin loaded"]
-                .iter()
-                .any(|step| l.contains(step))
+            [
+                "dev: saved source serving",
+                "dev: plugins rebuilt",
+                "dev: the built component serves",
+                "plugin compiled",
+                "plugin loaded",
+            ]
+            .iter()
+            .any(|step| l.contains(step))
         })
         .collect();
-    assert!(
-        steps.iter().any(|l| l.contains("dev: plugins rebuilt")),
-        "{log}"
-    );
     println!("{}", steps.join("\n"));
+    let rebuilt = steps
+        .iter()
+        .position(|l| l.contains("dev: plugins rebuilt"));
+    assert!(rebuilt.is_some(), "{log}");
+    if lang {
+        // The saved source served before componentize was done with it.
+        let served = steps
+            .iter()
+            .position(|l| l.contains("dev: saved source serving through the dev loader"));
+        assert!(served.is_some_and(|s| Some(s) < rebuilt), "{log}");
+    }
     assert!(dev.stop().success());
 }
 
-/// [`dev_swaps_under_load`] for a JavaScript or Python handler: a copy of
-/// the MESSAGE_CREATE handler in the `dev` project, rebuilt by
-/// `scripts/build-lang-plugins.sh` when its `handler.js`/`app.py` is saved.
-async fn dev_swaps_a_lang_handler_under_load(lang: Lang) {
+/// Seconds since midnight, UTC, now.
+fn time_of_day() -> f64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    (now.as_secs() % 86_400) as f64 + f64::from(now.subsec_nanos()) / 1e9
+}
+
+/// Seconds since midnight, UTC, of a log line's timestamp (it starts
+/// `2026-12-03T17:28:29.421391Z`, maybe after a colour code).
+fn log_time_of_day(line: &str) -> f64 {
+    let clock = &line[line.find('T').unwrap() + 1..];
+    let clock = &clock[..clock.find('Z').unwrap()];
+    clock
+        .split(':')
+        .map(|part| part.parse::<f64>().unwrap())
+        .fold(0.0, |seconds, part| seconds * 60.0 + part)
+}
+
+/// Saves go live through the dev loader once `dev` has it compiled (the
+/// first run compiles a JS/Python runtime: tens of seconds).
+async fn wait_dev_loader(dev: &Gateway) {
+    dev.wait_log("dev: dev loader ready", Duration::from_secs(300))
+        .await;
+}
+
+/// A `dev` project routing a copy of `lang`'s MESSAGE_CREATE handler:
+/// the project, the routed `.wasm`, the handler's source file, the route's
+/// lines (a deadline no busy machine reaches) and the source's text naming
+/// the delivered event.
+fn lang_project(
+    lang: Lang,
+) -> (
+    Setup,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    String,
+    &'static str,
+) {
     let setup = project();
     let root = setup.dir.path().to_path_buf();
     let name = format!("loaded_{}", lang.handler());
@@ -558,7 +636,88 @@ async fn dev_swaps_a_lang_handler_under_load(lang: Lang) {
     let route = lang
         .limits()
         .replace("timeout_ms = 200", "timeout_ms = 5000");
-    dev_swaps_under_load(setup, &wasm, &route, &source.join(file), delivered).await;
+    (setup, wasm, source.join(file), route, delivered)
+}
+
+/// [`dev_swaps_under_load`] for a JavaScript or Python handler: a copy of
+/// the MESSAGE_CREATE handler in the `dev` project, served from its saved
+/// `handler.js`/`app.py` through the dev loader, then rebuilt by
+/// `scripts/build-lang-plugins.sh`.
+async fn dev_swaps_a_lang_handler_under_load(lang: Lang) {
+    let (setup, wasm, source, route, delivered) = lang_project(lang);
+    dev_swaps_under_load(setup, &wasm, &route, &source, delivered, true).await;
+}
+
+/// A save that does not load (a JavaScript syntax error, a Python module
+/// that raises on import) changes nothing: `dev` says why, and the running
+/// version keeps serving, as it does when the componentize build of the
+/// same save fails after it.
+async fn dev_keeps_serving_through_a_broken_save(lang: Lang) {
+    let (mut setup, wasm, source, route, _) = lang_project(lang);
+    setup.route("EVENT_MESSAGE_CREATE", &wasm, &route);
+    let dev = setup.start_verb("dev");
+    wait_dev_loader(&dev).await;
+    Seed::open(&setup)
+        .await
+        .message(3, 1, 1, "still served", Some("n3"))
+        .await;
+    let mut bob = Client::connect(dev.client, 2).await;
+    let mut backend = DispatchClient::connect(dev.dispatch).await;
+    let (broken, why) = match lang {
+        Lang::Js => ("\nexport function handle(event {\n", "SyntaxError"),
+        Lang::Python => (
+            "\nraise RuntimeError(\"broken on purpose\")\n",
+            "RuntimeError: broken on purpose",
+        ),
+    };
+    let text = std::fs::read_to_string(&source).unwrap();
+    // A new suffix on every run: the build skips sources it has built.
+    let comment = match lang {
+        Lang::Js => "//",
+        Lang::Python => "#",
+    };
+    let marker = format!("\n{comment} {}\n", rand::random::<u32>());
+    std::fs::write(&source, format!("{text}{marker}{broken}")).unwrap();
+    let refused = dev
+        .wait_log(
+            "dev: the saved source does not load",
+            Duration::from_secs(60),
+        )
+        .await;
+    assert!(refused.contains(why), "{refused}");
+    let served = async |backend: &mut DispatchClient, bob: &mut Client, id: &str| {
+        let ack = backend
+            .roundtrip(
+                "EVENT_MESSAGE_CREATE",
+                json!({"id": "3", "channel_id": "1"}),
+                json!(id),
+            )
+            .await;
+        assert_eq!(ack["success"], true, "{ack}");
+        let frame = bob.next().await;
+        assert_eq!(frame["t"], "MESSAGE_CREATE", "{frame}");
+        assert_eq!(frame["d"]["content"], "still served", "{frame}");
+    };
+    served(&mut backend, &mut bob, "after-save").await;
+    dev.wait_log("dev: plugin build failed", Duration::from_secs(180))
+        .await;
+    served(&mut backend, &mut bob, "after-build").await;
+    assert!(
+        !dev.log().contains("dev: saved source serving"),
+        "{}",
+        dev.log()
+    );
+    assert!(dev.stop().success());
+}
+
+#[tokio::test]
+async fn dev_keeps_serving_through_a_broken_js_save() {
+    dev_keeps_serving_through_a_broken_save(Lang::Js).await;
+}
+
+#[tokio::test]
+async fn dev_keeps_serving_through_a_broken_python_save() {
+    dev_keeps_serving_through_a_broken_save(Lang::Python).await;
 }
 
 // Multi-threaded so the client keeps up with the backend.
@@ -611,7 +770,8 @@ async fn dev_swaps_a_saved_rust_handler_under_load() {
     // with the very command `dev` runs on a save.
     let built = Instant::now();
     let status = std::process::Command::new("cargo")
-        .args(["build", "--quiet", "--target", "wasm32-wasip2", "--release"])
+        .args(["build", "--quiet", "--target", "wasm32-wasip2"])
+        .args(["--profile", "dev-plugin"])
         .arg("--manifest-path")
         .arg(plugins.join("Cargo.toml"))
         .arg("--target-dir")
@@ -629,6 +789,7 @@ async fn dev_swaps_a_saved_rust_handler_under_load() {
         "timeout_ms = 5000",
         &plugins.join("message_create/src/lib.rs"),
         "\"MESSAGE_CREATE\",",
+        false,
     )
     .await;
 }

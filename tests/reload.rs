@@ -98,22 +98,6 @@ async fn expect_reloads(gateway: &Gateway, result: &str, want: f64) {
     }
 }
 
-/// Polls the process log until it holds `needle`.
-async fn wait_for_log(gateway: &Gateway, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let log = gateway.log();
-        if let Some(line) = log.lines().find(|l| l.contains(needle)) {
-            return line.to_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no '{needle}' in the log:\n{log}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
 /// One event to user 10 (or everyone), and the frame it produced.
 async fn one_event(backend: &mut DispatchClient, client: &mut Client, id: &str) -> Value {
     let ack = backend
@@ -180,7 +164,9 @@ async fn a_restart_only_key_is_named_in_a_warning_and_keeps_its_running_value() 
         .replace("\"v1\"", "\"v2\"");
     assert_ne!(edited, text);
     save(&setup.config_path(), edited.as_bytes());
-    let warning = wait_for_log(&gateway, "change only on restart").await;
+    let warning = &gateway
+        .wait_log("change only on restart", Duration::from_secs(15))
+        .await;
     for key in [
         "sessions.max_per_user",
         "plugins.hot_reload",
@@ -223,7 +209,9 @@ async fn a_reload_whose_plugin_fails_changes_nothing() {
         .replace("\"v1\"", "\"v2\"")
         .replace("x.wasm", "garbage.wasm");
     save(&setup.config_path(), broken.as_bytes());
-    let error = wait_for_log(&gateway, "a plugin failed to load").await;
+    let error = &gateway
+        .wait_log("a plugin failed to load", Duration::from_secs(15))
+        .await;
     assert!(error.contains("garbage.wasm"), "{error}");
     assert!(
         error.contains("is not a usable plugin component"),
@@ -334,7 +322,9 @@ async fn routes_come_and_go_without_a_restart_and_a_broken_config_is_kept_out() 
         &config,
         format!("{original}\n[sessions]\nmax_per_usr = 3\n").as_bytes(),
     );
-    let error = wait_for_log(&gateway, "the new config is invalid").await;
+    let error = &gateway
+        .wait_log("the new config is invalid", Duration::from_secs(15))
+        .await;
     assert!(error.contains("unknown key 'max_per_usr'"), "{error}");
     assert_eq!(
         one_event(&mut backend, &mut client, "k-1").await["t"],

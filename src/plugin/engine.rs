@@ -117,6 +117,18 @@ impl PluginEngine {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
+        // wit/dev.wit: only `dev`'s source loaders import it.
+        linker
+            .instance("otako:gateway/dev-source@0.1.0")?
+            .func_wrap("files", |store, (): ()| {
+                let state: &HostState = store.data();
+                Ok((state
+                    .route
+                    .dev_files
+                    .as_deref()
+                    .cloned()
+                    .unwrap_or_default(),))
+            })?;
         Ok(PluginEngine {
             engine,
             linker: Arc::new(linker),
@@ -338,7 +350,8 @@ impl CacheStore for FunctionCache {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// Locks a std mutex whose data stays valid if a holder panicked.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -37,11 +37,20 @@ pub(crate) struct Services {
 pub(crate) struct RouteCtx {
     /// The plugin file's name, for logs and traces.
     pub plugin: String,
-    /// Hex SHA-256 prefix of the file: which version ran.
+    /// Hex SHA-256 of the version: the file, or for a handler `dev` serves
+    /// from its sources, the dev loader and those sources.
+    pub version: String,
+    /// [`version`](Self::version)'s prefix, for logs and traces.
     pub hash: String,
     pub config: BTreeMap<String, String>,
     pub services: Option<Services>,
+    /// A handler's sources, for the dev loader's `files` import.
+    pub dev_files: Option<DevFiles>,
 }
+
+/// A handler's source files as `dev` read them: path relative to the
+/// handler's folder, and text.
+pub type DevFiles = Arc<Vec<(String, String)>>;
 
 /// Per-call state, reset by [`HostState::begin_call`].
 pub(crate) struct CallState {

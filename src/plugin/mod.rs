@@ -12,6 +12,12 @@
 //! - `query`: the read-only database behind `query`.
 //! - `sandbox`: captured stdout/stderr and the memory limiter.
 //!
+//! # Sources served by `dev`
+//! `dev` may serve a JS/Python handler from its saved sources through a
+//! dev loader ([`DevSource`], wit/dev.wit) while componentize rebuilds
+//! it: a route version is then the loader's compiled code plus those
+//! sources, and its version hash covers both.
+//!
 //! # Instances
 //! Compiling happens once per plugin version (or never, when the cache has
 //! it). Each route version holds up to [`INSTANCES_PER_ROUTE`] live
@@ -31,7 +37,7 @@ mod query;
 pub(crate) mod routes;
 mod sandbox;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -47,7 +53,8 @@ use crate::ids::{ChannelId, UserId};
 use crate::telemetry::{Metrics, PluginLabels};
 pub use engine::INSTANCES_PER_ROUTE;
 pub(crate) use engine::content_hash;
-use engine::{MAX_MEMORY_MB, MAX_ROUTES, PluginEngine, live_per_route};
+use engine::{MAX_MEMORY_MB, MAX_ROUTES, PluginEngine, live_per_route, lock};
+pub use host::DevFiles;
 use host::{RouteCtx, Services};
 use query::QueryLimits;
 use routes::{Route, RouteTable};
@@ -166,6 +173,23 @@ struct Inner {
     /// The last [`HISTORY`] loads and reloads, newest last, for the
     /// operator page. A std mutex: held only to push or copy.
     history: std::sync::Mutex<std::collections::VecDeque<ReloadRecord>>,
+    /// The config the table in force was built from, for rebuilding it
+    /// when `dev` changes a [`DevSource`].
+    config: std::sync::Mutex<Option<Config>>,
+    /// Handlers served from their sources, by absolute plugin path.
+    dev_sources: std::sync::Mutex<HashMap<PathBuf, DevSource>>,
+    /// Compiled dev loaders, by content hash: compiled once per `dev` run.
+    dev_loaders: std::sync::Mutex<HashMap<String, engine::Compiled>>,
+}
+
+/// A handler `dev` serves from its saved sources through the dev loader of
+/// its language instead of its built component, until the build (6-20 s
+/// of componentize) catches up: a save is live in well under a second.
+#[derive(Clone)]
+pub struct DevSource {
+    /// The dev loader component (`plugins/.toolchain/dev/loader-*.wasm`).
+    pub loader: PathBuf,
+    pub files: DevFiles,
 }
 
 /// How many loads and reloads the operator page lists.
@@ -221,12 +245,16 @@ impl Plugins {
                 table: ArcSwap::from_pointee(RouteTable::empty()),
                 reloading: tokio::sync::Mutex::new(()),
                 history: std::sync::Mutex::new(std::collections::VecDeque::new()),
+                config: std::sync::Mutex::new(None),
+                dev_sources: std::sync::Mutex::new(HashMap::new()),
+                dev_loaders: std::sync::Mutex::new(HashMap::new()),
             }),
         };
         let table = plugins.build(config, &RouteTable::empty()).await?;
         tracing::info!(routes = table.routes.len(), "plugins loaded");
         plugins.record("load", &RouteTable::empty(), Ok(&table));
         plugins.inner.table.store(Arc::new(table));
+        *lock(&plugins.inner.config) = Some(config.clone());
         Ok(plugins)
     }
 
@@ -271,6 +299,10 @@ impl Plugins {
     /// table keeps serving. Unchanged plugin files are not recompiled.
     pub async fn reload(&self, config: &Config) -> Result<(), PluginError> {
         let _one_at_a_time = self.inner.reloading.lock().await;
+        self.reload_locked(config).await
+    }
+
+    async fn reload_locked(&self, config: &Config) -> Result<(), PluginError> {
         let current = self.inner.table.load_full();
         let table = match self.build(config, &current).await {
             Ok(table) => table,
@@ -282,7 +314,101 @@ impl Plugins {
         tracing::info!(routes = table.routes.len(), "plugins reloaded");
         self.record("reload", &current, Ok(&table));
         self.inner.table.store(Arc::new(table));
+        *lock(&self.inner.config) = Some(config.clone());
         Ok(())
+    }
+
+    /// Compiles a dev loader ahead of the first save that needs it (a JS
+    /// or Python runtime takes seconds to compile; the cache keeps it).
+    pub async fn prepare_dev_loader(&self, loader: &Path) -> Result<(), PluginError> {
+        self.dev_loader(loader).await.map(|_| ())
+    }
+
+    /// Serves the route(s) of `plugin` from `source` (hot reload, nothing
+    /// dropped). If the sources do not load, nothing changes and the
+    /// error says why.
+    pub async fn serve_dev_source(
+        &self,
+        plugin: &Path,
+        source: DevSource,
+    ) -> Result<(), PluginError> {
+        self.swap_dev_source(plugin, Some(source), |_| true)
+            .await
+            .map(|_| ())
+    }
+
+    /// Goes back to `plugin`'s built component once it was built from the
+    /// sources being served (`built_from`); returns whether it did. Sources
+    /// saved since then keep being served.
+    pub async fn end_dev_source(
+        &self,
+        plugin: &Path,
+        built_from: &[(String, String)],
+    ) -> Result<bool, PluginError> {
+        self.swap_dev_source(plugin, None, |serving| {
+            serving.is_some_and(|s| s.files.as_slice() == built_from)
+        })
+        .await
+    }
+
+    async fn swap_dev_source(
+        &self,
+        plugin: &Path,
+        next: Option<DevSource>,
+        when: impl FnOnce(Option<&DevSource>) -> bool,
+    ) -> Result<bool, PluginError> {
+        let _one_at_a_time = self.inner.reloading.lock().await;
+        let key = absolute(plugin);
+        let previous = {
+            let mut sources = lock(&self.inner.dev_sources);
+            if !when(sources.get(&key)) {
+                return Ok(false);
+            }
+            match &next {
+                Some(source) => sources.insert(key.clone(), source.clone()),
+                None => sources.remove(&key),
+            }
+        };
+        let Some(config) = lock(&self.inner.config).clone() else {
+            return Ok(false);
+        };
+        let result = self.reload_locked(&config).await;
+        if result.is_err() {
+            let mut sources = lock(&self.inner.dev_sources);
+            match previous {
+                Some(source) => sources.insert(key, source),
+                None => sources.remove(&key),
+            };
+        }
+        result.map(|()| true)
+    }
+
+    /// A compiled dev loader: compiled once, then kept.
+    async fn dev_loader(&self, loader: &Path) -> Result<engine::Compiled, PluginError> {
+        let (bytes, fail) = read_for_dev(loader).await?;
+        let hash = engine::content_hash(&bytes);
+        if let Some(compiled) = lock(&self.inner.dev_loaders).get(&hash) {
+            return Ok(compiled.clone());
+        }
+        let compiled = self.compile_cached(bytes).await.map_err(fail)?;
+        lock(&self.inner.dev_loaders).insert(hash, compiled.clone());
+        Ok(compiled)
+    }
+
+    /// Compiles `plugin`'s file into the compiled-code cache (`cache_dir`)
+    /// without holding up reloads, so that swapping to it next takes
+    /// milliseconds, not the seconds a JS/Python component compiles for.
+    pub async fn precompile(&self, plugin: &Path) -> Result<(), PluginError> {
+        let (bytes, fail) = read_for_dev(plugin).await?;
+        self.compile_cached(bytes).await.map(|_| ()).map_err(fail)
+    }
+
+    /// Compiles through the running config's compiled-code cache.
+    async fn compile_cached(&self, bytes: Vec<u8>) -> Result<engine::Compiled, String> {
+        let cache_dir = lock(&self.inner.config)
+            .as_ref()
+            .map(|c| c.plugins.cache_dir.clone());
+        compile_off_thread(&self.inner.engine, bytes, cache_dir).await
     }
 
     fn record(&self, kind: &'static str, old: &RouteTable, new: Result<&RouteTable, &PluginError>) {
@@ -292,8 +418,7 @@ impl Plugins {
                     .routes
                     .iter()
                     .filter(|(event, route)| {
-                        old.routes.get(*event).map(|r| &r.compiled.hash)
-                            != Some(&route.compiled.hash)
+                        old.routes.get(*event).map(|r| &r.ctx.version) != Some(&route.ctx.version)
                     })
                     .map(|(event, _)| event.clone())
                     .chain(
@@ -315,11 +440,7 @@ impl Plugins {
             error: new.err().map(|e| e.to_string()),
             changed,
         };
-        let mut history = self
-            .inner
-            .history
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut history = lock(&self.inner.history);
         if history.len() == HISTORY {
             history.pop_front();
         }
@@ -328,13 +449,7 @@ impl Plugins {
 
     /// The loads and reloads so far (the last [`HISTORY`]), oldest first.
     pub fn history(&self) -> Vec<ReloadRecord> {
-        self.inner
-            .history
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-            .cloned()
-            .collect()
+        lock(&self.inner.history).iter().cloned().collect()
     }
 
     /// Each route's plugin version serving now, by event.
@@ -346,7 +461,7 @@ impl Plugins {
             .map(|(event, route)| LoadedPlugin {
                 event: event.clone(),
                 plugin: route.ctx.plugin.clone(),
-                hash: route.compiled.hash.clone(),
+                hash: route.ctx.version.clone(),
                 loaded_at: crate::db::rfc3339(route.compiled.loaded_at_ms),
                 compile_ms: route.compiled.compile_time.as_millis() as u64,
                 from_cache: route.compiled.from_cache,
@@ -365,7 +480,7 @@ impl Plugins {
             .load()
             .routes
             .iter()
-            .map(|(event, route)| (event.clone(), route.compiled.hash.clone()))
+            .map(|(event, route)| (event.clone(), route.ctx.version.clone()))
             .collect()
     }
 
@@ -406,7 +521,7 @@ impl Plugins {
                 status.hash = Some(compiled.hash.clone());
                 status.compile_time = compiled.compile_time;
                 status.cached = compiled.from_cache;
-                let ctx = route_ctx(route, &compiled, None);
+                let ctx = route_ctx(route, compiled.hash.clone(), None, None);
                 let built = Route::new(
                     engine.clone(),
                     compiled,
@@ -483,21 +598,38 @@ impl Plugins {
         max_live: usize,
     ) -> Result<Route, PluginError> {
         check_limits(route)?;
-        let bytes = read(route).await?;
-        let hash = engine::content_hash(&bytes);
-        // An unchanged file keeps its compiled code (and skips the cache).
-        let reused = previous
-            .routes
-            .values()
-            .find(|r| r.compiled.hash == hash)
-            .map(|r| r.compiled.clone());
-        let compiled = match reused {
-            Some(compiled) => compiled,
+        let dev = lock(&self.inner.dev_sources)
+            .get(&absolute(&route.plugin))
+            .cloned();
+        let (compiled, version, dev_files) = match dev {
+            Some(dev) => {
+                let compiled = self
+                    .dev_loader(&dev.loader)
+                    .await
+                    .map_err(|e| load_error(route, e.to_string()))?;
+                let version = dev_version(&compiled.hash, &dev.files);
+                (compiled, version, Some(dev.files))
+            }
             None => {
-                compile_bytes(&self.inner.engine, route, bytes, &config.plugins.cache_dir).await?
+                let bytes = read(route).await?;
+                let hash = engine::content_hash(&bytes);
+                // An unchanged file keeps its compiled code (and skips the cache).
+                let reused = previous
+                    .routes
+                    .values()
+                    .find(|r| r.compiled.hash == hash)
+                    .map(|r| r.compiled.clone());
+                let compiled = match reused {
+                    Some(compiled) => compiled,
+                    None => {
+                        compile_bytes(&self.inner.engine, route, bytes, &config.plugins.cache_dir)
+                            .await?
+                    }
+                };
+                (compiled, hash, None)
             }
         };
-        let ctx = route_ctx(route, &compiled, Some(services.clone()));
+        let ctx = route_ctx(route, version, Some(services.clone()), dev_files);
         let built = Route::new(
             self.inner.engine.clone(),
             compiled,
@@ -510,7 +642,8 @@ impl Plugins {
         tracing::info!(
             event = %route.event,
             plugin = %route.plugin.display(),
-            hash = short_hash(&built.compiled.hash),
+            hash = short_hash(&built.ctx.version),
+            dev_source = built.ctx.dev_files.is_some(),
             compile_ms = built.compiled.compile_time.as_millis() as u64,
             cached = built.compiled.from_cache,
             instance_kib = pool.instance_bytes / 1024,
@@ -572,36 +705,82 @@ async fn compile(
     compile_bytes(engine, route, bytes, cache_dir).await
 }
 
-/// Compiles on the blocking pool: cranelift takes tens to hundreds of
-/// milliseconds and must not stall a tokio worker.
 async fn compile_bytes(
     engine: &PluginEngine,
     route: &RouteConfig,
     bytes: Vec<u8>,
     cache_dir: &Path,
 ) -> Result<engine::Compiled, PluginError> {
+    compile_off_thread(engine, bytes, Some(cache_dir.to_path_buf()))
+        .await
+        .map_err(|reason| load_error(route, reason))
+}
+
+/// Compiles on the blocking pool: cranelift takes tens of milliseconds to
+/// seconds and must not stall a tokio worker.
+async fn compile_off_thread(
+    engine: &PluginEngine,
+    bytes: Vec<u8>,
+    cache_dir: Option<PathBuf>,
+) -> Result<engine::Compiled, String> {
     let engine = engine.clone();
-    let cache_dir = cache_dir.to_path_buf();
     tokio::task::spawn_blocking(move || {
-        let cache = engine::cache_dir(&cache_dir);
+        let cache = cache_dir.as_deref().and_then(engine::cache_dir);
         engine.compile(&bytes, cache.as_deref())
     })
     .await
-    .map_err(|e| load_error(route, format!("compiler task failed: {e}")))?
-    .map_err(|reason| load_error(route, format!("is not a usable plugin component: {reason}")))
+    .map_err(|e| format!("compiler task failed: {e}"))?
+    .map_err(|reason| format!("is not a usable plugin component: {reason}"))
 }
 
 fn route_ctx(
     route: &RouteConfig,
-    compiled: &engine::Compiled,
+    version: String,
     services: Option<Services>,
+    dev_files: Option<DevFiles>,
 ) -> Arc<RouteCtx> {
     Arc::new(RouteCtx {
         plugin: file_name(&route.plugin),
-        hash: short_hash(&compiled.hash).to_owned(),
+        hash: short_hash(&version).to_owned(),
+        version,
         config: route.config.clone(),
         services,
+        dev_files,
     })
+}
+
+/// A file `dev` has compiled outside a route (a dev loader, a rebuilt
+/// component), and how to report what goes wrong with it.
+async fn read_for_dev(
+    path: &Path,
+) -> Result<(Vec<u8>, impl Fn(String) -> PluginError + '_), PluginError> {
+    let fail = move |reason: String| PluginError::Load {
+        event: "(dev)".to_owned(),
+        plugin: path.display().to_string(),
+        reason,
+    };
+    match tokio::fs::read(path).await {
+        Ok(bytes) => Ok((bytes, fail)),
+        Err(err) => Err(fail(format!("cannot read: {err}"))),
+    }
+}
+
+/// The version of a handler served from its sources: the loader and every
+/// file, so each save is a new version.
+fn dev_version(loader_hash: &str, files: &[(String, String)]) -> String {
+    let mut bytes = loader_hash.as_bytes().to_vec();
+    for (path, text) in files {
+        for part in [path, text] {
+            bytes.extend_from_slice(&(part.len() as u64).to_le_bytes());
+            bytes.extend_from_slice(part.as_bytes());
+        }
+    }
+    engine::content_hash(&bytes)
+}
+
+/// The key a plugin path is known by, however the config spelled it.
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 fn start_error(route: &RouteConfig, failure: &Failure) -> PluginError {

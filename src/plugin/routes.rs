@@ -200,7 +200,7 @@ impl Route {
         // Instantiation may run guest initialisers: same limits as a call.
         store.data_mut().begin_call(event_id, self.timeout);
         store.set_epoch_deadline(1);
-        match self.compiled.pre.instantiate_async(&mut store).await {
+        match self.start(&mut store).await {
             Ok(plugin) => Ok(Instance {
                 store,
                 plugin,
@@ -216,6 +216,28 @@ impl Route {
                 Err(failure)
             }
         }
+    }
+
+    /// Instantiates; a dev loader (wit/dev.wit) also evaluates the
+    /// handler's sources, so a broken save fails here, at load.
+    async fn start(&self, store: &mut Store<HostState>) -> wasmtime::Result<Plugin> {
+        if self.ctx.dev_files.is_none() {
+            return self.compiled.pre.instantiate_async(&mut *store).await;
+        }
+        let instance = self
+            .compiled
+            .pre
+            .instance_pre()
+            .instantiate_async(&mut *store)
+            .await?;
+        let plugin = Plugin::new(&mut *store, &instance)?;
+        let load = instance
+            .get_typed_func::<(), (Result<(), String>,)>(&mut *store, "load")
+            .map_err(|e| e.context("the dev loader exports no `load`"))?;
+        let (loaded,) = load.call_async(&mut *store, ()).await?;
+        loaded
+            .map_err(|reason| wasmtime::format_err!("the saved source does not load: {reason}"))?;
+        Ok(plugin)
     }
 
     /// Returns a healthy instance to the pool unless it is due for

@@ -524,6 +524,22 @@ impl Gateway {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 
+    /// Polls the process log until a line holds `needle`, and returns it.
+    pub async fn wait_log(&self, needle: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let log = self.log();
+            if let Some(line) = log.lines().find(|l| l.contains(needle)) {
+                return line.to_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no '{needle}' in the log within {within:?}:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     /// Sends SIGTERM and returns at once (the process starts draining).
     pub fn terminate(&self) {
         let pid = libc::pid_t::try_from(self.child.id()).unwrap();
