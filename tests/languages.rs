@@ -701,6 +701,11 @@ async fn dev_keeps_serving_through_a_broken_save(lang: Lang) {
     served(&mut backend, &mut bob, "after-save").await;
     dev.wait_log("dev: plugin build failed", Duration::from_secs(180))
         .await;
+    // New connections: while the build ran, the first ones were silent for
+    // longer than a backend may be (no PING within ping_timeout_ms closes
+    // it) and unread past a client's heartbeat.
+    let mut backend = DispatchClient::connect(dev.dispatch).await;
+    let mut bob = Client::connect(dev.client, 2).await;
     served(&mut backend, &mut bob, "after-build").await;
     assert!(
         !dev.log().contains("dev: saved source serving"),
