@@ -699,10 +699,14 @@ mod tests {
     async fn a_chunk_mixing_new_and_present_ids_sorts_each() {
         let (_dir, db, _peers, _store) = setup(Duration::from_secs(30)).await;
         held_by_peer(&db, "peer-held").await;
+        // An earlier millisecond, but inside the retention window: the
+        // store's sweeper, running from the start, deletes older rows.
+        let earlier = now_ms() - 1;
         with_pool!(db, p => sqlx::query(
             "INSERT INTO event_outcomes (event_id, completed_at, owner, done) \
-             VALUES ('peer-done', 1, 'peer', 1), ('mine-queued', 1, 'me', 0)",
+             VALUES ('peer-done', $1, 'peer', 1), ('mine-queued', $1, 'me', 0)",
         )
+        .bind(earlier)
         .execute(p)
         .await
         .map(|_| ()))
