@@ -8,10 +8,12 @@
 //! [`SqliteReader`] instead, which runs them on the calling thread.
 
 mod batch;
+mod pg_reader;
 mod reader;
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -20,6 +22,7 @@ use sqlx::{PgPool, SqlitePool};
 
 use crate::config::DatabaseUrl;
 pub use batch::Batcher;
+pub use pg_reader::PgReader;
 pub use reader::{ReadError, SqliteReader};
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
@@ -134,6 +137,8 @@ pub struct Db {
     pool: Pool,
     /// Inline reads, for a read-only handle on SQLite.
     reader: Option<SqliteReader>,
+    /// Pipelined plugin reads, for a read-only handle on PostgreSQL.
+    pg_reader: Option<Arc<PgReader>>,
 }
 
 /// Whether a pool may write.
@@ -154,6 +159,7 @@ impl Db {
         access: Access,
     ) -> Result<Db, DbError> {
         let mut reader = None;
+        let mut pg_reader = None;
         let pool = match url {
             DatabaseUrl::Sqlite(path) => {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -198,6 +204,14 @@ impl Db {
                 let mut options = PgConnectOptions::from_str(raw).map_err(open_err)?;
                 if access == Access::ReadOnly {
                     options = options.options([("default_transaction_read_only", "on")]);
+                    let connections = usize::try_from(max_connections).unwrap_or(usize::MAX);
+                    match PgReader::new(raw, connections) {
+                        Ok(r) => pg_reader = Some(Arc::new(r)),
+                        Err(why) => tracing::info!(
+                            reason = %why,
+                            "plugin queries on PostgreSQL go through sqlx, one round trip per statement: the pipelined reader can't use this database.url"
+                        ),
+                    }
                 }
                 let pool = PgPoolOptions::new()
                     .max_connections(max_connections)
@@ -212,7 +226,11 @@ impl Db {
                 Pool::Postgres(pool)
             }
         };
-        Ok(Db { pool, reader })
+        Ok(Db {
+            pool,
+            reader,
+            pg_reader,
+        })
     }
 
     pub fn pool(&self) -> &Pool {
@@ -222,6 +240,12 @@ impl Db {
     /// The inline read path: `Some` for a read-only SQLite handle.
     pub fn sqlite_reader(&self) -> Option<&SqliteReader> {
         self.reader.as_ref()
+    }
+
+    /// The pipelined plugin read path: `Some` for a read-only PostgreSQL
+    /// handle whose URL tokio-postgres reads.
+    pub fn pg_reader(&self) -> Option<&PgReader> {
+        self.pg_reader.as_deref()
     }
 
     /// `"sqlite"` or `"postgres"`, for logs and metrics.

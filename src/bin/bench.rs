@@ -84,6 +84,11 @@ struct Cli {
     /// The gateway's `database.max_connections` (each of its two pools).
     #[arg(long, default_value_t = 8, global = true)]
     db_connections: u32,
+    /// Extra parameters for the gateway's PostgreSQL URL, e.g.
+    /// `sslmode=disable` (sqlx and tokio-postgres negotiate TLS by default,
+    /// even on loopback).
+    #[arg(long, global = true)]
+    pg_params: Option<String>,
     #[command(subcommand)]
     workload: Workload,
 }
@@ -236,6 +241,7 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     RESUME_BUFFER.store(cli.resume_buffer.max(1) as u64, Ordering::Relaxed);
     DB_CONNECTIONS.store(cli.db_connections.max(1), Ordering::Relaxed);
+    PG_PARAMS.get_or_init(|| cli.pg_params.clone().unwrap_or_default());
     if cli.tls {
         if cli.target != Which::Gateway {
             bail!("--tls needs --target gateway: the baseline speaks plain WebSocket only");
@@ -430,8 +436,8 @@ impl Drop for Server {
         if let (Some(prefix), Some(url)) = (&self.cluster_prefix, CLUSTER.get()) {
             delete_cluster_state(url, prefix);
         }
-        if let Some((_, schema)) = self.db_url.split_once(SCHEMA_PARAM) {
-            drop_schema(schema);
+        if let Some((_, rest)) = self.db_url.split_once(SCHEMA_PARAM) {
+            drop_schema(rest.split('&').next().unwrap_or(rest));
         }
     }
 }
@@ -928,7 +934,9 @@ async fn postgres_schema() -> Result<String> {
         .execute(&pool)
         .await?;
     pool.close().await;
-    Ok(format!("{PG_ADMIN}{SCHEMA_PARAM}{schema}"))
+    let extra = PG_PARAMS.get().filter(|p| !p.is_empty());
+    let extra = extra.map(|p| format!("&{p}")).unwrap_or_default();
+    Ok(format!("{PG_ADMIN}{SCHEMA_PARAM}{schema}{extra}"))
 }
 
 fn client_config() -> WebSocketConfig {
@@ -1086,6 +1094,8 @@ fn cluster_section(prefix: Option<&str>, node_id: usize) -> String {
 static RESUME_BUFFER: AtomicU64 = AtomicU64::new(1024);
 /// `--db-connections`.
 static DB_CONNECTIONS: AtomicU32 = AtomicU32::new(8);
+/// `--pg-params`.
+static PG_PARAMS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 /// This process's open-file limit once raised (every subscriber is a socket).
 static FD_LIMIT: AtomicU64 = AtomicU64::new(u64::MAX);

@@ -5,7 +5,8 @@
 //! Read-only is enforced by the database (the plugin pool is opened with
 //! [`Access::ReadOnly`](crate::db::Access), and on PostgreSQL every query
 //! also runs in its own `BEGIN READ ONLY` transaction that is rolled back,
-//! so not even `set_config` can leave the connection writable). The
+//! so not even `set_config` can leave the connection writable). On
+//! PostgreSQL the three statements are pipelined ([`PgReader`]). The
 //! statement check here is a cheap first line that gives plugin authors a
 //! clear message; it is not the security boundary.
 
@@ -15,7 +16,7 @@ use futures_util::TryStreamExt;
 use sqlx::{AssertSqlSafe, Column, Decode, Row, TypeInfo, ValueRef};
 
 use super::bindings::{DbError, Rows, Value};
-use crate::db::{Db, Pool, ReadError};
+use crate::db::{Db, PgReader, Pool, ReadError};
 
 /// Longest SQL text a plugin may send: real lookups are a few hundred bytes.
 const MAX_SQL_BYTES: usize = 16 * 1024;
@@ -54,12 +55,17 @@ pub(crate) async fn run(
         Pool::Sqlite(_) => sqlite(db, sql, params, limits).await,
         // The server's statement_timeout fires first and the transaction
         // ends cleanly; ours is the backstop for a stalled link.
-        Pool::Postgres(pool) => tokio::time::timeout(
-            limits.timeout + PG_TIMEOUT_GRACE,
-            postgres(pool, &sql, params, limits),
-        )
-        .await
-        .unwrap_or(Err(DbError::Timeout)),
+        Pool::Postgres(pool) => {
+            let read = async {
+                match db.pg_reader() {
+                    Some(reader) => pipelined(reader, &sql, &params, limits).await,
+                    None => postgres(pool, &sql, params, limits).await,
+                }
+            };
+            tokio::time::timeout(limits.timeout + PG_TIMEOUT_GRACE, read)
+                .await
+                .unwrap_or(Err(DbError::Timeout))
+        }
     }
 }
 
@@ -234,6 +240,143 @@ async fn postgres(
     let rows = rows?;
     ended.map_err(db_error)?;
     Ok(rows)
+}
+
+/// The same lookup as [`postgres`], through the pipelined reader, which
+/// binds each value with the type sqlx would give it.
+async fn pipelined(
+    reader: &PgReader,
+    sql: &str,
+    params: &[Value],
+    limits: QueryLimits,
+) -> Result<Rows, DbError> {
+    use tokio_postgres::types::Type;
+    let types: Vec<Type> = params
+        .iter()
+        .map(|p| match p {
+            Value::Null | Value::Integer(_) => Type::INT8,
+            Value::Real(_) => Type::FLOAT8,
+            Value::Text(_) => Type::TEXT,
+            Value::Blob(_) => Type::BYTEA,
+        })
+        .collect();
+    let bound: Vec<PgParam<'_>> = params.iter().map(PgParam).collect();
+    let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = bound
+        .iter()
+        .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
+        .collect();
+    let mut out = Rows {
+        columns: Vec::new(),
+        rows: Vec::new(),
+    };
+    let mut failed = None;
+    let read = reader.read(sql, &types, &refs, limits.timeout, |row| {
+        if out.rows.is_empty() {
+            out.columns = row.columns().iter().map(|c| c.name().to_owned()).collect();
+        }
+        if out.rows.len() >= limits.max_rows as usize {
+            failed = Some(DbError::TooManyRows(limits.max_rows));
+            return false;
+        }
+        match (0..row.len()).map(|i| pg_row_value(&row, i)).collect() {
+            Ok(values) => out.rows.push(values),
+            Err(err) => failed = Some(err),
+        }
+        failed.is_none()
+    });
+    let read = read.await;
+    if let Some(err) = failed {
+        return Err(err);
+    }
+    read.map_err(pg_error)?;
+    Ok(out)
+}
+
+/// A plugin's value as a tokio-postgres parameter of the declared type.
+#[derive(Debug)]
+struct PgParam<'a>(&'a Value);
+
+impl tokio_postgres::types::ToSql for PgParam<'_> {
+    fn to_sql(
+        &self,
+        ty: &tokio_postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self.0 {
+            Value::Null => Ok(tokio_postgres::types::IsNull::Yes),
+            Value::Integer(v) => v.to_sql(ty, out),
+            Value::Real(v) => v.to_sql(ty, out),
+            Value::Text(v) => v.as_str().to_sql(ty, out),
+            Value::Blob(v) => v.as_slice().to_sql(ty, out),
+        }
+    }
+
+    fn accepts(_: &tokio_postgres::types::Type) -> bool {
+        true
+    }
+
+    tokio_postgres::types::to_sql_checked!();
+}
+
+fn pg_row_value(row: &tokio_postgres::Row, i: usize) -> Result<Value, DbError> {
+    use tokio_postgres::types::Type;
+    let column = &row.columns()[i];
+    let err = |e| decode_err(column.name(), e);
+    let value = match *column.type_() {
+        Type::BOOL => row
+            .try_get::<_, Option<bool>>(i)
+            .map_err(err)?
+            .map(|b| Value::Integer(i64::from(b))),
+        Type::INT2 => row
+            .try_get::<_, Option<i16>>(i)
+            .map_err(err)?
+            .map(|v| Value::Integer(i64::from(v))),
+        Type::INT4 => row
+            .try_get::<_, Option<i32>>(i)
+            .map_err(err)?
+            .map(|v| Value::Integer(i64::from(v))),
+        Type::INT8 => row
+            .try_get::<_, Option<i64>>(i)
+            .map_err(err)?
+            .map(Value::Integer),
+        Type::FLOAT4 => row
+            .try_get::<_, Option<f32>>(i)
+            .map_err(err)?
+            .map(|v| Value::Real(f64::from(v))),
+        Type::FLOAT8 => row
+            .try_get::<_, Option<f64>>(i)
+            .map_err(err)?
+            .map(Value::Real),
+        Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME => row
+            .try_get::<_, Option<String>>(i)
+            .map_err(err)?
+            .map(Value::Text),
+        Type::BYTEA => row
+            .try_get::<_, Option<Vec<u8>>>(i)
+            .map_err(err)?
+            .map(Value::Blob),
+        ref other => {
+            let name = column.name();
+            let kind = other.name().to_uppercase();
+            return Err(DbError::Query(format!(
+                "column '{name}' has type {kind}, which plugins can't read; cast it in SQL (e.g. {name}::text)"
+            )));
+        }
+    };
+    Ok(value.unwrap_or(Value::Null))
+}
+
+/// [`db_error`] for the pipelined reader.
+fn pg_error(err: tokio_postgres::Error) -> DbError {
+    use tokio_postgres::error::SqlState;
+    match err.as_db_error() {
+        Some(db) if *db.code() == SqlState::QUERY_CANCELED => DbError::Timeout,
+        Some(db) if *db.code() == SqlState::READ_ONLY_SQL_TRANSACTION => {
+            DbError::ReadOnly(db.message().to_owned())
+        }
+        Some(db) => DbError::Query(db.message().to_owned()),
+        None => DbError::Query(err.to_string()),
+    }
 }
 
 /// Reads rows until the stream ends or the limit is passed, converting as
@@ -512,6 +655,101 @@ mod tests {
             "{err:?}"
         );
         db.close().await;
+    }
+
+    /// Lookups pipelined on one PostgreSQL connection each keep their own
+    /// transaction: a neighbour's `set_config` reaches none of them, and
+    /// an abandoned lookup (too many rows, its timeout, a killed
+    /// connection) leaves the reader serving.
+    #[tokio::test]
+    async fn pipelined_postgres_lookups_stay_isolated() {
+        let app = format!("pipelined_{}", std::process::id());
+        let url = DatabaseUrl::Postgres(format!(
+            "postgres://postgres@127.0.0.1:5432/test?application_name={app}"
+        ));
+        let db = Db::open(&url, 1, Access::ReadOnly).await.unwrap();
+        assert!(
+            db.pg_reader().is_some(),
+            "this URL takes the pipelined path"
+        );
+        let admin = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/test")
+            .await
+            .unwrap();
+        let lookups = (0..300i64).map(|i| {
+            let db = db.clone();
+            tokio::spawn(async move {
+                let (sql, params) = match i % 3 {
+                    0 => ("SELECT $1::int8 * 2 AS v", vec![Value::Integer(i)]),
+                    // Would cancel every later statement on the session,
+                    // and hide every table, if it outlived its transaction.
+                    1 => (
+                        "SELECT set_config('statement_timeout', '1', false), set_config('search_path', 'nowhere', false), $1::int8 * 2 AS v",
+                        vec![Value::Integer(i)],
+                    ),
+                    _ => (
+                        "SELECT count(*) AS n, x.v FROM pg_class, (SELECT $1::int8 * 2 AS v, pg_sleep(0.005) AS s) x GROUP BY x.v",
+                        vec![Value::Integer(i)],
+                    ),
+                };
+                (i, run(&db, sql.to_owned(), params, LIMITS).await)
+            })
+        });
+        for lookup in futures_util::future::join_all(lookups).await {
+            let (i, rows) = lookup.unwrap();
+            let rows = rows.unwrap_or_else(|e| panic!("lookup {i}: {e:?}"));
+            assert_eq!(rows.rows[0].last(), Some(&Value::Integer(i * 2)), "{i}");
+        }
+        let connections: i64 = sqlx::query_scalar(
+            // sqlx's pool shares the name; the reader's last statement is
+            // always a lookup's ROLLBACK.
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND query = 'ROLLBACK'",
+        )
+        .bind(&app)
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+        assert_eq!(connections, 1, "300 lookups shared one connection");
+
+        let limits = QueryLimits {
+            timeout: Duration::from_millis(100),
+            max_rows: 5,
+        };
+        let err = run(&db, "SELECT generate_series(1, 50)".into(), vec![], limits)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DbError::TooManyRows(5)), "{err:?}");
+        let err = run(&db, "SELECT pg_sleep(5)".into(), vec![], limits)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DbError::Timeout), "{err:?}");
+        let sql = "SELECT current_setting('statement_timeout') AS t";
+        let rows = run(&db, sql.into(), vec![], LIMITS).await.unwrap();
+        assert_eq!(rows.rows, vec![vec![Value::Text("5s".into())]]);
+
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+        )
+        .bind(&app)
+        .execute(&admin)
+        .await
+        .unwrap();
+        let mut served = None;
+        for _ in 0..50 {
+            match run(&db, "SELECT 7::int8 AS v".into(), vec![], LIMITS).await {
+                Ok(rows) => {
+                    served = Some(rows);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        assert_eq!(
+            served.map(|r| r.rows),
+            Some(vec![vec![Value::Integer(7)]]),
+            "a fresh connection replaces the killed one"
+        );
+        db.close().await;
+        admin.close().await;
     }
 
     /// A read-only handle on a fresh SQLite file (kept while the dir lives).
