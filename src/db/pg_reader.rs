@@ -113,55 +113,23 @@ impl PgReader {
         let (slot, live) = self.connection(timeout_ms).await?;
         live.in_flight.fetch_add(1, Ordering::Relaxed);
         let _counted = InFlight(&live);
-        let result = async {
-            let statement = live.statement(sql, types).await?;
-            let begin_sql = if timeout_ms == live.timeout_ms {
-                "BEGIN READ ONLY".to_owned()
-            } else {
-                format!("BEGIN READ ONLY; SET LOCAL statement_timeout = {timeout_ms}")
-            };
-            let client = &live.client;
-            let begin = client.batch_execute(&begin_sql);
-            let query = client.query_raw(&statement, params.iter().copied());
-            let end = client.batch_execute("ROLLBACK");
-            pin_mut!(begin, query, end);
-            // First polls queue the requests, in this order, with no other
-            // lookup's in between.
-            let (begun, rows, ended) = std::future::poll_fn(|cx| {
-                let _submit = live.submit.lock().unwrap_or_else(PoisonError::into_inner);
-                Poll::Ready((
-                    begin.as_mut().poll(cx),
-                    query.as_mut().poll(cx),
-                    end.as_mut().poll(cx),
-                ))
-            })
+        let rows = AtomicUsize::new(0);
+        let mut on_row = |row| {
+            rows.fetch_add(1, Ordering::Relaxed);
+            on_row(row)
+        };
+        let mut result = live
+            .lookup(sql, types, params, timeout_ms, &mut on_row)
             .await;
-            let begun = match begun {
-                Poll::Ready(r) => r,
-                Poll::Pending => begin.await,
-            };
-            let rows = match rows {
-                Poll::Ready(r) => r,
-                Poll::Pending => query.await,
-            };
-            begun?;
-            {
-                // Dropped before the ROLLBACK is awaited: unread rows
-                // would hold up the connection's replies behind them.
-                let stream = rows?;
-                pin_mut!(stream);
-                while let Some(row) = stream.next().await {
-                    if !on_row(row?) {
-                        break;
-                    }
-                }
-            }
-            match ended {
-                Poll::Ready(r) => r,
-                Poll::Pending => end.await,
-            }
+        if rows.load(Ordering::Relaxed) == 0 && result.as_ref().is_err_and(plan_changed) {
+            // A table changed shape under the prepared statement (a
+            // migration): prepare it again, once, rather than fail every
+            // later lookup of this text on this connection.
+            live.forget(sql, types);
+            result = live
+                .lookup(sql, types, params, timeout_ms, &mut on_row)
+                .await;
         }
-        .await;
         if live.client.is_closed() {
             // The next lookup opens a fresh connection.
             slot.live.compare_and_swap(&Some(live.clone()), None);
@@ -243,6 +211,69 @@ impl PgReader {
 }
 
 impl Live {
+    /// One lookup's `BEGIN READ ONLY`, statement and `ROLLBACK`, queued
+    /// back to back.
+    async fn lookup(
+        &self,
+        sql: &str,
+        types: &[Type],
+        params: &[&(dyn ToSql + Sync)],
+        timeout_ms: u64,
+        on_row: &mut impl FnMut(Row) -> bool,
+    ) -> Result<(), tokio_postgres::Error> {
+        let statement = self.statement(sql, types).await?;
+        let begin_sql = if timeout_ms == self.timeout_ms {
+            "BEGIN READ ONLY".to_owned()
+        } else {
+            format!("BEGIN READ ONLY; SET LOCAL statement_timeout = {timeout_ms}")
+        };
+        let client = &self.client;
+        let begin = client.batch_execute(&begin_sql);
+        let query = client.query_raw(&statement, params.iter().copied());
+        let end = client.batch_execute("ROLLBACK");
+        pin_mut!(begin, query, end);
+        // First polls queue the requests, in this order, with no other
+        // lookup's in between.
+        let (begun, rows, ended) = std::future::poll_fn(|cx| {
+            let _submit = self.submit.lock().unwrap_or_else(PoisonError::into_inner);
+            Poll::Ready((
+                begin.as_mut().poll(cx),
+                query.as_mut().poll(cx),
+                end.as_mut().poll(cx),
+            ))
+        })
+        .await;
+        let begun = match begun {
+            Poll::Ready(r) => r,
+            Poll::Pending => begin.await,
+        };
+        let rows = match rows {
+            Poll::Ready(r) => r,
+            Poll::Pending => query.await,
+        };
+        begun?;
+        {
+            // Dropped before the ROLLBACK is awaited: unread rows
+            // would hold up the connection's replies behind them.
+            let stream = rows?;
+            pin_mut!(stream);
+            while let Some(row) = stream.next().await {
+                if !on_row(row?) {
+                    break;
+                }
+            }
+        }
+        match ended {
+            Poll::Ready(r) => r,
+            Poll::Pending => end.await,
+        }
+    }
+
+    fn forget(&self, sql: &str, types: &[Type]) {
+        self.cached()
+            .remove(&(Box::<str>::from(sql), types.to_vec()));
+    }
+
     async fn statement(
         &self,
         sql: &str,
@@ -266,6 +297,17 @@ impl Live {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// PostgreSQL's answer to a prepared statement whose result columns
+/// changed since it was prepared.
+fn plan_changed(err: &tokio_postgres::Error) -> bool {
+    err.as_db_error().is_some_and(|db| {
+        *db.code() == tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED
+            && db
+                .message()
+                .contains("cached plan must not change result type")
+    })
 }
 
 struct InFlight<'a>(&'a Live);

@@ -752,6 +752,48 @@ mod tests {
         admin.close().await;
     }
 
+    /// A table that changes shape under a pipelined connection's prepared
+    /// `SELECT *` (a migration) costs that lookup a second prepare, not
+    /// an error on every later lookup.
+    #[tokio::test]
+    async fn a_changed_table_is_prepared_again() {
+        let table = format!("plan_changed_{}", std::process::id());
+        let admin = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/test")
+            .await
+            .unwrap();
+        let exec = |sql: String| {
+            let admin = admin.clone();
+            async move {
+                sqlx::query(AssertSqlSafe(sql))
+                    .execute(&admin)
+                    .await
+                    .unwrap()
+            }
+        };
+        exec(format!("DROP TABLE IF EXISTS {table}")).await;
+        exec(format!("CREATE TABLE {table} (id int8)")).await;
+        exec(format!("INSERT INTO {table} VALUES (1)")).await;
+        let url = DatabaseUrl::Postgres("postgres://postgres@127.0.0.1:5432/test".into());
+        let db = Db::open(&url, 1, Access::ReadOnly).await.unwrap();
+        let sql = format!("SELECT * FROM {table}");
+        let rows = run(&db, sql.clone(), vec![], LIMITS).await.unwrap();
+        assert_eq!(rows.columns, ["id"]);
+        exec(format!(
+            "ALTER TABLE {table} ADD COLUMN name text DEFAULT 'n'"
+        ))
+        .await;
+        let rows = run(&db, sql, vec![], LIMITS).await;
+        exec(format!("DROP TABLE {table}")).await;
+        let rows = rows.unwrap();
+        assert_eq!(rows.columns, ["id", "name"]);
+        assert_eq!(
+            rows.rows,
+            vec![vec![Value::Integer(1), Value::Text("n".into())]]
+        );
+        db.close().await;
+        admin.close().await;
+    }
+
     /// A read-only handle on a fresh SQLite file (kept while the dir lives).
     async fn sqlite_db() -> (tempfile::TempDir, Db) {
         let dir = tempfile::tempdir().unwrap();
