@@ -66,8 +66,9 @@ struct Slot {
     connecting: tokio::sync::Mutex<()>,
 }
 
-/// A connection's prepared statements, by SQL text and parameter types.
-type Statements = HashMap<(Box<str>, Vec<Type>), Statement>;
+/// A connection's prepared statements, by SQL text, then parameter types
+/// (looked up by `&str` and `&[Type]`: no allocation per lookup).
+type Statements = HashMap<Box<str>, Vec<(Vec<Type>, Statement)>>;
 
 struct Live {
     client: Client,
@@ -222,10 +223,10 @@ impl Live {
         on_row: &mut impl FnMut(Row) -> bool,
     ) -> Result<(), tokio_postgres::Error> {
         let statement = self.statement(sql, types).await?;
-        let begin_sql = if timeout_ms == self.timeout_ms {
-            "BEGIN READ ONLY".to_owned()
+        let begin_sql: std::borrow::Cow<'static, str> = if timeout_ms == self.timeout_ms {
+            "BEGIN READ ONLY".into()
         } else {
-            format!("BEGIN READ ONLY; SET LOCAL statement_timeout = {timeout_ms}")
+            format!("BEGIN READ ONLY; SET LOCAL statement_timeout = {timeout_ms}").into()
         };
         let client = &self.client;
         let begin = client.batch_execute(&begin_sql);
@@ -270,8 +271,9 @@ impl Live {
     }
 
     fn forget(&self, sql: &str, types: &[Type]) {
-        self.cached()
-            .remove(&(Box::<str>::from(sql), types.to_vec()));
+        if let Some(prepared) = self.cached().get_mut(sql) {
+            prepared.retain(|(t, _)| t != types);
+        }
     }
 
     async fn statement(
@@ -279,16 +281,24 @@ impl Live {
         sql: &str,
         types: &[Type],
     ) -> Result<Statement, tokio_postgres::Error> {
-        let key = (Box::<str>::from(sql), types.to_vec());
-        if let Some(found) = self.cached().get(&key) {
-            return Ok(found.clone());
+        let found = self.cached().get(sql).and_then(|prepared| {
+            prepared
+                .iter()
+                .find(|(t, _)| t == types)
+                .map(|(_, statement)| statement.clone())
+        });
+        if let Some(statement) = found {
+            return Ok(statement);
         }
         let statement = self.client.prepare_typed(sql, types).await?;
         let mut cache = self.cached();
         if cache.len() >= STATEMENT_CACHE {
             cache.clear();
         }
-        cache.insert(key, statement.clone());
+        cache
+            .entry(sql.into())
+            .or_default()
+            .push((types.to_vec(), statement.clone()));
         Ok(statement)
     }
 
