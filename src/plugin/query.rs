@@ -680,14 +680,17 @@ mod tests {
             tokio::spawn(async move {
                 let (sql, params) = match i % 3 {
                     0 => ("SELECT $1::int8 * 2 AS v", vec![Value::Integer(i)]),
-                    // Would cancel every later statement on the session,
+                    // Would show in every later lookup's `leaked` column,
                     // and hide every table, if it outlived its transaction.
+                    // (Not a tiny statement_timeout: that also applies to
+                    // the lookup's own ROLLBACK, which a loaded machine
+                    // then cancels; see BENCHMARKS.md's limits.)
                     1 => (
-                        "SELECT set_config('statement_timeout', '1', false), set_config('search_path', 'nowhere', false), $1::int8 * 2 AS v",
+                        "SELECT set_config('otako.leaked', 'yes', false), set_config('search_path', 'nowhere', false), $1::int8 * 2 AS v",
                         vec![Value::Integer(i)],
                     ),
                     _ => (
-                        "SELECT count(*) AS n, x.v FROM pg_class, (SELECT $1::int8 * 2 AS v, pg_sleep(0.005) AS s) x GROUP BY x.v",
+                        "SELECT coalesce(current_setting('otako.leaked', true), '') AS leaked, count(*) AS n, x.v FROM pg_class, (SELECT $1::int8 * 2 AS v, pg_sleep(0.005) AS s) x GROUP BY x.v",
                         vec![Value::Integer(i)],
                     ),
                 };
@@ -698,6 +701,13 @@ mod tests {
             let (i, rows) = lookup.unwrap();
             let rows = rows.unwrap_or_else(|e| panic!("lookup {i}: {e:?}"));
             assert_eq!(rows.rows[0].last(), Some(&Value::Integer(i * 2)), "{i}");
+            if i % 3 == 2 {
+                assert_eq!(
+                    rows.rows[0][0],
+                    Value::Text(String::new()),
+                    "{i}: a setting leaked"
+                );
+            }
         }
         let connections: i64 = sqlx::query_scalar(
             // sqlx's pool shares the name; the reader's last statement is
