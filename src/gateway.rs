@@ -45,6 +45,8 @@ pub enum StartError {
     Tls(#[from] crate::tls::TlsError),
     #[error(transparent)]
     Cluster(#[from] ClusterError),
+    #[error("cannot start the dispatch runtime: {0}")]
+    Runtime(std::io::Error),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
         what: &'static str,
@@ -265,6 +267,8 @@ pub async fn serve(
             .deliver(config.logging.sink.clone(), background.clone()),
     );
     let retention = Duration::from_secs(config.dispatch.outcome_retention_s.get());
+    let dispatch_rt = DispatchRuntime::start()?;
+    let entered = dispatch_rt.enter();
     let claims = SqlClaims::start(db.clone(), retention, peers, &background);
     readiness.watch_claims(claims.healthy());
     let pipeline = Pipeline {
@@ -284,11 +288,20 @@ pub async fn serve(
         config.dispatch.clone(),
         guard("dispatch", dispatch_tls),
     );
+    let dispatch_listener = dispatch_listener
+        .into_std()
+        .and_then(TcpListener::from_std)
+        .map_err(|source| StartError::Bind {
+            what: "server.dispatch_listen",
+            addr: bound.dispatch,
+            source,
+        })?;
     front.spawn(dispatch::serve(
         listener.clone(),
         dispatch_listener,
         front.clone(),
     ));
+    drop(entered);
     {
         let sessions = sessions.clone();
         let clients_stop = clients.clone();
@@ -314,8 +327,53 @@ pub async fn serve(
     }
     read_db.close().await;
     db.close().await;
+    // Last: connections it opened are closed through its reactor.
+    drop(dispatch_rt);
     tracing::info!("gateway stopped");
     Ok(())
+}
+
+/// The event path's own runtime (dispatch connections, their events,
+/// the claims): on the clients' runtime each step of an event would queue
+/// behind every session woken to write (thousands of socket writes per
+/// pass), so events would reach their fan-out late and sessions would
+/// write fewer frames per syscall. Shut down without waiting: it is
+/// dropped inside the clients' runtime, once dispatch has drained.
+struct DispatchRuntime {
+    /// Taken only by `drop`.
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+}
+
+impl DispatchRuntime {
+    fn start() -> Result<DispatchRuntime, StartError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            // One worker per core, as the clients' runtime has.
+            .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .thread_name("otako-dispatch")
+            .enable_all()
+            .build()
+            .map_err(StartError::Runtime)?;
+        Ok(DispatchRuntime {
+            handle: runtime.handle().clone(),
+            runtime: Some(runtime),
+        })
+    }
+
+    /// Tasks spawned while the guard lives run on this runtime.
+    fn enter(&self) -> tokio::runtime::EnterGuard<'_> {
+        self.handle.enter()
+    }
+}
+
+impl Drop for DispatchRuntime {
+    fn drop(&mut self) {
+        // A plain drop would block on its threads, which panics inside
+        // another runtime.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 fn local(listener: &TcpListener, configured: SocketAddr) -> SocketAddr {

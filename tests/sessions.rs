@@ -16,6 +16,7 @@ use common::{
 use futures_util::{SinkExt, StreamExt};
 use otako_gateway::ids::UserId;
 use otako_gateway::token::TokenKey;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]
 async fn bad_or_missing_tokens_get_401_without_upgrade() {
@@ -121,8 +122,30 @@ async fn hello_carries_session_user_and_heartbeat() {
         .unwrap();
     assert_eq!(read_json(&mut by_bearer).await["d"]["user_id"], "8");
 
+    // The 101 and HELLO leave in one write (one segment): the first
+    // read after the request holds both.
+    let mut raw = tokio::net::TcpStream::connect(gw.client).await.unwrap();
+    let request = format!(
+        "GET /gateway?token={} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n\
+         Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        token(9)
+    );
+    raw.write_all(request.as_bytes()).await.unwrap();
+    let mut first = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), raw.read(&mut first))
+        .await
+        .unwrap()
+        .unwrap();
+    let first = String::from_utf8_lossy(&first[..n]);
+    assert!(
+        first.starts_with("HTTP/1.1 101") && first.contains("\"t\":\"HELLO\""),
+        "one read: {first:?}"
+    );
+    drop(raw);
+
     wait_metric(&gw, "otako_sessions_open", "", 3.0).await;
-    assert_eq!(gw.metric("otako_sessions_opened_total", "").await, 3.0);
+    assert_eq!(gw.metric("otako_sessions_opened_total", "").await, 4.0);
 
     // A client-initiated close is answered and counted as normal (1000).
     by_query.close(None).await.unwrap();
@@ -301,7 +324,6 @@ async fn data_frames_from_clients_are_refused_with_4003() {
 /// stream of empty continuation frames; nothing waits for a whole message.
 #[tokio::test]
 async fn a_first_fragment_or_empty_continuations_close_4003_at_once() {
-    use tokio::io::AsyncWriteExt;
     let setup = Setup::sqlite();
     let gw = setup.start();
     let mask = [0x11, 0x22, 0x33, 0x44];

@@ -52,11 +52,17 @@ const DISPATCH_SECRET: &str = "bench-dispatch-secret";
 const PER_SOURCE: usize = 20_000;
 
 /// Each server gets its own 127.n.0.0/16 to connect from, so the previous
-/// run's TIME_WAIT ports never collide with this run's binds.
+/// run's TIME_WAIT ports never collide with this run's binds (a bind among
+/// thousands of them searches the port range: seconds of the tool's CPU).
+/// Chosen by the clock, a quarter second per net, so a net comes round
+/// again only after 62 s, past TIME_WAIT's 60; process ids repeated sooner.
 fn next_source_net() -> u8 {
-    static NEXT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
-    let offset = u8::try_from(std::process::id() % 100).unwrap_or(0);
-    1 + (offset + NEXT.fetch_add(1, Ordering::Relaxed) % 100) % 200
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let quarter = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() / 250);
+    let next = u128::from(NEXT.fetch_add(1, Ordering::Relaxed));
+    1 + u8::try_from((quarter + next) % 250).unwrap_or(0)
 }
 
 #[derive(Parser)]

@@ -7,7 +7,7 @@
 use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -26,11 +26,12 @@ use tracing::Instrument;
 use super::Inner;
 use super::control_only::{ControlOnly, is_data_frame};
 use super::frame;
+use super::held::Held;
 use super::queue::{Epoch, Queue, REPLACED, REVOKED, SLOW_CONSUMER};
 use super::registry::{NoSlot, Released, ResumeFailed, Resumed, Slot};
 use super::resume::{self, Greeting, Refused};
 use crate::ids::UserId;
-use crate::listen::{CLOSE_TIMEOUT, MAX_HEADERS, Prefixed, Stream, hang_up};
+use crate::listen::{CLOSE_TIMEOUT, MAX_HEADERS, Prefixed, hang_up};
 use crate::revoke;
 use crate::shutdown::Shutdown;
 use crate::token::{self, Claims, TokenKey};
@@ -80,7 +81,7 @@ fn reason(code: u16) -> &'static str {
     }
 }
 
-type Ws<'a> = WebSocketStream<Prefixed<&'a mut Stream, ControlOnly>>;
+type Ws<'a> = WebSocketStream<Prefixed<Held<'a>, ControlOnly>>;
 
 /// How a session ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,6 +132,7 @@ pub(super) async fn handle(inner: Arc<Inner>, tcp: TcpStream, shutdown: Shutdown
     let Some((mut stream, head)) = opened else {
         return;
     };
+    let hold = AtomicBool::new(false);
     let handshake = async {
         // tungstenite's callback can't await, so the token's revocation
         // is looked up from the head read ahead; the callback compares.
@@ -147,11 +149,13 @@ pub(super) async fn handle(inner: Arc<Inner>, tcp: TcpStream, shutdown: Shutdown
                     );
                 }
                 admitted = Some(admission);
+                // The 101 waits for HELLO: one write for both.
+                hold.store(true, Ordering::Relaxed);
                 Ok(resp)
             }
             Err(refusal) => Err(refusal.response()),
         };
-        let io = Prefixed::new(head, &mut stream).checked(ControlOnly::new());
+        let io = Prefixed::new(head, Held::new(&mut stream, &hold)).checked(ControlOnly::new());
         tokio_tungstenite::accept_hdr_async_with_config(io, callback, Some(inner.ws_config)).await
     };
     let result = tokio::select! {
@@ -159,7 +163,12 @@ pub(super) async fn handle(inner: Arc<Inner>, tcp: TcpStream, shutdown: Shutdown
         r = timeout_at(deadline, Box::pin(handshake)) => r,
     };
     let mut ws = match result {
-        Ok(Ok(ws)) => ws,
+        Ok(Ok(ws)) => {
+            // Held bytes go out with the next flush: HELLO, or the close
+            // frame if there is no slot.
+            hold.store(false, Ordering::Relaxed);
+            ws
+        }
         Ok(Err(WsError::Http(response))) => {
             // The refusal was already written by the handshake.
             let refused = |reason| inner.guard.refused(reason);
@@ -764,10 +773,9 @@ async fn write_batch(
 ) -> Result<(), WsError> {
     let (mut frames, mut bytes) = (0u64, 0usize);
     while frames < MAX_BATCH as u64 && bytes < MAX_BATCH_BYTES {
-        let Some((seq, frame)) = slot.queue.pop(epoch) else {
+        let Some(text) = slot.queue.pop(epoch, |seq, frame| frame.encode(seq)) else {
             break;
         };
-        let text = frame.encode(seq);
         bytes += text.len();
         ws.feed(Message::Text(Utf8Bytes::from(text))).await?;
         frames += 1;

@@ -21,10 +21,12 @@
 pub(crate) mod conn;
 pub(crate) mod control_only;
 pub mod frame;
+mod held;
 pub mod ledger;
 mod queue;
 mod registry;
 pub(crate) mod resume;
+mod wakes;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
@@ -45,6 +47,7 @@ use crate::telemetry::Metrics;
 use crate::token::TokenKey;
 use ledger::{Ledger, Ledgered, SlotTag};
 use registry::{Admission, Delivered, Registry};
+use wakes::Wakes;
 
 /// Largest client frame or message accepted. Clients only send control
 /// frames (at most 125 bytes by RFC 6455); anything bigger is data and is
@@ -108,6 +111,7 @@ struct Inner {
     admission: Arc<dyn Admission>,
     resume_window: Duration,
     ws_config: WebSocketConfig,
+    wakes: Wakes,
 }
 
 /// The client-session service. Cheap to clone (Arc inside).
@@ -168,6 +172,7 @@ impl Sessions {
                 registry,
                 resume_window,
                 ws_config: ws_config(),
+                wakes: Wakes::default(),
             }),
         }
     }
@@ -178,6 +183,9 @@ impl Sessions {
     /// so drain waits for them; so is the sweeper of detached sessions.
     pub async fn serve(&self, listener: TcpListener, shutdown: Shutdown) {
         shutdown.spawn(sweep(self.inner.clone(), shutdown.clone()));
+        let inner = self.inner.clone();
+        let paying = shutdown.clone();
+        shutdown.spawn(async move { inner.wakes.pay(paying).await });
         while let Some((stream, _)) = shutdown.accept(&listener, "client").await {
             shutdown.spawn(conn::handle(self.inner.clone(), stream, shutdown.clone()));
         }
@@ -187,7 +195,7 @@ impl Sessions {
     /// sessions reached. Never blocks or awaits: it enqueues into bounded
     /// per-session queues, and a full queue closes that session with 4009.
     pub fn deliver(&self, users: &[UserId], frame: &Arc<ClientFrame>) -> usize {
-        self.count(self.inner.registry.deliver(users, frame))
+        self.fan_out(|registry, owed| registry.deliver(users, frame, owed))
     }
 
     /// [`deliver`](Self::deliver) to a channel's members (distinct), at a
@@ -198,16 +206,24 @@ impl Sessions {
         is_member: impl Fn(&UserId) -> bool,
         frame: &Arc<ClientFrame>,
     ) -> usize {
-        self.count(
-            self.inner
-                .registry
-                .deliver_members(members, is_member, frame),
-        )
+        self.fan_out(|registry, owed| registry.deliver_members(members, is_member, frame, owed))
     }
 
     /// [`deliver`](Self::deliver) to every open session.
     pub fn deliver_all(&self, frame: &Arc<ClientFrame>) -> usize {
-        self.count(self.inner.registry.deliver_all(frame))
+        self.fan_out(|registry, owed| registry.deliver_all(frame, owed))
+    }
+
+    /// Runs one delivery; the sessions it reached are woken by the
+    /// paying task (see [`wakes`]).
+    fn fan_out(
+        &self,
+        deliver: impl FnOnce(&Registry, &mut Vec<Arc<registry::Slot>>) -> Delivered,
+    ) -> usize {
+        let mut owed = Vec::new();
+        let done = deliver(&self.inner.registry, &mut owed);
+        self.inner.wakes.owe(&mut owed);
+        self.count(done)
     }
 
     fn count(&self, done: Delivered) -> usize {

@@ -6,6 +6,7 @@
 
 use std::collections::VecDeque;
 use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use prometheus_client::metrics::gauge::Gauge;
@@ -90,6 +91,10 @@ pub(crate) struct Queue {
     /// `notify_one` with no waiter leaves a permit, so no wake-up is lost;
     /// a takeover also wakes every waiter (the old task and the new).
     wake: Notify,
+    /// A fan-out logged a frame and owes this queue a wake-up, which
+    /// [`super::wakes::Wakes`] will pay: set once per payment, so a
+    /// session gets one wake-up however many events reached it meanwhile.
+    owed: AtomicBool,
     /// Frames waiting for the writer before 4009 (`outbound_queue`).
     capacity: usize,
     /// Frames kept for a resume (`resume_buffer`).
@@ -115,6 +120,7 @@ impl Queue {
                 ended: false,
             }),
             wake: Notify::new(),
+            owed: AtomicBool::new(false),
             capacity,
             keep,
             bytes,
@@ -140,11 +146,36 @@ impl Queue {
         out
     }
 
-    /// Logs a frame (its `s` is the next one) without waiting. Too many
-    /// frames waiting for the attached connection turn into a 4009 close
-    /// request; the log itself keeps the newest `resume_buffer`.
+    /// Logs a frame (its `s` is the next one) without waiting and wakes
+    /// the attached connection. Too many frames waiting for it turn into a
+    /// 4009 close request; the log itself keeps the newest `resume_buffer`.
+    #[cfg(test)]
     pub(crate) fn push(&self, frame: &Arc<ClientFrame>) -> Pushed {
-        let pushed = self.with(|state| {
+        let pushed = self.log(frame);
+        if pushed != Pushed::Closing {
+            self.wake.notify_one();
+        }
+        pushed
+    }
+
+    /// Logs a frame for a fan-out, which wakes its recipients later and
+    /// once (see [`super::wakes`]) instead of now: also says whether this
+    /// queue must be listed as owed a wake-up (it is not listed already).
+    pub(crate) fn push_owing(&self, frame: &Arc<ClientFrame>) -> (Pushed, bool) {
+        let pushed = self.log(frame);
+        // AcqRel pairs with `pay`'s swap: whoever pays sees this frame.
+        let owe = pushed != Pushed::Closing && !self.owed.swap(true, Ordering::AcqRel);
+        (pushed, owe)
+    }
+
+    /// Pays the wake-up a fan-out owes: later pushes owe a new one.
+    pub(crate) fn pay(&self) {
+        self.owed.swap(false, Ordering::AcqRel);
+        self.wake.notify_one();
+    }
+
+    fn log(&self, frame: &Arc<ClientFrame>) -> Pushed {
+        self.with(|state| {
             if state.ended {
                 return Pushed::Closing;
             }
@@ -159,11 +190,7 @@ impl Queue {
             }
             state.trim(self.keep);
             pushed
-        });
-        if pushed != Pushed::Closing {
-            self.wake.notify_one();
-        }
-        pushed
+        })
     }
 
     /// Asks the attached connection to close with `code` unless it
@@ -197,8 +224,15 @@ impl Queue {
         self.with(|state| state.last().saturating_sub(state.written))
     }
 
-    /// The next frame for the connection holding `epoch`, with its `s`.
-    pub(crate) fn pop(&self, epoch: Epoch) -> Option<(u64, Arc<ClientFrame>)> {
+    /// The next frame for the connection holding `epoch`, handed to
+    /// `take` with its `s` under the lock: taking no reference of its own
+    /// spares the frame's shared count, which every recipient's push
+    /// touches too, a round trip between cores per delivery.
+    pub(crate) fn pop<R>(
+        &self,
+        epoch: Epoch,
+        take: impl FnOnce(u64, &ClientFrame) -> R,
+    ) -> Option<R> {
         self.with(|state| {
             // A close request may have trimmed frames not yet written.
             if state.epoch != epoch || state.close.is_some() || state.written >= state.last() {
@@ -206,10 +240,10 @@ impl Queue {
             }
             let seq = state.written + 1;
             let at = usize::try_from(seq.checked_sub(state.first)?).ok()?;
-            let frame = state.log.get(at)?.clone();
+            let taken = take(seq, state.log.get(at)?);
             state.written = seq;
             state.trim(self.keep);
-            Some((seq, frame))
+            Some(taken)
         })
     }
 
@@ -339,13 +373,13 @@ mod tests {
     fn overflow_requests_4009_and_keeps_frames_for_a_resume() {
         let queue = queue(2, 4);
         queue.push(&frame());
-        assert_eq!(queue.pop(0).map(|(s, _)| s), Some(1));
+        assert_eq!(queue.pop(0, |s, _| s), Some(1));
         assert_eq!(queue.push(&frame()), Pushed::Queued);
         assert_eq!(queue.push(&frame()), Pushed::Queued);
         assert_eq!(queue.push(&frame()), Pushed::Overflowed);
         assert_eq!(queue.close_code(0), Some(SLOW_CONSUMER));
         // Closing: nothing more is written, but frames are still logged.
-        assert!(queue.pop(0).is_none());
+        assert!(queue.pop(0, |s, _| s).is_none());
         assert_eq!(queue.push(&frame()), Pushed::Queued);
         assert_eq!(queue.len(), 4);
         // The first close request wins.
@@ -359,10 +393,10 @@ mod tests {
         assert_eq!(queue.attach(1), (1, 4));
         assert_eq!(queue.close_code(0), Some(REPLACED));
         assert_eq!(queue.close_code(1), None);
-        let replayed: Vec<u64> = std::iter::from_fn(|| queue.pop(1).map(|(s, _)| s)).collect();
+        let replayed: Vec<u64> = std::iter::from_fn(|| queue.pop(1, |s, _| s)).collect();
         assert_eq!(replayed, vec![2, 3, 4, 5]);
         queue.push(&frame());
-        assert_eq!(queue.pop(1).map(|(s, _)| s), Some(6));
+        assert_eq!(queue.pop(1, |s, _| s), Some(6));
         queue.end();
         assert_eq!(queue.push(&frame()), Pushed::Closing);
         assert_eq!(queue.can_resume(6), Err(Refused::UnknownSession));
@@ -373,7 +407,7 @@ mod tests {
         let queue = queue(100, 4);
         for _ in 0..10 {
             queue.push(&frame());
-            queue.pop(0);
+            queue.pop(0, |s, _| s);
         }
         assert_eq!(queue.len(), 4);
         assert_eq!(queue.can_resume(6), Ok(()));
@@ -409,7 +443,7 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(1), queue.ready(0))
             .await
             .unwrap();
-        assert!(queue.pop(0).is_some());
+        assert!(queue.pop(0, |s, _| s).is_some());
         let waiter = tokio::spawn({
             let queue = queue.clone();
             async move { queue.closed(0).await }

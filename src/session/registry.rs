@@ -114,7 +114,12 @@ pub(crate) struct Delivered {
 }
 
 impl Delivered {
-    fn add(&mut self, pushed: Pushed) {
+    /// Logs `frame` for `slot` and counts it.
+    fn add(&mut self, slot: &Arc<Slot>, frame: &Arc<ClientFrame>, owed: &mut Vec<Arc<Slot>>) {
+        let (pushed, owe) = slot.queue.push_owing(frame);
+        if owe {
+            owed.push(slot.clone());
+        }
         match pushed {
             Pushed::Queued => self.reached += 1,
             Pushed::Overflowed => self.overflowed += 1,
@@ -417,12 +422,19 @@ impl Registry {
     /// `users` must be distinct (a user named twice gets the frame twice):
     /// plugin audiences are deduplicated when parsed, member lists are
     /// distinct by the table's key. Detached sessions are recipients too.
-    pub(crate) fn deliver(&self, users: &[UserId], frame: &Arc<ClientFrame>) -> Delivered {
+    /// Sessions reached are added to `owed` unless already there: their
+    /// wake-up is the caller's to pay (see [`super::wakes`]).
+    pub(crate) fn deliver(
+        &self,
+        users: &[UserId],
+        frame: &Arc<ClientFrame>,
+        owed: &mut Vec<Arc<Slot>>,
+    ) -> Delivered {
         let mut done = Delivered::default();
         for user in users {
             if let Some(slots) = self.users.get(user) {
                 for entry in slots.iter() {
-                    done.add(entry.slot.queue.push(frame));
+                    done.add(&entry.slot, frame, owed);
                 }
             }
         }
@@ -438,27 +450,32 @@ impl Registry {
         members: &[UserId],
         is_member: impl Fn(&UserId) -> bool,
         frame: &Arc<ClientFrame>,
+        owed: &mut Vec<Arc<Slot>>,
     ) -> Delivered {
         // Detached sessions are recipients too.
         if self.count() + self.detached() >= members.len() {
-            return self.deliver(members, frame);
+            return self.deliver(members, frame, owed);
         }
         let mut done = Delivered::default();
         for user in self.users.iter() {
             if is_member(user.key()) {
                 for e in user.value() {
-                    done.add(e.slot.queue.push(frame));
+                    done.add(&e.slot, frame, owed);
                 }
             }
         }
         done
     }
 
-    pub(crate) fn deliver_all(&self, frame: &Arc<ClientFrame>) -> Delivered {
+    pub(crate) fn deliver_all(
+        &self,
+        frame: &Arc<ClientFrame>,
+        owed: &mut Vec<Arc<Slot>>,
+    ) -> Delivered {
         let mut done = Delivered::default();
         for entry in self.users.iter() {
             for e in entry.value() {
-                done.add(e.slot.queue.push(frame));
+                done.add(&e.slot, frame, owed);
             }
         }
         done
@@ -655,8 +672,12 @@ mod tests {
                 .register(user(1), s.clone(), 5, OnLimit::Reject)
                 .unwrap();
         }
-        registry.deliver(&[user(1)], &Arc::new(ClientFrame::new("E", "{}")));
-        attached.queue.pop(0).unwrap();
+        registry.deliver(
+            &[user(1)],
+            &Arc::new(ClientFrame::new("E", "{}")),
+            &mut Vec::new(),
+        );
+        attached.queue.pop(0, |s, _| s).unwrap();
         registry.leave(
             user(1),
             &detached,
@@ -674,7 +695,11 @@ mod tests {
         assert_eq!(registry.detached(), 0);
         assert_eq!(
             registry
-                .deliver(&[user(1)], &Arc::new(ClientFrame::new("E", "{}")))
+                .deliver(
+                    &[user(1)],
+                    &Arc::new(ClientFrame::new("E", "{}")),
+                    &mut Vec::new()
+                )
                 .reached,
             0
         );
@@ -712,10 +737,19 @@ mod tests {
                 .unwrap();
         }
         let frame = Arc::new(ClientFrame::new("E", "{}"));
-        let done = registry.deliver(&[user(1), user(3), user(2)], &frame);
+        let mut owed = Vec::new();
+        let done = registry.deliver(&[user(1), user(3), user(2)], &frame, &mut owed);
         assert_eq!(done.reached, 3);
-        assert_eq!(registry.deliver(&[user(2)], &frame).reached, 1);
-        assert_eq!(registry.deliver_all(&frame).reached, 3);
+        assert_eq!(owed.len(), 3);
+        // Already owed a wake-up: not owed a second.
+        assert_eq!(registry.deliver(&[user(2)], &frame, &mut owed).reached, 1);
+        assert_eq!(owed.len(), 3);
+        // Once paid, the next frame owes one again.
+        for slot in owed.drain(..) {
+            slot.queue.pay();
+        }
+        assert_eq!(registry.deliver_all(&frame, &mut owed).reached, 3);
+        assert_eq!(owed.len(), 3);
         assert_eq!(
             registry.online(&[user(3), user(2), user(1), user(2)]),
             vec![user(2), user(1)]
@@ -740,12 +774,19 @@ mod tests {
         // More members than sessions: walks the sessions.
         let many: Vec<UserId> = (1..=200).map(|n| user(2 * n)).collect();
         assert_eq!(
-            registry.deliver_members(&many, is_member, &frame).reached,
+            registry
+                .deliver_members(&many, is_member, &frame, &mut Vec::new())
+                .reached,
             4
         );
         // Fewer members than sessions: walks the members.
         let few = [user(2), user(4)];
-        assert_eq!(registry.deliver_members(&few, is_member, &frame).reached, 3);
+        assert_eq!(
+            registry
+                .deliver_members(&few, is_member, &frame, &mut Vec::new())
+                .reached,
+            3
+        );
         for (u, s) in &slots {
             let expected = match u {
                 2 | 4 => 2,
@@ -795,7 +836,11 @@ mod tests {
         // Detached: still a recipient, and not counted against the limit.
         assert_eq!(
             registry
-                .deliver(&[user(1)], &Arc::new(ClientFrame::new("E", "{}")))
+                .deliver(
+                    &[user(1)],
+                    &Arc::new(ClientFrame::new("E", "{}")),
+                    &mut Vec::new()
+                )
                 .reached,
             1
         );
