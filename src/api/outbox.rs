@@ -53,6 +53,9 @@ impl Relay {
     pub async fn run(self, shutdown: Shutdown) {
         let this = Arc::new(self);
         let inflight: Arc<Mutex<HashSet<i64>>> = Arc::default();
+        // Rows settled since the last poll began: that poll may have read
+        // them as still pending, and must not send them again.
+        let settled: Arc<Mutex<HashSet<i64>>> = Arc::default();
         let sequence = Arc::new(AtomicU64::new(1));
         let mut client: Option<Arc<DispatchClient>> = None;
         let mut reconnect_wait = Duration::ZERO;
@@ -61,6 +64,10 @@ impl Relay {
             if shutdown.is_cancelled() {
                 break;
             }
+            settled
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
             let due = match this.due_rows().await {
                 Ok(rows) => rows,
                 Err(err) => {
@@ -70,8 +77,9 @@ impl Relay {
             };
             let fresh: Vec<Row> = {
                 let running = inflight.lock().unwrap_or_else(PoisonError::into_inner);
+                let settled = settled.lock().unwrap_or_else(PoisonError::into_inner);
                 due.into_iter()
-                    .filter(|r| !running.contains(&r.id))
+                    .filter(|r| !running.contains(&r.id) && !settled.contains(&r.id))
                     .collect()
             };
             if !fresh.is_empty() && client.as_ref().is_none_or(|c| c.is_closed()) {
@@ -104,6 +112,7 @@ impl Relay {
                 };
                 let this = this.clone();
                 let inflight = inflight.clone();
+                let settled = settled.clone();
                 tasks.spawn(async move {
                     let id = row.id;
                     let result = match sent {
@@ -111,6 +120,10 @@ impl Relay {
                         Err(err) => Err(err),
                     };
                     this.settle(row, event, result).await;
+                    settled
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(id);
                     inflight
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
