@@ -1,9 +1,10 @@
 //! Cluster mode (DESIGN §9) end to end, with real processes: `serve`
 //! nodes on one PostgreSQL schema and NATS JetStream, the reference API
 //! posting through one of them, and clients spread over all of them.
-//! Messages posted through the API reach every member on every node once
-//! and in post order; a node killed with SIGKILL mid-stream costs the other
-//! nodes' clients no event and frees its users' slots within `lease_ms`;
+//! Messages posted through the API reach every member on every node once,
+//! in post order but for posts the backend had to re-send; a node killed
+//! with SIGKILL mid-stream costs the other nodes' clients no event and
+//! frees its users' slots within `lease_ms`;
 //! NATS killed and restarted mid-stream fails events with
 //! `BUS_UNAVAILABLE` (never a false success), the nodes recover by
 //! themselves, and once the backend has re-sent the failures every client
