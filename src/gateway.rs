@@ -222,7 +222,14 @@ pub async fn serve(
             Duration::from_millis(wait),
         )
     });
-    let members = Arc::new(Members::start(db.clone(), read_db.clone()));
+    // Every event reads its channel's membership version through this
+    // reader's task: it runs on the event path's runtime, so the read
+    // costs no hop between runtimes (a futex wake each way).
+    let dispatch_rt = DispatchRuntime::start()?;
+    let members = {
+        let _entered = dispatch_rt.enter();
+        Arc::new(Members::start(db.clone(), read_db.clone()))
+    };
     // Cluster mode: events go to every node's sessions through the bus,
     // this node's included (see `cluster::bus`).
     let fanout: Arc<dyn Fanout> = match &cluster {
@@ -267,7 +274,6 @@ pub async fn serve(
             .deliver(config.logging.sink.clone(), background.clone()),
     );
     let retention = Duration::from_secs(config.dispatch.outcome_retention_s.get());
-    let dispatch_rt = DispatchRuntime::start()?;
     let entered = dispatch_rt.enter();
     let claims = SqlClaims::start(db.clone(), retention, peers, &background);
     readiness.watch_claims(claims.healthy());
@@ -334,10 +340,10 @@ pub async fn serve(
 }
 
 /// The event path's own runtime (dispatch connections, their events,
-/// the claims): on the clients' runtime each step of an event would queue
-/// behind every session woken to write (thousands of socket writes per
-/// pass), so events would reach their fan-out late and sessions would
-/// write fewer frames per syscall. Shut down without waiting: it is
+/// the claims, the membership-version reads): on the clients' runtime
+/// each step of an event would queue behind every session woken to write
+/// (thousands of socket writes per pass), so events would reach their
+/// fan-out late and sessions would write fewer frames per syscall. Shut down without waiting: it is
 /// dropped inside the clients' runtime, once dispatch has drained.
 struct DispatchRuntime {
     /// Taken only by `drop`.
