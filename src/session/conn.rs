@@ -211,7 +211,7 @@ pub(super) async fn handle(inner: Arc<Inner>, tcp: TcpStream, shutdown: Shutdown
     }) = admitted
     else {
         // Unreachable: a completed handshake went through the callback.
-        finish(&mut ws, Exit::Close(code::UNKNOWN)).await;
+        finish(&mut ws, Exit::Close(code::UNKNOWN), &mut Unsent::default()).await;
         return;
     };
 
@@ -231,7 +231,7 @@ pub(super) async fn handle(inner: Arc<Inner>, tcp: TcpStream, shutdown: Shutdown
                     NoSlot::Unavailable => code::GOING_AWAY,
                 };
                 tracing::debug!(code = close, "no session slot; closing");
-                finish(&mut ws, Exit::Close(close)).await;
+                finish(&mut ws, Exit::Close(close), &mut Unsent::default()).await;
                 inner.metrics.session_closed(close);
                 return;
             }
@@ -242,7 +242,18 @@ pub(super) async fn handle(inner: Arc<Inner>, tcp: TcpStream, shutdown: Shutdown
             _ => tracing::debug!("session open"),
         }
 
-        let exit = run(&inner, &mut ws, &slot, epoch, user, greeting, &shutdown).await;
+        let mut unsent = Unsent::default();
+        let exit = run(
+            &inner,
+            &mut ws,
+            &mut unsent,
+            &slot,
+            epoch,
+            user,
+            greeting,
+            &shutdown,
+        )
+        .await;
         let resumable = exit
             .resumable()
             .then(|| std::time::Instant::now() + inner.resume_window);
@@ -258,7 +269,7 @@ pub(super) async fn handle(inner: Arc<Inner>, tcp: TcpStream, shutdown: Shutdown
             Released::TakenOver => tracing::debug!("session taken over by a resume"),
             Released::Ended => {}
         }
-        finish(&mut ws, exit).await;
+        finish(&mut ws, exit, &mut unsent).await;
 
         inner.metrics.sessions_open.dec();
         inner.metrics.session_closed(exit.code());
@@ -616,9 +627,11 @@ enum Wake {
 
 /// The open session: HELLO, then frames out, pings out, pongs in, until
 /// something ends it.
+#[allow(clippy::too_many_arguments)]
 async fn run(
     inner: &Inner,
     ws: &mut Ws<'_>,
+    unsent: &mut Unsent,
     slot: &Slot,
     epoch: Epoch,
     user: UserId,
@@ -711,7 +724,7 @@ async fn run(
                     }
                     seen = now;
                 }
-                let batch = write_batch(inner, ws, slot, epoch);
+                let batch = write_batch(inner, ws, unsent, slot, epoch);
                 if let Err(exit) = guard.run(batch).await {
                     return exit;
                 }
@@ -764,25 +777,62 @@ fn inbound(inner: &Inner, msg: Option<Result<Message, WsError>>) -> Inbound {
 }
 
 /// Writes up to one batch of queued frames (a resume's replay first:
-/// they are the same log), then flushes once.
+/// they are the same log) with one socket write.
 async fn write_batch(
     inner: &Inner,
     ws: &mut Ws<'_>,
+    unsent: &mut Unsent,
     slot: &Slot,
     epoch: Epoch,
 ) -> Result<(), WsError> {
-    let (mut frames, mut bytes) = (0u64, 0usize);
-    while frames < MAX_BATCH as u64 && bytes < MAX_BATCH_BYTES {
-        let Some(text) = slot.queue.pop(epoch, |seq, frame| frame.encode(seq)) else {
+    // A pong tungstenite queued while reading may be partly written:
+    // it goes first, so frames never interleave on the wire.
+    ws.flush().await?;
+    let mut frames = 0u64;
+    while frames < MAX_BATCH as u64 && unsent.0.len() < MAX_BATCH_BYTES {
+        let popped = slot.queue.pop(epoch, |seq, frame| {
+            frame.encode_ws(seq, &mut unsent.0);
+        });
+        if popped.is_none() {
             break;
-        };
-        bytes += text.len();
-        ws.feed(Message::Text(Utf8Bytes::from(text))).await?;
+        }
         frames += 1;
     }
-    ws.flush().await?;
+    unsent.write_out(ws.get_mut()).await?;
     inner.metrics.frames_delivered.inc_by(frames);
     Ok(())
+}
+
+/// Data frames encoded for the socket and not yet written: they bypass
+/// tungstenite ([`frame::ClientFrame::encode_ws`]), which only writes the
+/// control frames. A write cut short by a close request leaves the rest
+/// here, and it goes out before the close frame: a client never sees half
+/// a frame.
+#[derive(Default)]
+struct Unsent(Vec<u8>);
+
+/// Past this, a written buffer is freed rather than kept for the next
+/// batch: a burst must not leave every session holding its peak.
+const KEEP_UNSENT: usize = 16 * 1024;
+
+impl Unsent {
+    /// Writes what is left and flushes (TLS holds records until then).
+    /// Cancel-safe: what a write took is removed before the next one.
+    async fn write_out(&mut self, io: &mut Prefixed<Held<'_>, ControlOnly>) -> std::io::Result<()> {
+        while !self.0.is_empty() {
+            let n = io.write(&self.0).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            if n == self.0.len() && self.0.capacity() > KEEP_UNSENT {
+                self.0 = Vec::new();
+            } else {
+                // Usually all of it; a partial write moves the rest up.
+                self.0.drain(..n);
+            }
+        }
+        io.flush().await
+    }
 }
 
 /// What a write is guarded by: the session's close request (for this
@@ -815,7 +865,16 @@ impl Guard<'_> {
 /// Ends the connection: our close frame (or the reply to the client's),
 /// then TCP FIN, then reading until the client hangs up so unread input
 /// can't turn our close into a reset. Every step is time-limited.
-async fn finish(ws: &mut Ws<'_>, exit: Exit) {
+async fn finish(ws: &mut Ws<'_>, exit: Exit, unsent: &mut Unsent) {
+    // The rest of a frame a close request cut short: whole frames only.
+    if exit != Exit::Dropped
+        && !matches!(
+            timeout(CLOSE_TIMEOUT, unsent.write_out(ws.get_mut())).await,
+            Ok(Ok(_))
+        )
+    {
+        return;
+    }
     match exit {
         Exit::Close(code) => {
             let frame = CloseFrame {

@@ -33,20 +33,51 @@ impl ClientFrame {
         ClientFrame { text, split }
     }
 
-    /// The frame as one session sees it, with sequence number `seq`.
-    /// Allocated to the exact length: the WebSocket message takes the
-    /// buffer over as is, where a spare byte would cost a second
-    /// allocation per delivery (`bytes` wraps a `Vec` with spare capacity
-    /// in a shared header).
+    /// The frame's text as one session sees it, with sequence number `seq`.
     pub fn encode(&self, seq: u64) -> String {
+        let mut out = Vec::with_capacity(self.text.len() + 20);
+        self.push_text(seq, &mut out);
+        // Both halves come from a `String` and the digits are ASCII.
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// Appends the frame as one session sees it, with sequence number
+    /// `seq`, to `out` as a whole WebSocket text frame (unmasked: server
+    /// to client). Sessions write these straight to their socket: one
+    /// copy of the text per delivery, where a tungstenite message cost an
+    /// allocation, a copy into its write buffer and a frame header built
+    /// through its codec.
+    pub fn encode_ws(&self, seq: u64, out: &mut Vec<u8>) {
+        let len = self.text.len() + decimal_len(seq);
+        out.push(0x81); // FIN, text
+        if len < 126 {
+            out.push(len as u8);
+        } else if let Ok(short) = u16::try_from(len) {
+            out.push(126);
+            out.extend_from_slice(&short.to_be_bytes());
+        } else {
+            out.push(127);
+            out.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+        self.push_text(seq, out);
+    }
+
+    fn push_text(&self, seq: u64, out: &mut Vec<u8>) {
         let (head, tail) = self.text.split_at(self.split);
-        let digits = seq.checked_ilog10().map_or(1, |d| d as usize + 1);
-        let mut out = String::with_capacity(self.text.len() + digits);
-        out.push_str(head);
-        // Writing to a String cannot fail.
-        let _ = write!(out, "{seq}");
-        out.push_str(tail);
-        out
+        out.extend_from_slice(head.as_bytes());
+        let mut digits = [0u8; 20];
+        let mut at = digits.len();
+        let mut left = seq;
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (left % 10) as u8;
+            left /= 10;
+            if left == 0 {
+                break;
+            }
+        }
+        out.extend_from_slice(&digits[at..]);
+        out.extend_from_slice(tail.as_bytes());
     }
 
     /// The shared text and where `s` goes in it: what the cluster bus
@@ -70,6 +101,11 @@ impl ClientFrame {
     pub fn is_empty(&self) -> bool {
         self.text.is_empty()
     }
+}
+
+/// Digits in `n` written in decimal.
+fn decimal_len(n: u64) -> usize {
+    n.checked_ilog10().map_or(1, |d| d as usize + 1)
 }
 
 /// The first frame of every session. HELLO carries no `s`.
@@ -111,7 +147,42 @@ mod tests {
         assert_eq!(big["s"], serde_json::json!(u64::MAX));
         for seq in [0, 9, 10, 99, 100, 12_345, u64::MAX] {
             let text = frame.encode(seq);
-            assert_eq!(text.capacity(), text.len(), "s = {seq}");
+            assert_eq!(text.len(), frame.len() + decimal_len(seq), "s = {seq}");
+            assert!(text.contains(&format!(r#""s":{seq},"#)), "s = {seq}");
+        }
+    }
+
+    /// Parses `bytes` as one unmasked server frame: (FIN and opcode byte, payload).
+    fn parse_ws(bytes: &[u8]) -> (u8, &[u8]) {
+        let (len, at) = match bytes[1] {
+            126 => (usize::from(u16::from_be_bytes([bytes[2], bytes[3]])), 4),
+            127 => (
+                usize::try_from(u64::from_be_bytes(bytes[2..10].try_into().unwrap())).unwrap(),
+                10,
+            ),
+            n => (usize::from(n), 2),
+        };
+        assert_eq!(bytes.len(), at + len, "one whole frame, nothing after it");
+        (bytes[0], &bytes[at..])
+    }
+
+    #[test]
+    fn websocket_frames_carry_the_text_with_each_length_form() {
+        // Payloads around the 125 / 65,535 byte limits of the short forms.
+        for size in [0, 90, 100, 200, 65_400, 65_600, 200_000] {
+            let frame = ClientFrame::new("E", &format!(r#"{{"x":"{}"}}"#, "a".repeat(size)));
+            for seq in [1, 12_345] {
+                let mut out = vec![7];
+                frame.encode_ws(seq, &mut out);
+                assert_eq!(out[0], 7, "appends");
+                let (first, payload) = parse_ws(&out[1..]);
+                assert_eq!(first, 0x81);
+                assert_eq!(
+                    payload,
+                    frame.encode(seq).as_bytes(),
+                    "size {size}, s = {seq}"
+                );
+            }
         }
     }
 
