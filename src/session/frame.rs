@@ -33,7 +33,9 @@ impl ClientFrame {
         ClientFrame { text, split }
     }
 
-    /// The frame's text as one session sees it, with sequence number `seq`.
+    /// The frame's text as one session sees it, with sequence number `seq`
+    /// (what [`encode_ws`](Self::encode_ws) puts after the header).
+    #[cfg(test)]
     pub fn encode(&self, seq: u64) -> String {
         let mut out = Vec::with_capacity(self.text.len() + 20);
         self.push_text(seq, &mut out);
