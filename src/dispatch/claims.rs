@@ -302,22 +302,14 @@ impl SqlClaims {
         };
         let healthy = Arc::new(AtomicBool::new(true));
         let finished = Arc::new(Finished::default());
-        let inline = InlineWriter::open(&db).map(Arc::new);
         let claims = {
             let (db, owner, healthy) = (db.clone(), owner.clone(), healthy.clone());
-            let inline = inline.clone();
             Batcher::start(move |keys: Vec<String>| {
                 let (db, owner, healthy) = (db.clone(), owner.clone(), healthy.clone());
-                let inline = inline.clone();
                 async move {
-                    let result = match inline {
-                        Some(writer) => writer.insert(&owner, &keys).map_err(|e| e.to_string()),
-                        None => insert_claims(&db, &owner, &keys)
-                            .await
-                            .map_err(|e| e.to_string()),
-                    };
+                    let result = insert_claims(&db, &owner, &keys).await;
                     healthy.store(result.is_ok(), Ordering::Release);
-                    result
+                    result.map_err(|e| e.to_string())
                 }
             })
         };
@@ -334,12 +326,7 @@ impl SqlClaims {
                 }
             })
         };
-        shutdown.spawn(flusher(
-            db.clone(),
-            inline,
-            finished.clone(),
-            shutdown.clone(),
-        ));
+        shutdown.spawn(flusher(db.clone(), finished.clone(), shutdown.clone()));
         shutdown.spawn(sweeper(db.clone(), retention, shutdown.clone()));
         Arc::new(SqlClaims {
             db,
@@ -482,98 +469,6 @@ async fn insert_claims(db: &Db, owner: &str, keys: &[String]) -> Result<Vec<Foun
     Ok(found)
 }
 
-/// SQLite: the claim inserts' own connection, used inline by the grouped
-/// writer's task on the event path's runtime. Through sqlx each group was
-/// a hand-off to its connection's thread and back, and another to return
-/// the connection to its pool: about half the futex calls of the whole
-/// process at C = 100. The same statements as [`insert_claims`], with the
-/// keys as one JSON array (one cached statement for any chunk size).
-struct InlineWriter(Mutex<rusqlite::Connection>);
-
-impl InlineWriter {
-    /// `None` on PostgreSQL, or if the file can't be opened this way
-    /// (claims then go through sqlx, as before).
-    fn open(db: &Db) -> Option<InlineWriter> {
-        let crate::db::Pool::Sqlite(pool) = db.pool() else {
-            return None;
-        };
-        let path = pool.connect_options().get_filename().to_owned();
-        let opened = rusqlite::Connection::open_with_flags(
-            &path,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .and_then(|conn| {
-            // As the sqlx pool's connections: WAL (already the file's
-            // mode), no sync per commit, the same wait for the lock.
-            conn.pragma_update(None, "synchronous", "NORMAL")?;
-            conn.busy_timeout(Duration::from_secs(5))?;
-            Ok(conn)
-        });
-        match opened {
-            Ok(conn) => Some(InlineWriter(Mutex::new(conn))),
-            Err(err) => {
-                tracing::warn!(path = %path.display(), error = %err, "claims go through the sqlx pool: cannot open their own connection");
-                None
-            }
-        }
-    }
-
-    fn insert(&self, owner: &str, keys: &[String]) -> Result<Vec<Found>, rusqlite::Error> {
-        let conn = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let now = now_ms();
-        let mut found = Vec::with_capacity(keys.len());
-        for chunk in keys.chunks(CHUNK) {
-            let json = serde_json::to_string(chunk)
-                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-            // `WHERE true` keeps `ON CONFLICT` from parsing as a join.
-            let added = conn
-                .prepare_cached(
-                    "INSERT INTO event_outcomes (event_id, completed_at, owner, done) \
-                     SELECT value, ?2, ?3, 0 FROM json_each(?1) WHERE true \
-                     ON CONFLICT (event_id) DO NOTHING",
-                )?
-                .execute(rusqlite::params![json, now, owner])?;
-            if added == chunk.len() {
-                found.extend(chunk.iter().map(|_| Found::New));
-                continue;
-            }
-            let mut read = conn.prepare_cached(
-                "SELECT event_id, owner, CAST(done AS BIGINT), completed_at FROM event_outcomes \
-                 WHERE event_id IN (SELECT value FROM json_each(?1))",
-            )?;
-            let held = read
-                .query_map([&json], |row| {
-                    Ok((
-                        row.get::<_, String>(0)?,
-                        (row.get(1)?, row.get(2)?, row.get(3)?),
-                    ))
-                })?
-                .collect::<Result<HashMap<String, (String, i64, i64)>, _>>()?;
-            found.extend(
-                chunk
-                    .iter()
-                    .map(|key| claim_found(held.get(key), owner, now)),
-            );
-        }
-        Ok(found)
-    }
-
-    /// Marks finished claims `done`, in one transaction.
-    fn mark_done(&self, keys: &[String]) -> Result<(), rusqlite::Error> {
-        let mut conn = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let tx = conn.transaction()?;
-        for chunk in keys.chunks(CHUNK) {
-            let json = serde_json::to_string(chunk)
-                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-            tx.prepare_cached(
-                "UPDATE event_outcomes SET done = 1 WHERE event_id IN (SELECT value FROM json_each(?1))",
-            )?
-            .execute([&json])?;
-        }
-        tx.commit()
-    }
-}
-
 /// What a key's row, read right after this process's insert at `now`,
 /// says about the claim.
 fn claim_found(row: Option<&(String, i64, i64)>, owner: &str, now: i64) -> Found {
@@ -617,12 +512,7 @@ async fn delete_claims(db: &Db, owner: &str, keys: &[String]) -> Result<(), sqlx
 
 /// Writes the pending `done` marks every 100 ms, and once more at
 /// shutdown (after the dispatch side has drained).
-async fn flusher(
-    db: Db,
-    inline: Option<Arc<InlineWriter>>,
-    finished: Arc<Finished>,
-    shutdown: Shutdown,
-) {
+async fn flusher(db: Db, finished: Arc<Finished>, shutdown: Shutdown) {
     loop {
         let stopping = tokio::select! {
             _ = shutdown.cancelled() => true,
@@ -630,18 +520,11 @@ async fn flusher(
         };
         let keys = finished.take();
         if !keys.is_empty() {
-            // On SQLite through the claims' own connection: one writer,
-            // so a claim never waits out SQLite's busy back-off behind
-            // these marks.
-            let written = match &inline {
-                Some(writer) => writer.mark_done(&keys).map_err(|e| e.to_string()),
-                None => with_conn!(db, c => {
-                    let mut tx = sqlx::Connection::begin(&mut *c).await?;
-                    mark_done!(tx, keys);
-                    tx.commit().await
-                })
-                .map_err(|e| e.to_string()),
-            };
+            let written = with_conn!(db, c => {
+                let mut tx = sqlx::Connection::begin(&mut *c).await?;
+                mark_done!(tx, keys);
+                tx.commit().await
+            });
             if let Err(err) = written {
                 tracing::warn!(error = %err, "cannot mark events finished; their claims still prevent a second broadcast");
                 finished.restore(keys);
