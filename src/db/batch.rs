@@ -8,7 +8,7 @@ use std::future::Future;
 use tokio::sync::{mpsc, oneshot};
 
 /// Most items one round trip carries.
-const GROUP_MAX: usize = 512;
+pub const GROUP_MAX: usize = 512;
 
 type Reply<V> = oneshot::Sender<Result<V, String>>;
 

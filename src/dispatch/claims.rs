@@ -22,11 +22,12 @@
 //! holder's node stops being live, the row counts as abandoned as above.
 //!
 //! [`ClaimStore`] is the durable part, behind a small interface so cluster
-//! mode can put its own beside [`SqlClaims`], today's. Writes are grouped
-//! ([`Batcher`]): one autocommit statement per round carries every claim
-//! queued meanwhile, so the claim costs throughput little and latency one
-//! commit, which the pipeline overlaps with the plugin call; `done` marks
-//! are written off the event's path.
+//! mode can put its own beside [`SqlClaims`], today's. Writes are grouped:
+//! one commit per round carries every claim queued meanwhile, so the claim
+//! costs throughput little and latency one commit, which the pipeline
+//! overlaps with the plugin call; `done` marks are written off the event's
+//! path. On SQLite a thread of its own writes them ([`ClaimThread`]); on
+//! PostgreSQL a [`Batcher`] does, through the pool.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,9 +37,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use futures_util::future::BoxFuture;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
-use crate::db::{Batcher, Db, DbError, now_ms};
+use crate::db::{Batcher, Db, DbError, GROUP_MAX, now_ms};
 use crate::shutdown::Shutdown;
 use crate::{with_conn, with_pool};
 
@@ -52,6 +53,9 @@ const CHUNK: usize = 256;
 /// First and longest pause between reads of a row a live peer holds.
 const FIRST_POLL: Duration = Duration::from_millis(10);
 const MAX_POLL: Duration = Duration::from_millis(100);
+/// Shortest time between the claim thread's commits under load: the most
+/// a claim waits for its group (the plugin call runs meanwhile).
+const COMMIT_EVERY: Duration = Duration::from_millis(1);
 /// Claim rounds for one id: another round only follows a release.
 const MAX_ROUNDS: usize = 16;
 
@@ -272,7 +276,7 @@ enum Found {
 /// Claims in `event_outcomes`, on SQLite or PostgreSQL.
 pub struct SqlClaims {
     db: Db,
-    claims: Batcher<String, Found>,
+    claims: ClaimWriter,
     releases: Batcher<String, ()>,
     finished: Arc<Finished>,
     /// False while claims cannot be written: `/readyz` says 503.
@@ -302,16 +306,19 @@ impl SqlClaims {
         };
         let healthy = Arc::new(AtomicBool::new(true));
         let finished = Arc::new(Finished::default());
-        let claims = {
-            let (db, owner, healthy) = (db.clone(), owner.clone(), healthy.clone());
-            Batcher::start(move |keys: Vec<String>| {
+        let claims = match ClaimThread::start(&db, owner.clone(), healthy.clone()) {
+            Some(thread) => ClaimWriter::Thread(thread),
+            None => {
                 let (db, owner, healthy) = (db.clone(), owner.clone(), healthy.clone());
-                async move {
-                    let result = insert_claims(&db, &owner, &keys).await;
-                    healthy.store(result.is_ok(), Ordering::Release);
-                    result.map_err(|e| e.to_string())
-                }
-            })
+                ClaimWriter::Pool(Batcher::start(move |keys: Vec<String>| {
+                    let (db, owner, healthy) = (db.clone(), owner.clone(), healthy.clone());
+                    async move {
+                        let result = insert_claims(&db, &owner, &keys).await;
+                        healthy.store(result.is_ok(), Ordering::Release);
+                        result.map_err(|e| e.to_string())
+                    }
+                }))
+            }
         };
         let releases = {
             let (db, owner) = (db.clone(), owner.clone());
@@ -326,7 +333,12 @@ impl SqlClaims {
                 }
             })
         };
-        shutdown.spawn(flusher(db.clone(), finished.clone(), shutdown.clone()));
+        shutdown.spawn(flusher(
+            db.clone(),
+            claims.thread(),
+            finished.clone(),
+            shutdown.clone(),
+        ));
         shutdown.spawn(sweeper(db.clone(), retention, shutdown.clone()));
         Arc::new(SqlClaims {
             db,
@@ -355,7 +367,7 @@ impl SqlClaims {
         for _ in 0..MAX_ROUNDS {
             let found = self
                 .claims
-                .submit(key.clone())
+                .claim(key.clone())
                 .await
                 .map_err(DbError::Grouped)?;
             let mut holder = match found {
@@ -469,6 +481,229 @@ async fn insert_claims(db: &Db, owner: &str, keys: &[String]) -> Result<Vec<Foun
     Ok(found)
 }
 
+/// Who writes the claims: a thread of its own on SQLite, the pool (grouped
+/// by a [`Batcher`]) on PostgreSQL or where that thread can't start.
+enum ClaimWriter {
+    Thread(ClaimThread),
+    Pool(Batcher<String, Found>),
+}
+
+impl ClaimWriter {
+    async fn claim(&self, key: String) -> Result<Found, String> {
+        match self {
+            ClaimWriter::Thread(thread) => thread.call(|reply| Job::Claim(key, reply)).await,
+            ClaimWriter::Pool(batcher) => batcher.submit(key).await,
+        }
+    }
+
+    /// The thread, which also writes the `done` marks (one writer on the
+    /// file, so a claim never sits out SQLite's busy back-off behind them).
+    fn thread(&self) -> Option<ClaimThread> {
+        match self {
+            ClaimWriter::Thread(thread) => Some(thread.clone()),
+            ClaimWriter::Pool(_) => None,
+        }
+    }
+}
+
+/// SQLite: claim inserts and `done` marks on a thread of their own, over a
+/// connection of its own. Through sqlx a group crossed to the pool
+/// connection's thread and back for each statement, and once more to
+/// return the connection: ~40 % of the process's futex calls at C = 100.
+/// Here a claim is one message in and one wake back. It is a thread, not
+/// the grouped writer's task, because a group's commit blocks for
+/// milliseconds in a debug build: run inline on the event path's runtime
+/// it pushed plugin calls past their time limit.
+#[derive(Clone)]
+struct ClaimThread(std::sync::mpsc::Sender<Job>);
+
+enum Job {
+    Claim(String, oneshot::Sender<Result<Found, String>>),
+    MarkDone(Vec<String>, oneshot::Sender<Result<(), String>>),
+}
+
+impl ClaimThread {
+    /// `None` on PostgreSQL, or if the file can't be opened this way or
+    /// the thread can't start (claims then go through the pool).
+    fn start(db: &Db, owner: String, healthy: Arc<AtomicBool>) -> Option<ClaimThread> {
+        let crate::db::Pool::Sqlite(pool) = db.pool() else {
+            return None;
+        };
+        let path = pool.connect_options().get_filename().to_owned();
+        let conn = match open_writer(&path) {
+            Ok(conn) => conn,
+            Err(err) => {
+                tracing::warn!(path = %path.display(), error = %err, "claims go through the sqlx pool: cannot open their own connection");
+                return None;
+            }
+        };
+        let (tx, jobs) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("otako-claims".into())
+            .spawn(move || write_claims(conn, &owner, &jobs, &healthy));
+        match spawned {
+            Ok(_) => Some(ClaimThread(tx)),
+            Err(err) => {
+                tracing::warn!(error = %err, "claims go through the sqlx pool: cannot start their thread");
+                None
+            }
+        }
+    }
+
+    async fn call<T>(
+        &self,
+        job: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Job,
+    ) -> Result<T, String> {
+        let stopped = || "the claim writer thread has stopped".to_owned();
+        let (reply, answer) = oneshot::channel();
+        self.0.send(job(reply)).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+/// As the sqlx pool's connections: WAL (already the file's mode), no sync
+/// per commit, the same wait for the write lock.
+fn open_writer(path: &std::path::Path) -> Result<rusqlite::Connection, rusqlite::Error> {
+    let conn = rusqlite::Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+/// The claim thread: every claim queued meanwhile goes into the next group,
+/// up to [`GROUP_MAX`]. Under load it commits at most once per
+/// [`COMMIT_EVERY`]: a commit costs about the same whatever it carries (its
+/// pages written to the WAL, and a checkpoint every thousand of them), and
+/// without the pause groups of ~4 claims cost more than sqlx's hand-offs
+/// saved. An idle thread commits a claim at once. Ends when the last sender
+/// goes.
+fn write_claims(
+    mut conn: rusqlite::Connection,
+    owner: &str,
+    jobs: &std::sync::mpsc::Receiver<Job>,
+    healthy: &AtomicBool,
+) {
+    let mut keys = Vec::with_capacity(GROUP_MAX);
+    let mut replies = Vec::with_capacity(GROUP_MAX);
+    let mut last_commit: Option<std::time::Instant> = None;
+    while let Ok(first) = jobs.recv() {
+        if let Some(next) = last_commit.map(|at| at + COMMIT_EVERY) {
+            let now = std::time::Instant::now();
+            if next > now {
+                std::thread::sleep(next - now);
+            }
+        }
+        let mut job = Some(first);
+        while let Some(next) = job.take() {
+            match next {
+                Job::Claim(key, reply) => {
+                    keys.push(key);
+                    replies.push(reply);
+                }
+                Job::MarkDone(done, reply) => {
+                    let _ =
+                        reply.send(mark_done_sqlite(&mut conn, &done).map_err(|e| e.to_string()));
+                }
+            }
+            if keys.len() < GROUP_MAX {
+                job = jobs.try_recv().ok();
+            }
+        }
+        if keys.is_empty() {
+            continue;
+        }
+        last_commit = Some(std::time::Instant::now());
+        let result = insert_claims_sqlite(&mut conn, owner, &keys);
+        healthy.store(result.is_ok(), Ordering::Release);
+        match result {
+            Ok(found) => {
+                for (reply, found) in replies.drain(..).zip(found) {
+                    let _ = reply.send(Ok(found));
+                }
+            }
+            Err(err) => {
+                let err = err.to_string();
+                for reply in replies.drain(..) {
+                    let _ = reply.send(Err(err.clone()));
+                }
+            }
+        }
+        keys.clear();
+    }
+}
+
+/// [`insert_claims`] on the thread's connection, the group in one
+/// transaction (one commit), each chunk's keys as one JSON array (one
+/// cached statement for any chunk size).
+fn insert_claims_sqlite(
+    conn: &mut rusqlite::Connection,
+    owner: &str,
+    keys: &[String],
+) -> Result<Vec<Found>, rusqlite::Error> {
+    let now = now_ms();
+    let mut found = Vec::with_capacity(keys.len());
+    // Immediate: take the write lock (waiting out another writer) before
+    // reading, so the commit can't fail on a stale snapshot.
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    for chunk in keys.chunks(CHUNK) {
+        let json = json_keys(chunk)?;
+        // `WHERE true` keeps `ON CONFLICT` from parsing as a join.
+        let added = tx
+            .prepare_cached(
+                "INSERT INTO event_outcomes (event_id, completed_at, owner, done) \
+                 SELECT value, ?2, ?3, 0 FROM json_each(?1) WHERE true \
+                 ON CONFLICT (event_id) DO NOTHING",
+            )?
+            .execute(rusqlite::params![json, now, owner])?;
+        if added == chunk.len() {
+            found.extend(chunk.iter().map(|_| Found::New));
+            continue;
+        }
+        let mut read = tx.prepare_cached(
+            "SELECT event_id, owner, CAST(done AS BIGINT), completed_at FROM event_outcomes \
+             WHERE event_id IN (SELECT value FROM json_each(?1))",
+        )?;
+        let held = read
+            .query_map([&json], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    (row.get(1)?, row.get(2)?, row.get(3)?),
+                ))
+            })?
+            .collect::<Result<HashMap<String, (String, i64, i64)>, _>>()?;
+        found.extend(
+            chunk
+                .iter()
+                .map(|key| claim_found(held.get(key), owner, now)),
+        );
+    }
+    tx.commit()?;
+    Ok(found)
+}
+
+/// Marks finished claims `done` on the thread's connection, in one
+/// transaction.
+fn mark_done_sqlite(
+    conn: &mut rusqlite::Connection,
+    keys: &[String],
+) -> Result<(), rusqlite::Error> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    for chunk in keys.chunks(CHUNK) {
+        tx.prepare_cached(
+            "UPDATE event_outcomes SET done = 1 WHERE event_id IN (SELECT value FROM json_each(?1))",
+        )?
+        .execute([json_keys(chunk)?])?;
+    }
+    tx.commit()
+}
+
+fn json_keys(keys: &[String]) -> Result<String, rusqlite::Error> {
+    serde_json::to_string(keys).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+}
+
 /// What a key's row, read right after this process's insert at `now`,
 /// says about the claim.
 fn claim_found(row: Option<&(String, i64, i64)>, owner: &str, now: i64) -> Found {
@@ -512,7 +747,7 @@ async fn delete_claims(db: &Db, owner: &str, keys: &[String]) -> Result<(), sqlx
 
 /// Writes the pending `done` marks every 100 ms, and once more at
 /// shutdown (after the dispatch side has drained).
-async fn flusher(db: Db, finished: Arc<Finished>, shutdown: Shutdown) {
+async fn flusher(db: Db, thread: Option<ClaimThread>, finished: Arc<Finished>, shutdown: Shutdown) {
     loop {
         let stopping = tokio::select! {
             _ = shutdown.cancelled() => true,
@@ -520,11 +755,18 @@ async fn flusher(db: Db, finished: Arc<Finished>, shutdown: Shutdown) {
         };
         let keys = finished.take();
         if !keys.is_empty() {
-            let written = with_conn!(db, c => {
-                let mut tx = sqlx::Connection::begin(&mut *c).await?;
-                mark_done!(tx, keys);
-                tx.commit().await
-            });
+            let written = match &thread {
+                Some(thread) => {
+                    let keys = keys.clone();
+                    thread.call(|reply| Job::MarkDone(keys, reply)).await
+                }
+                None => with_conn!(db, c => {
+                    let mut tx = sqlx::Connection::begin(&mut *c).await?;
+                    mark_done!(tx, keys);
+                    tx.commit().await
+                })
+                .map_err(|e| e.to_string()),
+            };
             if let Err(err) = written {
                 tracing::warn!(error = %err, "cannot mark events finished; their claims still prevent a second broadcast");
                 finished.restore(keys);
@@ -692,51 +934,101 @@ mod tests {
         assert_eq!(claimed.unwrap().unwrap(), Claimed::Abandoned);
     }
 
+    /// One group through either SQLite writer: the pool's statements
+    /// (PostgreSQL's too) or the claim thread's.
+    async fn insert_with(db: &Db, thread: bool, keys: &[String]) -> Vec<Found> {
+        if !thread {
+            return insert_claims(db, "me", keys).await.unwrap();
+        }
+        let crate::db::Pool::Sqlite(pool) = db.pool() else {
+            unreachable!("an SQLite test database")
+        };
+        let mut conn = open_writer(pool.connect_options().get_filename()).unwrap();
+        insert_claims_sqlite(&mut conn, "me", keys).unwrap()
+    }
+
     /// One insert whose chunk mixes new ids with ids already present:
     /// each gets its own answer, including this process's own unfinished
     /// row from an earlier millisecond (its success's mark still queued).
     #[tokio::test]
     async fn a_chunk_mixing_new_and_present_ids_sorts_each() {
-        let (_dir, db, _peers, _store) = setup(Duration::from_secs(30)).await;
-        held_by_peer(&db, "peer-held").await;
-        // An earlier millisecond, but inside the retention window: the
-        // store's sweeper, running from the start, deletes older rows.
-        let earlier = now_ms() - 1;
-        with_pool!(db, p => sqlx::query(
-            "INSERT INTO event_outcomes (event_id, completed_at, owner, done) \
-             VALUES ('peer-done', $1, 'peer', 1), ('mine-queued', $1, 'me', 0)",
-        )
-        .bind(earlier)
-        .execute(p)
-        .await
-        .map(|_| ()))
-        .unwrap();
-        let keys: Vec<String> = ["a", "peer-held", "b", "peer-done", "mine-queued", "c"]
-            .into_iter()
-            .map(str::to_owned)
-            .collect();
-        let found = insert_claims(&db, "me", &keys).await.unwrap();
-        assert_eq!(
-            found,
-            vec![
-                Found::New,
-                Found::Held("peer".to_owned()),
-                Found::New,
-                Found::Done,
-                Found::Done,
-                Found::New,
-            ]
-        );
-        // Every new id is claimed in the table, by this process.
-        for key in ["a", "b", "c"] {
+        for thread in [false, true] {
+            let (_dir, db, _peers, _store) = setup(Duration::from_secs(30)).await;
+            held_by_peer(&db, "peer-held").await;
+            // An earlier millisecond, but inside the retention window: the
+            // store's sweeper, running from the start, deletes older rows.
+            let earlier = now_ms() - 1;
+            with_pool!(db, p => sqlx::query(
+                "INSERT INTO event_outcomes (event_id, completed_at, owner, done) \
+                 VALUES ('peer-done', $1, 'peer', 1), ('mine-queued', $1, 'me', 0)",
+            )
+            .bind(earlier)
+            .execute(p)
+            .await
+            .map(|_| ()))
+            .unwrap();
+            let keys: Vec<String> = ["a", "peer-held", "b", "peer-done", "mine-queued", "c"]
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
             assert_eq!(
-                read_claim(&db, key).await.unwrap(),
+                insert_with(&db, thread, &keys).await,
+                vec![
+                    Found::New,
+                    Found::Held("peer".to_owned()),
+                    Found::New,
+                    Found::Done,
+                    Found::Done,
+                    Found::New,
+                ],
+                "claim thread: {thread}"
+            );
+            // Every new id is claimed in the table, by this process.
+            for key in ["a", "b", "c"] {
+                assert_eq!(
+                    read_claim(&db, key).await.unwrap(),
+                    Some(("me".to_owned(), false))
+                );
+            }
+            // All new, over two chunks: no read needed, all ours.
+            let fresh: Vec<String> = (0..300).map(|i| format!("k{i}")).collect();
+            let found = insert_with(&db, thread, &fresh).await;
+            assert!(found.iter().all(|f| *f == Found::New), "{found:?}");
+            assert_eq!(
+                read_claim(&db, "k299").await.unwrap(),
                 Some(("me".to_owned(), false))
             );
         }
-        // All new: no read needed, all ours.
-        let fresh: Vec<String> = (0..300).map(|i| format!("k{i}")).collect();
-        let found = insert_claims(&db, "me", &fresh).await.unwrap();
-        assert!(found.iter().all(|f| *f == Found::New), "{found:?}");
+    }
+
+    /// The store's own path on SQLite: claims and `done` marks through its
+    /// thread, and a second claim of a finished id is a duplicate.
+    #[tokio::test]
+    async fn claims_and_done_marks_go_through_the_claim_thread() {
+        let (_dir, db, _peers, store) = setup(Duration::from_secs(30)).await;
+        let thread = store
+            .claims
+            .thread()
+            .expect("SQLite claims run on their thread");
+        let claimed =
+            futures_util::future::join_all((0..50).map(|i| store.claim(format!("e{i}")))).await;
+        assert!(
+            claimed.iter().all(|c| matches!(c, Ok(Claimed::New))),
+            "{claimed:?}"
+        );
+        assert_eq!(
+            read_claim(&db, "e7").await.unwrap(),
+            Some(("me".to_owned(), false))
+        );
+        let keys = vec!["e7".to_owned()];
+        thread
+            .call(|reply| Job::MarkDone(keys, reply))
+            .await
+            .unwrap();
+        assert_eq!(
+            read_claim(&db, "e7").await.unwrap(),
+            Some(("me".to_owned(), true))
+        );
+        assert_eq!(store.claim("e7".into()).await.unwrap(), Claimed::Done);
     }
 }
