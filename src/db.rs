@@ -21,7 +21,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{PgPool, SqlitePool};
 
 use crate::config::DatabaseUrl;
-pub use batch::{Batcher, GROUP_MAX};
+pub use batch::{Batcher, GROUP_MAX, Reply, answer};
 pub use pg_reader::PgReader;
 pub use reader::{ReadError, SqliteReader};
 

@@ -10,7 +10,8 @@ use tokio::sync::{mpsc, oneshot};
 /// Most items one round trip carries.
 pub const GROUP_MAX: usize = 512;
 
-type Reply<V> = oneshot::Sender<Result<V, String>>;
+/// Where one item's answer goes.
+pub type Reply<V> = oneshot::Sender<Result<V, String>>;
 
 /// A queue in front of one grouped operation; cheap to clone. Its task
 /// ends once the last clone is dropped.
@@ -40,25 +41,7 @@ impl<K: Send + 'static, V: Send + 'static> Batcher<K, V> {
             let mut queued = Vec::with_capacity(GROUP_MAX);
             while rx.recv_many(&mut queued, GROUP_MAX).await > 0 {
                 let (items, replies): (Vec<K>, Vec<Reply<V>>) = queued.drain(..).unzip();
-                let n = items.len();
-                match run(items).await {
-                    Ok(answers) if answers.len() == n => {
-                        for (reply, answer) in replies.into_iter().zip(answers) {
-                            let _ = reply.send(Ok(answer));
-                        }
-                    }
-                    Ok(answers) => {
-                        let err = format!("grouped query answered {} of {n} items", answers.len());
-                        for reply in replies {
-                            let _ = reply.send(Err(err.clone()));
-                        }
-                    }
-                    Err(err) => {
-                        for reply in replies {
-                            let _ = reply.send(Err(err.clone()));
-                        }
-                    }
-                }
+                answer(replies.into_iter(), run(items).await);
             }
         });
         Batcher { tx }
@@ -70,6 +53,33 @@ impl<K: Send + 'static, V: Send + 'static> Batcher<K, V> {
         let gone = || "the database task has stopped".to_owned();
         self.tx.send((item, reply)).await.map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?
+    }
+}
+
+/// Answers a group's callers: one answer each, in order, or, for an
+/// error or a short answer, the error to every one of them.
+pub fn answer<V>(
+    replies: impl ExactSizeIterator<Item = Reply<V>>,
+    answers: Result<Vec<V>, String>,
+) {
+    let n = replies.len();
+    match answers {
+        Ok(answers) if answers.len() == n => {
+            for (reply, answer) in replies.zip(answers) {
+                let _ = reply.send(Ok(answer));
+            }
+        }
+        Ok(answers) => {
+            let err = format!("grouped query answered {} of {n} items", answers.len());
+            for reply in replies {
+                let _ = reply.send(Err(err.clone()));
+            }
+        }
+        Err(err) => {
+            for reply in replies {
+                let _ = reply.send(Err(err.clone()));
+            }
+        }
     }
 }
 

@@ -39,7 +39,7 @@ use tokio::time::Instant;
 use futures_util::future::BoxFuture;
 use tokio::sync::{oneshot, watch};
 
-use crate::db::{Batcher, Db, DbError, GROUP_MAX, now_ms};
+use crate::db::{Batcher, Db, DbError, GROUP_MAX, Reply, answer, now_ms};
 use crate::shutdown::Shutdown;
 use crate::{with_conn, with_pool};
 
@@ -518,8 +518,8 @@ impl ClaimWriter {
 struct ClaimThread(std::sync::mpsc::Sender<Job>);
 
 enum Job {
-    Claim(String, oneshot::Sender<Result<Found, String>>),
-    MarkDone(Vec<String>, oneshot::Sender<Result<(), String>>),
+    Claim(String, Reply<Found>),
+    MarkDone(Vec<String>, Reply<()>),
 }
 
 impl ClaimThread {
@@ -550,10 +550,7 @@ impl ClaimThread {
         }
     }
 
-    async fn call<T>(
-        &self,
-        job: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Job,
-    ) -> Result<T, String> {
+    async fn call<T>(&self, job: impl FnOnce(Reply<T>) -> Job) -> Result<T, String> {
         let stopped = || "the claim writer thread has stopped".to_owned();
         let (reply, answer) = oneshot::channel();
         self.0.send(job(reply)).map_err(|_| stopped())?;
@@ -618,19 +615,7 @@ fn write_claims(
         last_commit = Some(std::time::Instant::now());
         let result = insert_claims_sqlite(&mut conn, owner, &keys);
         healthy.store(result.is_ok(), Ordering::Release);
-        match result {
-            Ok(found) => {
-                for (reply, found) in replies.drain(..).zip(found) {
-                    let _ = reply.send(Ok(found));
-                }
-            }
-            Err(err) => {
-                let err = err.to_string();
-                for reply in replies.drain(..) {
-                    let _ = reply.send(Err(err.clone()));
-                }
-            }
-        }
+        answer(replies.drain(..), result.map_err(|e| e.to_string()));
         keys.clear();
     }
 }
