@@ -63,23 +63,18 @@ pub fn answer<V>(
     answers: Result<Vec<V>, String>,
 ) {
     let n = replies.len();
-    match answers {
+    let err = match answers {
         Ok(answers) if answers.len() == n => {
             for (reply, answer) in replies.zip(answers) {
                 let _ = reply.send(Ok(answer));
             }
+            return;
         }
-        Ok(answers) => {
-            let err = format!("grouped query answered {} of {n} items", answers.len());
-            for reply in replies {
-                let _ = reply.send(Err(err.clone()));
-            }
-        }
-        Err(err) => {
-            for reply in replies {
-                let _ = reply.send(Err(err.clone()));
-            }
-        }
+        Ok(answers) => format!("grouped query answered {} of {n} items", answers.len()),
+        Err(err) => err,
+    };
+    for reply in replies {
+        let _ = reply.send(Err(err.clone()));
     }
 }
 

@@ -552,9 +552,9 @@ impl ClaimThread {
 
     async fn call<T>(&self, job: impl FnOnce(Reply<T>) -> Job) -> Result<T, String> {
         let stopped = || "the claim writer thread has stopped".to_owned();
-        let (reply, answer) = oneshot::channel();
+        let (reply, answered) = oneshot::channel();
         self.0.send(job(reply)).map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        answered.await.map_err(|_| stopped())?
     }
 }
 
