@@ -17,7 +17,7 @@ use common::client::Client;
 use common::cluster::{LEASE_MS, TestCluster, try_session};
 use common::dispatch::{DispatchClient, Seed};
 use common::proxy::Proxy;
-use common::{counting_sink_on, eventually, free_port, read_close_within, test_plugin};
+use common::{counting_sink_on, eventually, read_close_within, test_plugin};
 use serde_json::{Value, json};
 
 /// Reads `client`'s frames until one named `last` with `d[field] == value`
@@ -243,13 +243,18 @@ async fn an_event_id_whose_attempt_fails_on_one_node_is_run_by_the_node_that_wai
 async fn a_failure_sent_to_two_nodes_reaches_the_sink_once() {
     // Several claim batches (64 rows) of records.
     const N: usize = 300;
-    // The sink comes up once every record is in, so both nodes' deliverers
-    // are retrying and contend for the same rows.
-    let port = free_port();
+    // The sink is up from the start and slow (10 ms a POST), so a backlog
+    // builds while the failures come in: each node's deliverer is woken by
+    // the records it writes and claims from the same rows as the other's.
+    // (A sink that came up later would leave the contention to the two
+    // nodes' retry timers, which back off to 30 s: one node could drain
+    // everything before the other looked.)
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .unwrap();
+    let (sink, posts) = counting_sink_on(listener);
     let mut cluster = TestCluster::new(5, "reject").await;
-    cluster
-        .setup
-        .http_sink(&format!("http://127.0.0.1:{port}/events"));
+    cluster.setup.http_sink(&format!("http://{sink}/events"));
     let a = cluster.start(1);
     let b = cluster.start(2);
     let mut backend_a = DispatchClient::connect(a.dispatch).await;
@@ -282,10 +287,6 @@ async fn a_failure_sent_to_two_nodes_reaches_the_sink_once() {
         }
     }
 
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let (_, posts) = counting_sink_on(listener);
     let seed = Seed::open(&cluster.setup).await;
     eventually(Duration::from_secs(60), "every record POSTed", async || {
         let posts = posts.lock().unwrap();

@@ -433,13 +433,24 @@ macro_rules! push_keys {
 /// Marks finished claims `done` inside the transaction `$tx`.
 macro_rules! mark_done {
     ($tx:expr, $keys:expr) => {
-        for chunk in $keys.chunks(CHUNK) {
+        for chunk in in_lock_order(&$keys).chunks(CHUNK) {
             let mut q =
                 sqlx::QueryBuilder::new("UPDATE event_outcomes SET done = 1 WHERE event_id IN (");
             push_keys!(q, chunk);
             q.build().execute(&mut *$tx).await?;
         }
     };
+}
+
+/// `keys` in the one order every node writes them in. A statement locks
+/// rows in the order it writes them, so two nodes writing overlapping ids
+/// in arrival order can each wait for the other, and PostgreSQL fails one
+/// of them ("deadlock detected"): a backend retrying an event on a second
+/// node did that.
+fn in_lock_order(keys: &[String]) -> Vec<&String> {
+    let mut ordered: Vec<&String> = keys.iter().collect();
+    ordered.sort_unstable();
+    ordered
 }
 
 /// Claims every key it can; for the keys it can't claim, reads who holds
@@ -457,7 +468,7 @@ async fn insert_claims(db: &Db, owner: &str, keys: &[String]) -> Result<Vec<Foun
             let mut q = sqlx::QueryBuilder::new(
                 "INSERT INTO event_outcomes (event_id, completed_at, owner, done) ",
             );
-            q.push_values(chunk, |mut row, key| {
+            q.push_values(in_lock_order(chunk), |mut row, key| {
                 row.push_bind(key.as_str()).push_bind(now).push_bind(owner).push_bind(0_i64);
             });
             q.push(" ON CONFLICT (event_id) DO NOTHING");
@@ -720,7 +731,7 @@ async fn read_claim(db: &Db, key: &str) -> Result<Option<(String, bool)>, sqlx::
 async fn delete_claims(db: &Db, owner: &str, keys: &[String]) -> Result<(), sqlx::Error> {
     with_conn!(db, c => {
         let mut tx = sqlx::Connection::begin(&mut *c).await?;
-        for chunk in keys.chunks(CHUNK) {
+        for chunk in in_lock_order(keys).chunks(CHUNK) {
             let mut q = sqlx::QueryBuilder::new("DELETE FROM event_outcomes WHERE done = 0 AND owner = ");
             q.push_bind(owner).push(" AND event_id IN (");
             push_keys!(q, chunk);
@@ -917,6 +928,45 @@ mod tests {
         peers.0.store(false, Ordering::Release);
         let claimed = tokio::time::timeout(Duration::from_secs(5), claim).await;
         assert_eq!(claimed.unwrap().unwrap(), Claimed::Abandoned);
+    }
+
+    /// Two nodes claiming the same ids at once, in opposite orders, on
+    /// PostgreSQL: each id is claimed by exactly one of them, and neither
+    /// statement fails (written in arrival order, they deadlock).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn overlapping_claims_from_two_nodes_do_not_deadlock_on_postgres() {
+        const PG: &str = "postgres://postgres@127.0.0.1:5432/test";
+        let schema = format!("t_claims_{}_{}", std::process::id(), rand::random::<u32>());
+        let admin = sqlx::PgPool::connect(PG).await.unwrap();
+        let ddl = |sql: String| sqlx::query(sqlx::AssertSqlSafe(sql));
+        ddl(format!("CREATE SCHEMA {schema}"))
+            .execute(&admin)
+            .await
+            .unwrap();
+        let url = DatabaseUrl::Postgres(format!("{PG}?options=-c%20search_path%3D{schema}"));
+        let db = Db::open(&url, 4, Access::ReadWrite).await.unwrap();
+        db.migrate().await.unwrap();
+        for round in 0..50 {
+            let keys: Vec<String> = (0..64).map(|i| format!("r{round}-{i:02}")).collect();
+            let reversed: Vec<String> = keys.iter().rev().cloned().collect();
+            let (a, b) = tokio::join!(
+                insert_claims(&db, "node-a", &keys),
+                insert_claims(&db, "node-b", &reversed)
+            );
+            let a = a.unwrap_or_else(|e| panic!("round {round}, node a: {e}"));
+            let b = b.unwrap_or_else(|e| panic!("round {round}, node b: {e}"));
+            for (i, key) in keys.iter().enumerate() {
+                let (by_a, by_b) = (&a[i], &b[keys.len() - 1 - i]);
+                assert!(
+                    (*by_a == Found::New) != (*by_b == Found::New),
+                    "{key}: node a {by_a:?}, node b {by_b:?}"
+                );
+            }
+        }
+        ddl(format!("DROP SCHEMA {schema} CASCADE"))
+            .execute(&admin)
+            .await
+            .unwrap();
     }
 
     /// One group through either SQLite writer: the pool's statements
