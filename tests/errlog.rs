@@ -52,10 +52,11 @@ async fn wait_sink_failure(gateway: &Gateway) {
 }
 
 /// Asserts every id in `ids` is in the sink file exactly once, and that no
-/// id is there twice; waits for them first.
+/// id is there twice; waits for them first, longer than the deliverer's
+/// longest back-off (30 s) after a sink that failed for a while.
 async fn assert_each_once(path: &Path, ids: &HashSet<String>) {
     eventually(
-        Duration::from_secs(20),
+        Duration::from_secs(45),
         "every failed id in the sink",
         async || {
             let counts = id_counts(path);
@@ -166,15 +167,19 @@ async fn count_rows(setup: &Setup, condition: &str) -> i64 {
     }
 }
 
-/// Starts `serve` and `api` at the same moment on one database and sink.
-fn start_both(setup: &Setup) -> (Gateway, Gateway) {
+/// Starts `serve` and `api` at the same moment on one database and sink,
+/// on blocking threads: the test's runtime (and a sink served on it) keeps
+/// running meanwhile, so the first deliverer's POSTs are answered while
+/// the other process starts. The default lease (60 s): a held POST must
+/// not let the other process take its rows over and send them again.
+async fn start_both(setup: &Setup) -> (Gateway, Gateway) {
     let config = setup.write_config();
-    let start = |verb| Gateway::spawn(&config, setup.dir.path(), verb, &[LEASE]);
-    std::thread::scope(|s| {
-        let serve = s.spawn(|| start("serve"));
-        let api = s.spawn(|| start("api"));
-        (serve.join().unwrap(), api.join().unwrap())
-    })
+    let start = |verb: &'static str| {
+        let (config, dir) = (config.clone(), setup.dir.path().to_owned());
+        tokio::task::spawn_blocking(move || Gateway::spawn(&config, &dir, verb, &[]))
+    };
+    let (serve, api) = tokio::join!(start("serve"), start("api"));
+    (serve.unwrap(), api.unwrap())
 }
 
 /// Failures accumulate while the file sink is blocked (its folder is a
@@ -190,7 +195,7 @@ async fn two_processes_share_the_file_sink(mut setup: Setup) {
     assert!(gateway.stop().success());
     std::fs::remove_file(&blocker).unwrap();
 
-    let (serve, api) = start_both(&setup);
+    let (serve, api) = start_both(&setup).await;
     ids.extend(fail_events(serve.dispatch, "late", 200).await);
     assert_each_once(&blocker.join("event-errors.jsonl"), &ids).await;
     eventually(Duration::from_secs(10), "an empty backlog", async || {
@@ -223,7 +228,7 @@ async fn serve_and_api_on_postgres_post_each_failure_once() {
 
     let (addr, posts) = counting_sink().await;
     setup.http_sink(&format!("http://{addr}/events"));
-    let (serve, api) = start_both(&setup);
+    let (serve, api) = start_both(&setup).await;
     eventually(Duration::from_secs(30), "every record POSTed", async || {
         let posts = posts.lock().unwrap();
         ids.iter().all(|id| posts.contains_key(id))

@@ -197,10 +197,18 @@ impl Setup {
     }
 
     /// Adds a `[[routes]]` entry; `extra` is more TOML lines for it
-    /// (e.g. `timeout_ms = 20` or a `[routes.config]` table).
+    /// (e.g. `timeout_ms = 20` or a `[routes.config]` table). Without a
+    /// `timeout_ms` of its own the route gets 5 s: the default (50 ms) is
+    /// wall-clock time, which a debug build on a loaded CI machine can
+    /// reach in a test that is not about time limits.
     pub fn route(&mut self, event: &str, plugin: &Path, extra: &str) -> &mut Self {
+        let limit = if extra.contains("timeout_ms") {
+            ""
+        } else {
+            "timeout_ms = 5000\n"
+        };
         self.routes.push(format!(
-            "[[routes]]\nevent = \"{event}\"\nplugin = \"{}\"\n{extra}\n",
+            "[[routes]]\nevent = \"{event}\"\nplugin = \"{}\"\n{limit}{extra}\n",
             plugin.display()
         ));
         self
