@@ -38,7 +38,10 @@ impl Stack {
             &format!("\"ws://{dispatch}/dispatch\""),
         );
         setup.set("api", "dispatch_attempts", &attempts.to_string());
-        setup.set("api", "attempt_timeout_ms", "1000");
+        // Covers the first dispatch connect and the ack wait: 10 s, so a
+        // slow (loaded, debug-build) first attempt is not retried. No test
+        // here needs a timeout to fire (a down gateway refuses at once).
+        setup.set("api", "attempt_timeout_ms", "10000");
         Stack { setup, dispatch }
     }
 

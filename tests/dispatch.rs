@@ -454,14 +454,17 @@ async fn records_wait_for_a_logging_server_that_is_down_then_arrive_once() {
 #[tokio::test]
 async fn no_ping_within_the_timeout_closes_with_4008() {
     let mut setup = Setup::sqlite();
-    setup.set("dispatch", "ping_timeout_ms", "400");
+    // 2 s, so a stalled (loaded, debug-build) test pinging every 500 ms
+    // still has 1.5 s of slack before its healthy connection's deadline.
+    setup.set("dispatch", "ping_timeout_ms", "2000");
     let gateway = setup.start();
 
     // A backend that keeps pinging stays connected past the timeout; the
-    // silent one's close is read as it arrives, timed from its connect.
+    // silent one's close is read as it arrives, timed from before its
+    // connect (the gateway's timer starts before the client sees the 101).
     let mut healthy = DispatchClient::connect(gateway.dispatch).await;
-    let silent = DispatchClient::connect(gateway.dispatch).await;
     let connected = Instant::now();
+    let silent = DispatchClient::connect(gateway.dispatch).await;
     let mut silent_ws = silent.ws;
     let closed = tokio::spawn(async move {
         loop {
@@ -472,14 +475,15 @@ async fn no_ping_within_the_timeout_closes_with_4008() {
             }
         }
     });
-    for i in 0..6 {
+    // Pings for 3.5 s: well past the silent one's 2 s timeout.
+    for i in 0..7 {
         let pong = healthy.ping(i).await;
         assert_eq!(pong["ts"], i);
         assert!(
             pong["inflight"].is_u64() && pong["sessions"].is_u64(),
             "{pong}"
         );
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let (close, at) = closed.await.unwrap();
     let close = close.unwrap();
@@ -487,7 +491,7 @@ async fn no_ping_within_the_timeout_closes_with_4008() {
     assert_eq!(close.reason, "no PING within ping_timeout_ms");
     // Not before the timeout ran out.
     assert!(
-        at - connected >= Duration::from_millis(400),
+        at - connected >= Duration::from_millis(2000),
         "{:?}",
         at - connected
     );

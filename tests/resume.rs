@@ -51,7 +51,11 @@ async fn reader_of(gw: &Gateway, backend: &mut DispatchClient, n: u64) -> Client
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drop_mid_stream_then_resume_gets_every_frame_once_in_order() {
-    let setup = echo_setup();
+    let mut setup = echo_setup();
+    // The sender dispatches every 2 ms while detached: a stalled (loaded)
+    // detached phase of a few seconds would outgrow the default 1024 and
+    // the resume would be refused as too far behind.
+    setup.set("sessions", "resume_buffer", "100000");
     let gw = setup.start();
     let mut client = Client::connect(gw.client, 5).await;
     let first_id = client.session_id();
@@ -186,7 +190,9 @@ async fn written_frames_are_replayed_and_dropped_ones_mean_too_far_behind() {
 #[tokio::test]
 async fn a_detached_session_expires_after_the_window() {
     let mut setup = echo_setup();
-    setup.set("sessions", "resume_window_ms", "300");
+    // Long enough that `wait_metric` samples the detached session inside
+    // the window on a loaded machine.
+    setup.set("sessions", "resume_window_ms", "3000");
     let gw = setup.start();
     let client = Client::connect(gw.client, 5).await;
     let id = client.session_id();

@@ -346,10 +346,45 @@ async fn a_first_fragment_or_empty_continuations_close_4003_at_once() {
     wait_metric(&gw, "otako_sessions_open", "", 0.0).await;
 }
 
-#[tokio::test]
+/// The code of the close frame among what the server sent on `ws` until
+/// it hung up, read from the socket itself: tungstenite would answer the
+/// pings before it, and an answer after the server's hang-up resets the
+/// connection before the close is read.
+async fn raw_close_code(ws: &mut common::WsClient) -> Option<u16> {
+    let mut bytes = Vec::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        ws.get_mut().read_to_end(&mut bytes),
+    )
+    .await
+    .expect("no hang-up in time")
+    .unwrap();
+    // Server frames are unmasked; pings and closes have 7-bit lengths.
+    let mut rest = &bytes[..];
+    while let [head, len, tail @ ..] = rest {
+        let len = usize::from(*len);
+        assert!(
+            len < 126 && len <= tail.len(),
+            "unexpected frame: {bytes:?}"
+        );
+        if head & 0x0f == 0x8 {
+            return tail.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
+        }
+        rest = &tail[len..];
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_pongs_is_closed_4008_and_one_that_does_stays() {
+    // 1 s, so the 2 s pong deadline outlasts a stall of a loaded machine.
+    const INTERVAL: Duration = Duration::from_millis(1000);
     let mut setup = Setup::sqlite();
-    setup.set("sessions", "heartbeat_interval_ms", "200");
+    setup.set(
+        "sessions",
+        "heartbeat_interval_ms",
+        &INTERVAL.as_millis().to_string(),
+    );
     let gw = setup.start();
 
     let mut silent = connect_client(gw.client, &token(1)).await;
@@ -357,21 +392,33 @@ async fn a_client_that_never_pongs_is_closed_4008_and_one_that_does_stays() {
     let mut alive = connect_client(gw.client, &token(2)).await;
     read_json(&mut alive).await;
 
-    // `alive` keeps reading (tungstenite answers pings as it reads) for
-    // well over the timeout; `silent` doesn't read, so never pongs.
+    // `alive` keeps reading (tungstenite answers pings as it reads) on its
+    // own task until told to stop, well past the timeout; `silent` doesn't
+    // read, so never pongs (closed about 3 intervals in).
     let started = Instant::now();
-    let mut pings = 0;
-    while started.elapsed() < Duration::from_millis(1500) {
-        if let Ok(Some(Ok(WsMessage::Ping(_)))) =
-            tokio::time::timeout(Duration::from_millis(100), alive.next()).await
-        {
-            pings += 1;
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let reader = tokio::spawn(async move {
+        let mut pings = 0;
+        loop {
+            tokio::select! {
+                _ = &mut stopped => return pings,
+                msg = alive.next() => match msg {
+                    Some(Ok(WsMessage::Ping(_))) => pings += 1,
+                    Some(Ok(WsMessage::Close(frame))) => panic!("alive closed: {frame:?}"),
+                    Some(Ok(_)) => {}
+                    other => panic!("alive ended: {other:?}"),
+                },
+            }
         }
-    }
-    assert!(pings >= 2, "pings are periodic, saw {pings}");
-    assert_eq!(read_close(&mut silent).await, Some(4008));
+    });
     wait_metric(&gw, "otako_sessions_closed_total", "code=\"4008\"", 1.0).await;
+    assert_eq!(raw_close_code(&mut silent).await, Some(4008));
+    // `alive` outlasts 4 intervals (twice its pong deadline) too.
+    tokio::time::sleep_until((started + 4 * INTERVAL).into()).await;
     assert_eq!(gw.metric("otako_sessions_open", "").await, 1.0);
+    let _ = stop.send(());
+    let pings = reader.await.unwrap();
+    assert!(pings >= 2, "pings are periodic, saw {pings}");
     gw.stop();
 }
 

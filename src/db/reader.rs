@@ -352,7 +352,8 @@ mod tests {
     async fn a_slow_read_does_not_hold_the_worker() {
         let (_dir, path) = database();
         let reader = SqliteReader::open(&path, 1).unwrap();
-        let deadline = Instant::now() + Duration::from_millis(500);
+        // Far off, so a loaded machine's 50 ms sleep fires before it.
+        let deadline = Instant::now() + Duration::from_secs(5);
         let slow = tokio::spawn({
             let reader = reader.clone();
             async move {
@@ -365,6 +366,9 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         let ticked = Instant::now();
+        // A read holding the worker would have run to its deadline (and
+        // finished, interrupted) before the timer could fire.
+        assert!(!slow.is_finished(), "the worker was held by the read");
         assert!(ticked < deadline, "the worker was held by the read");
         assert!(slow.await.unwrap().is_err());
     }
