@@ -140,6 +140,7 @@ async fn an_event_id_in_flight_on_one_node_is_acked_by_another_once_it_ends() {
     let mut backend_b = DispatchClient::connect(b.dispatch).await;
 
     let slow = json!({"sql": SLOW});
+    let sent_a = Instant::now();
     backend_a
         .event("EVENT_SLOW", slow.clone(), json!("s1"), json!("1"))
         .await;
@@ -165,10 +166,12 @@ async fn an_event_id_in_flight_on_one_node_is_acked_by_another_once_it_ends() {
     assert_eq!(ack_b["t"], "EVENT_ROUNDTRIP", "{ack_b}");
     assert_eq!(ack_b["success"], true, "{ack_b}");
     assert_eq!(ack_b["duplicate"], true, "{ack_b}");
+    // Causal, not the order the test happened to read the two acks in:
+    // A's attempt can't end before its 1.5 s query has run.
     assert!(
-        at_b >= at_a,
-        "B acked {:?} before A's outcome",
-        at_a.duration_since(at_b)
+        at_b.duration_since(sent_a) >= Duration::from_millis(1500),
+        "B acked {:?} after A's event was sent, before A's attempt could end",
+        at_b.duration_since(sent_a)
     );
     eprintln!(
         "in-flight retry on node B acked {:?} after it was sent, {:?} after A's ack",
@@ -243,12 +246,13 @@ async fn an_event_id_whose_attempt_fails_on_one_node_is_run_by_the_node_that_wai
 async fn a_failure_sent_to_two_nodes_reaches_the_sink_once() {
     // Several claim batches (64 rows) of records.
     const N: usize = 300;
-    // The sink is up from the start and slow (10 ms a POST), so a backlog
-    // builds while the failures come in: each node's deliverer is woken by
-    // the records it writes and claims from the same rows as the other's.
-    // (A sink that came up later would leave the contention to the two
-    // nodes' retry timers, which back off to 30 s: one node could drain
-    // everything before the other looked.)
+    // The sink is up from the start and slow (10 ms a POST). Each node
+    // first fails half of the ids, so each writes records, and its
+    // deliverer, woken by them, claims from the one backlog the two share;
+    // then each fails the other half too (the records are already there).
+    // Neither depends on timing: a sink that came up later would leave
+    // the contention to the nodes' retry timers (which back off to 30 s),
+    // and ids sent to both at once could all be recorded by one node.
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
         .await
         .unwrap();
@@ -260,32 +264,29 @@ async fn a_failure_sent_to_two_nodes_reaches_the_sink_once() {
     let mut backend_a = DispatchClient::connect(a.dispatch).await;
     let mut backend_b = DispatchClient::connect(b.dispatch).await;
 
-    // No route: every attempt fails, on both nodes, with the same ids;
-    // each node gets half of them first, so both record and deliver.
+    // No route: every attempt fails, on both nodes, with the same ids.
     let ids: Vec<String> = (0..N).map(|i| format!("f{i}")).collect();
-    for (i, id) in ids.iter().enumerate() {
-        let mut order = [&mut backend_a, &mut backend_b];
-        if i % 2 == 1 {
-            order.reverse();
-        }
-        for backend in order {
+    let (first, second) = ids.split_at(N / 2);
+    async fn fail_all(backend: &mut DispatchClient, ids: &[String]) {
+        for id in ids {
+            let d = json!({"channel_id": "1"});
             backend
-                .event(
-                    "EVENT_NOWHERE",
-                    json!({"channel_id": "1"}),
-                    json!(id),
-                    json!("1"),
-                )
+                .event("EVENT_NOWHERE", d, json!(id), json!("1"))
                 .await;
         }
-    }
-    for backend in [&mut backend_a, &mut backend_b] {
-        let acks = backend.acks(N).await;
-        for (id, ack) in &acks {
+        for (id, ack) in backend.acks(ids.len()).await {
             assert_eq!(ack["success"], false, "{id}: {ack}");
             assert_eq!(ack["error"]["code"], "NO_ROUTE", "{id}: {ack}");
         }
     }
+    tokio::join!(
+        fail_all(&mut backend_a, first),
+        fail_all(&mut backend_b, second)
+    );
+    tokio::join!(
+        fail_all(&mut backend_a, second),
+        fail_all(&mut backend_b, first)
+    );
 
     let seed = Seed::open(&cluster.setup).await;
     eventually(Duration::from_secs(60), "every record POSTed", async || {

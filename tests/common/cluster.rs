@@ -13,7 +13,11 @@ use super::{
 };
 
 pub const NATS_URL: &str = "nats://127.0.0.1:4222";
-pub const LEASE_MS: u64 = 1500;
+/// Short, so tests of a dead or cut-off node's expiry stay quick, but not
+/// so short that a loaded debug build fences a healthy node: a node fences
+/// itself after 3/4 of it without a renewal (renewals every 1/3, each
+/// given 1/6), so two slow NATS round trips of 1/6 would do it.
+pub const LEASE_MS: u64 = 3000;
 
 /// A PostgreSQL setup in cluster mode under a prefix of its own.
 pub struct TestCluster {
