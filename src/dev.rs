@@ -108,16 +108,33 @@ pub async fn run(
 
     let rebuilder = tokio::spawn(rebuild_on_save(config.clone(), plugins, stop_all.clone()));
 
-    stop.await;
+    // Either half ending on its own (the API's listener can't bind, say)
+    // stops dev with its error: running on without it would leave the
+    // user waiting for a welcome that never comes.
+    let (mut api_task, mut gateway_task) = (api_task, gateway_task);
+    let (mut api_done, mut gateway_done) = (None, None);
+    tokio::select! {
+        () = stop => {}
+        done = &mut api_task => api_done = Some(done),
+        done = &mut gateway_task => gateway_done = Some(done),
+    }
     stop_all.cancel();
     let _ = rebuilder.await;
-    if let Ok(Err(err)) = api_task.await {
-        tracing::error!(error = %err, "api stopped with an error");
-    }
-    if let Ok(Err(err)) = gateway_task.await {
+    let api_result = match api_done {
+        Some(done) => done,
+        None => api_task.await,
+    };
+    let gateway_result = match gateway_done {
+        Some(done) => done,
+        None => gateway_task.await,
+    };
+    db.close().await;
+    if let Ok(Err(err)) = gateway_result {
         return Err(err.into());
     }
-    db.close().await;
+    if let Ok(Err(err)) = api_result {
+        return Err(err.into());
+    }
     Ok(())
 }
 

@@ -47,7 +47,7 @@ pub enum StartError {
     Cluster(#[from] ClusterError),
     #[error("cannot start the dispatch runtime: {0}")]
     Runtime(std::io::Error),
-    #[error("cannot listen on {addr} ({what}): {source}")]
+    #[error("cannot listen on {addr} ({what})")]
     Bind {
         what: &'static str,
         addr: SocketAddr,

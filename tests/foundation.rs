@@ -191,6 +191,23 @@ async fn admin_endpoints_and_graceful_shutdown() {
     assert!(status.success(), "exit status {status:?}");
 }
 
+/// An `api.listen` another socket holds stops `dev` with that listener
+/// named; it used to run on without its API, printing nothing, until
+/// stopped.
+#[test]
+fn a_taken_api_port_stops_dev_naming_the_listener() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let mut setup = Setup::sqlite();
+    setup.set("api", "listen", &format!("\"{addr}\""));
+    setup.write_config();
+    let err = failure(&setup.run_expecting_exit(&["dev"], Duration::from_secs(60)));
+    assert!(
+        err.contains(&format!("cannot listen on {addr} (api.listen): ")) && err.contains("in use"),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_missing_or_bad_tls_file_is_named_by_check_and_every_verb() {
     let mut setup = Setup::sqlite();

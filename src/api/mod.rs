@@ -42,7 +42,7 @@ pub enum ApiError {
     Lease(#[from] lease::LeaseError),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
-    #[error("cannot listen on {addr} (api.listen): {source}")]
+    #[error("cannot listen on {addr} (api.listen)")]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,

@@ -32,6 +32,19 @@ export function freePort() {
  * longer messages fail in the plugin), `dir` (reuse a folder).
  */
 export async function startDev(opts = {}) {
+  // The api port is picked free, then bound by dev a moment later; another
+  // socket (a client's own reconnects, say) can take it in between, and
+  // dev then exits naming api.listen. Such a start is tried again.
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await startDevOnce(opts);
+    } catch (err) {
+      if (attempt >= 3 || !/\(api\.listen\).*in use/.test(err.message)) throw err;
+    }
+  }
+}
+
+async function startDevOnce(opts) {
   const dir = opts.dir ?? mkdtempSync(join(tmpdir(), "otako-js-"));
   const plugin = (name) => JSON.stringify(join(REPO, "plugins", `${name}.wasm`));
   // A fixed api port, so dev's default allowed origin (the demo page's
@@ -72,8 +85,13 @@ ${["create", "update", "delete"]
   const lines = [];
   const found = {};
   await new Promise((ok, fail) => {
-    const timer = setTimeout(() => fail(new Error("dev did not start:\n" + log)), 120000);
-    child.once("exit", (code) => fail(new Error(`dev exited with ${code}:\n${log}`)));
+    // Killed on a timeout, so a dev that hangs can't keep the test process alive.
+    const timer = setTimeout(() => {
+      child.kill("SIGKILL");
+      fail(new Error("dev did not start:\n" + log));
+    }, 120000);
+    // "close", not "exit": by then stderr has been read to its end.
+    child.once("close", (code) => fail(new Error(`dev exited with ${code}:\n${log}`)));
     createInterface({ input: child.stdout }).on("line", (line) => {
       lines.push(line);
       const grab = (key) => line.match(new RegExp(`${key}=https?://([^/\\s]+)`))?.[1];
@@ -90,7 +108,7 @@ ${["create", "update", "delete"]
       }
     });
   });
-  child.removeAllListeners("exit");
+  child.removeAllListeners("close");
   const exited = new Promise((ok) => child.once("exit", ok));
   return {
     dir,
