@@ -222,14 +222,19 @@ pub async fn serve(
             Duration::from_millis(wait),
         )
     });
-    // Every event reads its channel's membership version through this
-    // reader's task: it runs on the event path's runtime, so the read
-    // costs no hop between runtimes (a futex wake each way).
     let dispatch_rt = DispatchRuntime::start()?;
-    let members = {
+    let retention = Duration::from_secs(config.dispatch.outcome_retention_s.get());
+    let (claims, members) = {
         let _entered = dispatch_rt.enter();
-        Arc::new(Members::start(db.clone(), read_db.clone()))
+        let claims = SqlClaims::start(db.clone(), retention, peers, &background);
+        // Every event reads its channel's membership version: in the
+        // claim thread's transactions on SQLite, else through a grouped
+        // reader's task on the event path's runtime (no hop between
+        // runtimes).
+        let members = Members::start(db.clone(), read_db.clone(), claims.fresh_reads());
+        (claims, Arc::new(members))
     };
+    readiness.watch_claims(claims.healthy());
     // Cluster mode: events go to every node's sessions through the bus,
     // this node's included (see `cluster::bus`).
     let fanout: Arc<dyn Fanout> = match &cluster {
@@ -273,10 +278,7 @@ pub async fn serve(
             .clone()
             .deliver(config.logging.sink.clone(), background.clone()),
     );
-    let retention = Duration::from_secs(config.dispatch.outcome_retention_s.get());
     let entered = dispatch_rt.enter();
-    let claims = SqlClaims::start(db.clone(), retention, peers, &background);
-    readiness.watch_claims(claims.healthy());
     let pipeline = Pipeline {
         plugins: plugins.clone(),
         sessions: sessions.clone(),

@@ -351,6 +351,12 @@ impl SqlClaims {
         })
     }
 
+    /// Reads run in the claim thread's transactions; `None` where claims
+    /// have no thread (PostgreSQL).
+    pub fn fresh_reads(&self) -> Option<FreshReads> {
+        self.claims.thread().map(FreshReads)
+    }
+
     /// Whether the process that holds a claim may still finish it.
     async fn holder_live(&self, owner: &str) -> bool {
         match &self.peers {
@@ -508,7 +514,8 @@ impl ClaimWriter {
     }
 
     /// The thread, which also writes the `done` marks (one writer on the
-    /// file, so a claim never sits out SQLite's busy back-off behind them).
+    /// file, so a claim never sits out SQLite's busy back-off behind them)
+    /// and runs [`FreshReads`].
     fn thread(&self) -> Option<ClaimThread> {
         match self {
             ClaimWriter::Thread(thread) => Some(thread.clone()),
@@ -531,6 +538,36 @@ struct ClaimThread(std::sync::mpsc::Sender<Job>);
 enum Job {
     Claim(String, Reply<Found>),
     MarkDone(Vec<String>, Reply<()>),
+    Read(Read),
+}
+
+/// A [`FreshReads`] read: runs in the thread's next transaction and
+/// answers its own asker.
+type Read = Box<dyn FnOnce(&rusqlite::Connection) + Send>;
+
+/// Reads that must see the database as of after they were asked, run in
+/// the transaction the claim thread opens anyway (SQLite only). A read
+/// transaction of its own costs far more than the read: the file's WAL
+/// read lock taken and dropped (`fcntl`), and a page cache dropped
+/// whenever a commit moved the WAL since, which under load is every
+/// time. Under load a read waits for the thread's next group (at most
+/// [`COMMIT_EVERY`]), which the event's own claim waits for anyway.
+#[derive(Clone)]
+pub struct FreshReads(ClaimThread);
+
+impl FreshReads {
+    pub async fn run<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&rusqlite::Connection) -> Result<T, rusqlite::Error> + Send + 'static,
+    ) -> Result<T, String> {
+        self.0
+            .call(|reply| {
+                Job::Read(Box::new(move |conn| {
+                    let _ = reply.send(read(conn).map_err(|e| e.to_string()));
+                }))
+            })
+            .await
+    }
 }
 
 impl ClaimThread {
@@ -596,6 +633,7 @@ fn write_claims(
 ) {
     let mut keys = Vec::with_capacity(GROUP_MAX);
     let mut replies = Vec::with_capacity(GROUP_MAX);
+    let mut reads = Vec::new();
     let mut last_commit: Option<std::time::Instant> = None;
     while let Ok(first) = jobs.recv() {
         if let Some(next) = last_commit.map(|at| at + COMMIT_EVERY) {
@@ -615,35 +653,46 @@ fn write_claims(
                     let _ =
                         reply.send(mark_done_sqlite(&mut conn, &done).map_err(|e| e.to_string()));
                 }
+                Job::Read(read) => reads.push(read),
             }
             if keys.len() < GROUP_MAX {
                 job = jobs.try_recv().ok();
             }
         }
         if keys.is_empty() {
-            continue;
+            // Reads alone: one read transaction for all of them.
+            if let Ok(tx) = conn.transaction() {
+                reads.drain(..).for_each(|read| read(&tx));
+                let _ = tx.commit();
+            }
+        } else {
+            last_commit = Some(std::time::Instant::now());
+            let result = insert_claims_sqlite(&mut conn, owner, &keys, &mut reads);
+            healthy.store(result.is_ok(), Ordering::Release);
+            answer(replies.drain(..), result.map_err(|e| e.to_string()));
+            keys.clear();
         }
-        last_commit = Some(std::time::Instant::now());
-        let result = insert_claims_sqlite(&mut conn, owner, &keys);
-        healthy.store(result.is_ok(), Ordering::Release);
-        answer(replies.drain(..), result.map_err(|e| e.to_string()));
-        keys.clear();
+        // Reads a failed transaction never reached still get an answer.
+        reads.drain(..).for_each(|read| read(&conn));
     }
 }
 
 /// [`insert_claims`] on the thread's connection, the group in one
 /// transaction (one commit), each chunk's keys as one JSON array (one
-/// cached statement for any chunk size).
+/// cached statement for any chunk size); `reads` run in it first.
 fn insert_claims_sqlite(
     conn: &mut rusqlite::Connection,
     owner: &str,
     keys: &[String],
+    reads: &mut Vec<Read>,
 ) -> Result<Vec<Found>, rusqlite::Error> {
     let now = now_ms();
     let mut found = Vec::with_capacity(keys.len());
     // Immediate: take the write lock (waiting out another writer) before
-    // reading, so the commit can't fail on a stale snapshot.
+    // reading, so the commit can't fail on a stale snapshot, and so the
+    // reads see everything committed before the group began.
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    reads.drain(..).for_each(|read| read(&tx));
     for chunk in keys.chunks(CHUNK) {
         let json = json_keys(chunk)?;
         // `WHERE true` keeps `ON CONFLICT` from parsing as a join.
@@ -882,6 +931,69 @@ mod tests {
         claim
     }
 
+    /// A fresh read sees every commit made before it was asked, whether it
+    /// runs alone or in a group of claims, and a failing read answers
+    /// with its error without costing the group its claims.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fresh_reads_see_commits_made_before_they_were_asked() {
+        let (_dir, db, _peers, store) = setup(Duration::from_secs(30)).await;
+        let fresh = store.fresh_reads().expect("SQLite claims have a thread");
+        let version = |channel: i64| {
+            let fresh = fresh.clone();
+            async move {
+                fresh
+                    .run(move |conn| {
+                        conn.query_row(
+                            "SELECT version FROM channel_member_versions WHERE channel_id = ?1",
+                            [channel],
+                            |row| row.get::<_, i64>(0),
+                        )
+                    })
+                    .await
+            }
+        };
+        for round in 1..=50_i64 {
+            // What a membership change's trigger does.
+            with_pool!(db, p => sqlx::query(
+                "INSERT INTO channel_member_versions (channel_id, version) VALUES (7, $1) \
+                 ON CONFLICT (channel_id) DO UPDATE SET version = excluded.version",
+            )
+            .bind(round)
+            .execute(p)
+            .await
+            .map(|_| ()))
+            .unwrap();
+            // Claims in flight, so the read joins a group's transaction.
+            let claims: Vec<_> = (0..8)
+                .map(|i| {
+                    let store = store.clone();
+                    tokio::spawn(async move { store.claim(format!("r{round}-{i}")).await })
+                })
+                .collect();
+            let read = version(7).await.unwrap();
+            let broken = fresh
+                .run(|conn| {
+                    conn.query_row("SELECT nope FROM nowhere", [], |row| row.get::<_, i64>(0))
+                })
+                .await;
+            for claim in claims {
+                assert_eq!(claim.await.unwrap().unwrap(), Claimed::New);
+            }
+            let committed: i64 = with_pool!(db, p => sqlx::query_scalar(
+                "SELECT version FROM channel_member_versions WHERE channel_id = 7",
+            )
+            .fetch_one(p)
+            .await)
+            .unwrap();
+            assert_eq!(committed, round);
+            assert_eq!(read, round, "round {round}: a read older than its request");
+            assert!(
+                broken.is_err_and(|e| e.contains("no such table")),
+                "round {round}: a failing read must answer with its error"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn a_claim_held_by_a_live_peer_waits_for_its_success_or_its_release() {
         let (_dir, db, _peers, store) = setup(Duration::from_secs(30)).await;
@@ -979,7 +1091,7 @@ mod tests {
             unreachable!("an SQLite test database")
         };
         let mut conn = open_writer(pool.connect_options().get_filename()).unwrap();
-        insert_claims_sqlite(&mut conn, "me", keys).unwrap()
+        insert_claims_sqlite(&mut conn, "me", keys, &mut Vec::new()).unwrap()
     }
 
     /// One insert whose chunk mixes new ids with ids already present:

@@ -397,9 +397,19 @@ where
 {
     let mut closing = matches!(first, Message::Close(_));
     sink.feed(first).await?;
-    while !closing && let Ok(next) = rx.try_recv() {
-        closing = matches!(next, Message::Close(_));
-        sink.feed(next).await?;
+    let mut yielded = false;
+    loop {
+        while !closing && let Ok(next) = rx.try_recv() {
+            closing = matches!(next, Message::Close(_));
+            sink.feed(next).await?;
+        }
+        if closing || yielded {
+            break;
+        }
+        // Events finishing on the other tasks already scheduled add
+        // their acks to this write instead of each paying a send.
+        tokio::task::yield_now().await;
+        yielded = true;
     }
     sink.flush().await?;
     Ok(closing)
