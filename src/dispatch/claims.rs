@@ -55,11 +55,12 @@ const FIRST_POLL: Duration = Duration::from_millis(10);
 const MAX_POLL: Duration = Duration::from_millis(100);
 /// Shortest time between the claim thread's commits under load: the most
 /// a claim (or a [`FreshReads`] read) waits for its group; the plugin call
-/// runs meanwhile. Longer saves commits (`chat --offline`: 24.5 us per
-/// event at 300 us, 23.0-23.6 at 1 ms); shorter is less time a window of
-/// events on one channel waits (fan-out C = 100: 1.22-1.27M deliveries/s
-/// at 300 us, 1.13-1.17M at 1 ms).
-const COMMIT_EVERY: Duration = Duration::from_micros(300);
+/// runs meanwhile. Longer saves commits (`chat --offline`: 23.0-23.6 us
+/// per event at 1 ms, 23.3-23.8 at 500 us, 23.8-25.0 at 300 us); shorter
+/// is less time a window of events on one channel waits (fan-out C = 100:
+/// 1.13-1.17M deliveries/s at 1 ms, 1.16-1.22M at 500 us, 1.22-1.27M at
+/// 300 us).
+const COMMIT_EVERY: Duration = Duration::from_millis(1);
 /// Claim rounds for one id: another round only follows a release.
 const MAX_ROUNDS: usize = 16;
 
