@@ -56,11 +56,15 @@ const MAX_POLL: Duration = Duration::from_millis(100);
 /// Shortest time between the claim thread's commits under load: the most
 /// a claim (or a [`FreshReads`] read) waits for its group; the plugin call
 /// runs meanwhile. Longer saves commits (`chat --offline`: 23.0-23.6 us
-/// per event at 1 ms, 23.3-23.8 at 500 us, 23.8-25.0 at 300 us); shorter
-/// is less time a window of events on one channel waits (fan-out C = 100:
-/// 1.13-1.17M deliveries/s at 1 ms, 1.16-1.22M at 500 us, 1.22-1.27M at
-/// 300 us).
+/// per event at 1 ms, 23.8-25.0 at 300 us); shorter is less time a window
+/// of events on one channel waits (fan-out C = 100: 1.13-1.17M
+/// deliveries/s at 1 ms, 1.22-1.27M at 300 us). So the pause follows the
+/// load: [`COMMIT_EVERY`] after a group of [`BUSY_GROUP`] claims or more,
+/// where commits are worth sharing, [`COMMIT_EVERY_LIGHT`] after a smaller
+/// one.
 const COMMIT_EVERY: Duration = Duration::from_millis(1);
+const COMMIT_EVERY_LIGHT: Duration = Duration::from_micros(300);
+const BUSY_GROUP: usize = 16;
 /// Claim rounds for one id: another round only follows a release.
 const MAX_ROUNDS: usize = 16;
 
@@ -624,8 +628,8 @@ fn open_writer(path: &std::path::Path) -> Result<rusqlite::Connection, rusqlite:
 }
 
 /// The claim thread: every claim queued meanwhile goes into the next group,
-/// up to [`GROUP_MAX`]. Under load it commits at most once per
-/// [`COMMIT_EVERY`]: a commit costs about the same whatever it carries (its
+/// up to [`GROUP_MAX`]. Under load it pauses between commits (see
+/// [`COMMIT_EVERY`]): a commit costs about the same whatever it carries (its
 /// pages written to the WAL, and a checkpoint every thousand of them), and
 /// without the pause groups of ~4 claims cost more than sqlx's hand-offs
 /// saved. An idle thread commits a claim at once. Ends when the last sender
@@ -640,8 +644,9 @@ fn write_claims(
     let mut replies = Vec::with_capacity(GROUP_MAX);
     let mut reads = Vec::new();
     let mut last_commit: Option<std::time::Instant> = None;
+    let mut pause = COMMIT_EVERY;
     while let Ok(first) = jobs.recv() {
-        if let Some(next) = last_commit.map(|at| at + COMMIT_EVERY) {
+        if let Some(next) = last_commit.map(|at| at + pause) {
             let now = std::time::Instant::now();
             if next > now {
                 std::thread::sleep(next - now);
@@ -672,6 +677,11 @@ fn write_claims(
             }
         } else {
             last_commit = Some(std::time::Instant::now());
+            pause = if keys.len() >= BUSY_GROUP {
+                COMMIT_EVERY
+            } else {
+                COMMIT_EVERY_LIGHT
+            };
             let result = insert_claims_sqlite(&mut conn, owner, &keys, &mut reads);
             healthy.store(result.is_ok(), Ordering::Release);
             answer(replies.drain(..), result.map_err(|e| e.to_string()));
