@@ -26,8 +26,9 @@
 //! one commit per round carries every claim queued meanwhile, so the claim
 //! costs throughput little and latency one commit, which the pipeline
 //! overlaps with the plugin call; `done` marks are written off the event's
-//! path. On SQLite a thread of its own writes them ([`ClaimThread`]); on
-//! PostgreSQL a [`Batcher`] does, through the pool.
+//! path. On SQLite a thread of its own writes them ([`ClaimThread`]) and,
+//! in the same transactions, answers reads that must be fresh
+//! ([`FreshReads`]); on PostgreSQL a [`Batcher`] does, through the pool.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
