@@ -163,14 +163,14 @@ impl Members {
             Versions::Fresh(fresh) => {
                 fresh
                     .run(move |conn| {
-                        conn.prepare_cached(
-                            "SELECT version FROM channel_member_versions WHERE channel_id = ?1",
-                        )?
-                        .query_row([channel.as_i64()], |row| row.get(0))
-                        .or_else(|err| match err {
-                            rusqlite::Error::QueryReturnedNoRows => Ok(0),
-                            err => Err(err),
-                        })
+                        use rusqlite::OptionalExtension;
+                        let version = conn
+                            .prepare_cached(
+                                "SELECT version FROM channel_member_versions WHERE channel_id = ?1",
+                            )?
+                            .query_row([channel.as_i64()], |row| row.get(0))
+                            .optional()?;
+                        Ok(version.unwrap_or(0))
                     })
                     .await
             }
