@@ -5,7 +5,7 @@
 //! the close handshake.
 
 use std::future::Future;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -269,7 +269,9 @@ pub(super) async fn handle(inner: Arc<Inner>, tcp: TcpStream, shutdown: Shutdown
             Released::TakenOver => tracing::debug!("session taken over by a resume"),
             Released::Ended => {}
         }
-        finish(&mut ws, exit, &mut unsent).await;
+        // Boxed for the same reason as a guarded write: only a closing
+        // session needs its state.
+        Box::pin(finish(&mut ws, exit, &mut unsent)).await;
 
         inner.metrics.sessions_open.dec();
         inner.metrics.session_closed(exit.code());
@@ -844,21 +846,34 @@ struct Guard<'a> {
     stall: Duration,
 }
 
-impl Guard<'_> {
+impl<'a> Guard<'a> {
     /// Runs a write, but gives up on it if the session is told to close
     /// (or taken over), shutdown begins, or it stalls past `stall` (a
     /// client that stopped reading can't answer pings either: 4008).
-    async fn run(&self, write: impl Future<Output = Result<(), WsError>>) -> Result<(), Exit> {
-        tokio::select! {
-            biased;
-            result = write => result.map_err(|err| {
-                tracing::debug!(error = %err, "write failed");
-                Exit::Dropped
-            }),
-            _ = self.shutdown.cancelled() => Err(Exit::Close(code::GOING_AWAY)),
-            code = self.slot.queue.closed(self.epoch) => Err(Exit::Close(code)),
-            _ = sleep(self.stall) => Err(Exit::Close(code::HEARTBEAT)),
-        }
+    ///
+    /// Boxed: a guarded write's state (the write, its timer, two waits)
+    /// is the largest a session has, and a session is idle most of its
+    /// life; inline, every idle session's task would reserve room for it
+    /// (the task shrank from 2,304 to 1,888 bytes).
+    fn run<'w>(
+        &'w self,
+        write: impl Future<Output = Result<(), WsError>> + Send + 'w,
+    ) -> Pin<Box<dyn Future<Output = Result<(), Exit>> + Send + 'w>>
+    where
+        'a: 'w,
+    {
+        Box::pin(async move {
+            tokio::select! {
+                biased;
+                result = write => result.map_err(|err| {
+                    tracing::debug!(error = %err, "write failed");
+                    Exit::Dropped
+                }),
+                _ = self.shutdown.cancelled() => Err(Exit::Close(code::GOING_AWAY)),
+                code = self.slot.queue.closed(self.epoch) => Err(Exit::Close(code)),
+                _ = sleep(self.stall) => Err(Exit::Close(code::HEARTBEAT)),
+            }
+        })
     }
 }
 
