@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -310,26 +311,36 @@ pub async fn serve(
         front.clone(),
     ));
     drop(entered);
-    {
-        let sessions = sessions.clone();
-        let clients_stop = clients.clone();
-        clients.spawn(async move { sessions.serve(client, clients_stop).await });
-    }
+    // The client accept loop is polled here, by the task that waits for
+    // the stop signal (`main`'s `block_on`, a thread of its own), not
+    // spawned on a worker: in a connect storm the workers' run queues
+    // fill with new sessions, and an accept loop queued behind them lets
+    // the listen queue overflow, each dropped SYN costing its client a
+    // 1 s retry. It accepts until the sessions are closed in the drain.
+    let mut accepting = pin!(sessions.serve(client, clients.clone()));
     drop(listener);
 
     tracing::info!(%bound, "gateway listening");
     on_bound(bound, &plugins);
 
-    stop.await;
+    let mut stop = pin!(stop);
+    tokio::select! {
+        _ = &mut stop => {}
+        // Ends only when the sessions are closed, which `stop` starts.
+        _ = &mut accepting => stop.await,
+    }
     tracing::info!("shutting down: finishing in-flight events");
     readiness.set_draining();
-    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+    let mut drain = pin!(tokio::time::timeout(DRAIN_TIMEOUT, async {
         front.drain().await;
         tracing::info!("dispatch drained; closing client sessions");
         clients.drain().await;
         background.drain().await;
-    })
-    .await;
+    }));
+    let drained = tokio::select! {
+        drained = &mut drain => drained,
+        _ = &mut accepting => drain.await,
+    };
     if drained.is_err() {
         tracing::warn!(timeout = ?DRAIN_TIMEOUT, "drain timed out; exiting with work unfinished");
     }

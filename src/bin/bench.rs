@@ -56,13 +56,20 @@ const PER_SOURCE: usize = 20_000;
 /// thousands of them searches the port range: seconds of the tool's CPU).
 /// Chosen by the clock, a quarter second per net, so a net comes round
 /// again only after 62 s, past TIME_WAIT's 60; process ids repeated sooner.
+/// A server started in a quarter this process already used takes the next
+/// net: never more than that ahead of the clock, where the next process
+/// (which starts from the clock) would take it again.
 fn next_source_net() -> u8 {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    static LAST: AtomicU64 = AtomicU64::new(0);
     let quarter = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() / 250);
-    let next = u128::from(NEXT.fetch_add(1, Ordering::Relaxed));
-    1 + u8::try_from((quarter + next) % 250).unwrap_or(0)
+        .map_or(0, |d| u64::try_from(d.as_millis() / 250).unwrap_or(0));
+    let last = LAST
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
+            Some(quarter.max(last + 1))
+        })
+        .unwrap_or_else(|last| last);
+    1 + u8::try_from(quarter.max(last + 1) % 250).unwrap_or(0)
 }
 
 #[derive(Parser)]
@@ -321,9 +328,17 @@ async fn main() -> Result<()> {
             offline,
         } => chat(seconds, database, offline).await?,
         Workload::Storm { clients } => {
+            // A process's first storm runs slower than the next ones (the
+            // tool's first use of its memory and sockets), which would
+            // favour whichever target goes second: one unmeasured storm
+            // against the baseline first, so every measured one finds the
+            // tool warm.
+            if let Some(&c) = clients.first() {
+                storm(Kind::Baseline, c, false).await?;
+            }
             for c in clients {
                 for kind in &targets {
-                    storm(*kind, c).await?;
+                    storm(*kind, c, true).await?;
                 }
             }
         }
@@ -2150,16 +2165,29 @@ async fn chat(seconds: u64, database: Database, offline: bool) -> Result<()> {
     Ok(())
 }
 
+/// The machine's count of connections dropped from a full listen queue
+/// (`TcpExt: ListenOverflows`): each costs its client a 1 s SYN retry, so
+/// a storm that had any is slower for that reason alone.
+fn listen_overflows() -> Option<i64> {
+    let netstat = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    let mut lines = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next()?, lines.next()?);
+    let at = names.split_whitespace().position(|n| n == "ListenOverflows")?;
+    values.split_whitespace().nth(at)?.parse().ok()
+}
+
 /// A reconnect storm: `clients` subscribers connect at once, each until
 /// its HELLO (the baseline sends none: until its upgrade completes).
-async fn storm(kind: Kind, clients: usize) -> Result<()> {
+/// Unless `measured`, a warm-up: nothing reported.
+async fn storm(kind: Kind, clients: usize, measured: bool) -> Result<()> {
     let label = format!("storm {} C={clients}", kind.name());
-    eprintln!("{label}: starting");
+    eprintln!("{label}: {}", if measured { "starting" } else { "warm-up" });
     let seed = Seed::OneChannel {
         members: clients,
         probes: 0,
     };
     let server = Arc::new(Server::start(kind, Database::Sqlite, seed).await?);
+    let overflows_before = listen_overflows();
     let cpu = CpuMeter::start(&server);
     let started = cpu.wall;
     let tasks: Vec<_> = (0..clients)
@@ -2186,16 +2214,23 @@ async fn storm(kind: Kind, clients: usize) -> Result<()> {
     }
     let total = started.elapsed().as_secs_f64();
     let (cpu_fields, cpu_summary) = cpu.finish(0, 0);
+    if !measured {
+        return Ok(());
+    }
+    let overflows = listen_overflows().zip(overflows_before).map(|(a, b)| a - b);
     times.sort_unstable();
     let (p50, p99, max) = percentiles(&times);
     report(
         merged(
             json!({"workload": "storm", "target": kind.name(), "clients": clients, "connected": open.len(),
-                   "errors": errors, "total_s": total, "p50_ms": p50, "p99_ms": p99, "max_ms": max}),
+                   "errors": errors, "total_s": total, "p50_ms": p50, "p99_ms": p99, "max_ms": max,
+                   "listen_overflows": overflows}),
             cpu_fields,
         ),
         format!(
-            "{label}: all connected in {total:.2} s ({errors} errors), each p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms; {cpu_summary}"
+            "{label}: all connected in {total:.2} s ({errors} errors), each p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms; \
+             {} listen-queue overflows; {cpu_summary}",
+            overflows.map_or("?".to_owned(), |n| n.to_string())
         ),
     );
     Ok(())
