@@ -311,12 +311,13 @@ pub async fn serve(
         front.clone(),
     ));
     drop(entered);
-    // The client accept loop is polled here, by the task that waits for
-    // the stop signal (`main`'s `block_on`, a thread of its own), not
-    // spawned on a worker: in a connect storm the workers' run queues
-    // fill with new sessions, and an accept loop queued behind them lets
-    // the listen queue overflow, each dropped SYN costing its client a
-    // 1 s retry. It accepts until the sessions are closed in the drain.
+    // The client accept loop is polled here, by whatever waits for the
+    // stop signal (for `otako-gateway serve`, `main`'s `block_on`: a
+    // thread of its own), not spawned on a worker: in a connect storm the
+    // workers' run queues fill with new sessions, and an accept loop
+    // queued behind them lets the listen queue overflow, each dropped SYN
+    // costing its client a 1 s retry. It accepts until the sessions are
+    // closed in the drain.
     let mut accepting = pin!(sessions.serve(client, clients.clone()));
     drop(listener);
 

@@ -2172,7 +2172,9 @@ fn listen_overflows() -> Option<i64> {
     let netstat = std::fs::read_to_string("/proc/net/netstat").ok()?;
     let mut lines = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
     let (names, values) = (lines.next()?, lines.next()?);
-    let at = names.split_whitespace().position(|n| n == "ListenOverflows")?;
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "ListenOverflows")?;
     values.split_whitespace().nth(at)?.parse().ok()
 }
 
