@@ -32,13 +32,13 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use futures_util::future::BoxFuture;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{Notify, oneshot};
 
 use crate::db::{Batcher, Db, DbError, GROUP_MAX, Reply, answer, now_ms};
 use crate::shutdown::Shutdown;
@@ -108,7 +108,7 @@ pub enum Begin {
     /// It already succeeded: ack `success:true, duplicate:true`.
     Duplicate,
     /// An attempt is in flight here: wait for its outcome.
-    Wait(watch::Receiver<Option<Outcome>>),
+    Wait(Arc<Attempt>),
     /// Run it, claiming it durably before fan-out.
     Run(Claim),
 }
@@ -117,8 +117,40 @@ pub enum Begin {
 /// outcome to waiters; dropping it unfinished releases them too.
 pub struct Claim {
     key: String,
-    tx: watch::Sender<Option<Outcome>>,
+    attempt: Arc<Attempt>,
     claims: Arc<Shared>,
+}
+
+/// An attempt's outcome, for the retries of its id that arrive while it
+/// runs. Every event makes one and almost none is waited on, so it is a
+/// cell and one `Notify` (a `watch` channel allocates and wakes nine).
+#[derive(Default)]
+pub struct Attempt {
+    /// Set once: the outcome, or `None` if the attempt ended without one.
+    outcome: OnceLock<Option<Outcome>>,
+    ended: Notify,
+}
+
+impl Attempt {
+    fn end(&self, outcome: Option<Outcome>) {
+        if self.outcome.set(outcome).is_ok() {
+            self.ended.notify_waiters();
+        }
+    }
+
+    /// The attempt's outcome once it ends; `None` if it ended without one.
+    pub async fn outcome(&self) -> Option<Outcome> {
+        loop {
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            // Registered before the check, so an end in between wakes it.
+            ended.as_mut().enable();
+            if let Some(outcome) = self.outcome.get() {
+                return outcome.clone();
+            }
+            ended.await;
+        }
+    }
 }
 
 impl Claim {
@@ -136,7 +168,8 @@ impl Claim {
             self.claims.store.finish(self.key.clone());
         }
         self.claims.lock().recent.insert(self.key.clone());
-        let _ = self.tx.send(Some(Outcome::Success { duplicate: !fresh }));
+        self.attempt
+            .end(Some(Outcome::Success { duplicate: !fresh }));
     }
 
     /// The event failed before fan-out: give the id back so a retry runs
@@ -152,7 +185,7 @@ impl Claim {
         } else {
             Ok(())
         };
-        let _ = self.tx.send(Some(outcome.clone()));
+        self.attempt.end(Some(outcome.clone()));
         released
     }
 }
@@ -160,13 +193,14 @@ impl Claim {
 impl Drop for Claim {
     fn drop(&mut self) {
         self.claims.lock().inflight.remove(&self.key);
+        self.attempt.end(None);
     }
 }
 
 #[derive(Default)]
 struct State {
     /// Ids being run now, across every dispatch connection.
-    inflight: HashMap<String, watch::Receiver<Option<Outcome>>>,
+    inflight: HashMap<String, Arc<Attempt>>,
     recent: Recent,
     /// Ids whose release failed: their row is ours to take over.
     released: HashSet<String>,
@@ -228,11 +262,11 @@ impl Claims {
         if let Some(first) = state.inflight.get(key) {
             return Begin::Wait(first.clone());
         }
-        let (tx, rx) = watch::channel(None);
-        state.inflight.insert(key.to_owned(), rx);
+        let attempt = Arc::new(Attempt::default());
+        state.inflight.insert(key.to_owned(), attempt.clone());
         Begin::Run(Claim {
             key: key.to_owned(),
-            tx,
+            attempt,
             claims: self.shared.clone(),
         })
     }
@@ -889,6 +923,7 @@ mod tests {
     use super::*;
     use crate::config::DatabaseUrl;
     use crate::db::Access;
+    use crate::failure::{ErrorCode, Failure};
 
     /// One peer, `peer`, whose liveness the test sets.
     struct FakePeers(AtomicBool);
@@ -945,6 +980,61 @@ mod tests {
             "returned while the peer's attempt ran"
         );
         claim
+    }
+
+    /// A second arrival of an id in flight here waits for the first
+    /// attempt's outcome, whichever way it ends: delivered, failed, or
+    /// dropped unfinished; once delivered, the id is a duplicate.
+    #[tokio::test]
+    async fn arrivals_of_an_id_in_flight_get_the_first_attempts_outcome() {
+        let (_dir, _db, _peers, store) = setup(Duration::from_secs(30)).await;
+        let claims = Claims::new(store);
+        let waiter = |key: &str| match claims.begin(key) {
+            Begin::Wait(first) => tokio::spawn(async move { first.outcome().await }),
+            _ => panic!("{key} is in flight: its second arrival must wait"),
+        };
+        let run = |key: &str| match claims.begin(key) {
+            Begin::Run(claim) => claim,
+            _ => panic!("{key} is new"),
+        };
+
+        let first = run("a");
+        let (early, late) = (waiter("a"), waiter("a"));
+        tokio::task::yield_now().await;
+        assert!(!early.is_finished(), "answered before the attempt ended");
+        assert_eq!(first.commit().await.unwrap(), Claimed::New);
+        first.delivered(true);
+        for waited in [early, late] {
+            assert!(matches!(
+                waited.await.unwrap(),
+                Some(Outcome::Success { duplicate: false })
+            ));
+        }
+        assert!(matches!(claims.begin("a"), Begin::Duplicate));
+
+        let first = run("b");
+        let waited = waiter("b");
+        let failed = Outcome::Failed(Failure::new(ErrorCode::UnknownUser, "no user 9"));
+        first.failed(&failed, false).await.unwrap();
+        assert!(matches!(
+            waited.await.unwrap(),
+            Some(Outcome::Failed(f)) if f.code == ErrorCode::UnknownUser
+        ));
+        // Released: the retry runs it again.
+        drop(run("b"));
+
+        let first = run("c");
+        let waited = waiter("c");
+        drop(first);
+        let ended = tokio::time::timeout(Duration::from_secs(5), waited).await;
+        assert!(
+            ended
+                .expect("the waiter was left waiting")
+                .unwrap()
+                .is_none(),
+            "an unfinished attempt ends its waiters without an outcome"
+        );
+        drop(run("c"));
     }
 
     /// A fresh read sees every commit made before it was asked, whether it

@@ -18,7 +18,7 @@ use crate::plugin::{Audience, Event, Plugins};
 use crate::session::{ClientFrame, Sessions};
 use crate::telemetry::Metrics;
 
-use super::claims::{Begin, Claim, Claimed, Claims};
+use super::claims::{Attempt, Begin, Claim, Claimed, Claims};
 use super::frame::{Body, DispatchEvent, Outcome};
 use super::members::{MemberSet, Members};
 use super::order::Turn;
@@ -335,20 +335,14 @@ impl Pipeline {
     }
 }
 
-async fn wait_for_first(mut first: tokio::sync::watch::Receiver<Option<Outcome>>) -> Outcome {
-    let abandoned = || {
-        Outcome::Failed(Failure::new(
+async fn wait_for_first(first: Arc<Attempt>) -> Outcome {
+    match first.outcome().await {
+        Some(Outcome::Success { .. }) => Outcome::Success { duplicate: true },
+        Some(failed) => failed,
+        None => Outcome::Failed(Failure::new(
             ErrorCode::Internal,
             "the first attempt with this event id ended without an outcome; retry",
-        ))
-    };
-    match first.wait_for(Option::is_some).await {
-        Ok(outcome) => match outcome.as_ref() {
-            Some(Outcome::Success { .. }) => Outcome::Success { duplicate: true },
-            Some(failed) => failed.clone(),
-            None => abandoned(),
-        },
-        Err(_) => abandoned(),
+        )),
     }
 }
 
