@@ -123,7 +123,7 @@ pub struct Claim {
 
 /// An attempt's outcome, for the retries of its id that arrive while it
 /// runs. Every event makes one and almost none is waited on, so it is a
-/// cell and one `Notify` (a `watch` channel allocates and wakes nine).
+/// cell and one `Notify` (a `watch` channel allocates nine, wakes eight).
 #[derive(Default)]
 pub struct Attempt {
     /// Set once: the outcome, or `None` if the attempt ended without one.
