@@ -456,20 +456,7 @@ impl Registry {
         if self.count() + self.detached() >= members.len() {
             return self.deliver(members, frame, owed);
         }
-        let mut done = Delivered::default();
-        // The walk allocates a guard per shard; an empty map (the counts
-        // above may lag its entries, so they can't say) costs none.
-        if self.users.is_empty() {
-            return done;
-        }
-        for user in self.users.iter() {
-            if is_member(user.key()) {
-                for e in user.value() {
-                    done.add(&e.slot, frame, owed);
-                }
-            }
-        }
-        done
+        self.deliver_where(is_member, frame, owed)
     }
 
     pub(crate) fn deliver_all(
@@ -477,10 +464,28 @@ impl Registry {
         frame: &Arc<ClientFrame>,
         owed: &mut Vec<Arc<Slot>>,
     ) -> Delivered {
+        self.deliver_where(|_| true, frame, owed)
+    }
+
+    /// Every registered user's sessions that `wanted` picks, by walking
+    /// the whole map.
+    fn deliver_where(
+        &self,
+        wanted: impl Fn(&UserId) -> bool,
+        frame: &Arc<ClientFrame>,
+        owed: &mut Vec<Arc<Slot>>,
+    ) -> Delivered {
         let mut done = Delivered::default();
-        for entry in self.users.iter() {
-            for e in entry.value() {
-                done.add(&e.slot, frame, owed);
+        // The walk allocates a guard per shard; an empty map (the session
+        // counts may lag its entries, so they can't say) costs none.
+        if self.users.is_empty() {
+            return done;
+        }
+        for user in self.users.iter() {
+            if wanted(user.key()) {
+                for e in user.value() {
+                    done.add(&e.slot, frame, owed);
+                }
             }
         }
         done
