@@ -69,6 +69,11 @@ const BUSY_GROUP: usize = 16;
 /// Claim rounds for one id: another round only follows a release.
 const MAX_ROUNDS: usize = 16;
 
+/// An event id's key ([`Echo::key`](super::frame::Echo::key)), shared by
+/// everything that tracks the event (the in-flight map, the claim, the
+/// claim thread's group, the recent set) instead of copied into each.
+pub type Key = Arc<str>;
+
 /// What the store found when claiming an id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Claimed {
@@ -95,12 +100,12 @@ pub trait Peers: Send + Sync {
 /// The durable side of claims.
 pub trait ClaimStore: Send + Sync {
     /// Claims `key` durably, or says who has it.
-    fn claim(&self, key: String) -> BoxFuture<'_, Result<Claimed, DbError>>;
+    fn claim(&self, key: Key) -> BoxFuture<'_, Result<Claimed, DbError>>;
     /// Gives a claim up after a failure before fan-out, durably.
-    fn release(&self, key: String) -> BoxFuture<'_, Result<(), DbError>>;
+    fn release(&self, key: Key) -> BoxFuture<'_, Result<(), DbError>>;
     /// Marks a claim finished; best effort (the claim alone already
     /// prevents a second broadcast).
-    fn finish(&self, key: String);
+    fn finish(&self, key: Key);
 }
 
 /// What to do with an event id that just arrived.
@@ -116,7 +121,7 @@ pub enum Begin {
 /// The right to run an event id in this process. Ending it publishes the
 /// outcome to waiters; dropping it unfinished releases them too.
 pub struct Claim {
-    key: String,
+    key: Key,
     attempt: Arc<Attempt>,
     claims: Arc<Shared>,
 }
@@ -158,7 +163,7 @@ impl Claim {
     pub async fn commit(&self) -> Result<Claimed, DbError> {
         let claimed = self.claims.store.claim(self.key.clone()).await?;
         // A row whose release failed is ours to run again.
-        let released = self.claims.lock().released.remove(&self.key);
+        let released = self.claims.lock().released.remove(&*self.key);
         Ok(if released { Claimed::New } else { claimed })
     }
 
@@ -192,7 +197,7 @@ impl Claim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        self.claims.lock().inflight.remove(&self.key);
+        self.claims.lock().inflight.remove(&*self.key);
         self.attempt.end(None);
     }
 }
@@ -200,10 +205,10 @@ impl Drop for Claim {
 #[derive(Default)]
 struct State {
     /// Ids being run now, across every dispatch connection.
-    inflight: HashMap<String, Arc<Attempt>>,
+    inflight: HashMap<Key, Arc<Attempt>>,
     recent: Recent,
     /// Ids whose release failed: their row is ours to take over.
-    released: HashSet<String>,
+    released: HashSet<Key>,
 }
 
 struct Shared {
@@ -220,12 +225,12 @@ impl Shared {
 /// A FIFO-evicted set of recent finished ids.
 #[derive(Default)]
 struct Recent {
-    set: HashSet<String>,
-    order: VecDeque<String>,
+    set: HashSet<Key>,
+    order: VecDeque<Key>,
 }
 
 impl Recent {
-    fn insert(&mut self, key: String) {
+    fn insert(&mut self, key: Key) {
         if self.set.insert(key.clone()) {
             self.order.push_back(key);
             if self.order.len() > RECENT_CAPACITY
@@ -263,9 +268,10 @@ impl Claims {
             return Begin::Wait(first.clone());
         }
         let attempt = Arc::new(Attempt::default());
-        state.inflight.insert(key.to_owned(), attempt.clone());
+        let key = Key::from(key);
+        state.inflight.insert(key.clone(), attempt.clone());
         Begin::Run(Claim {
-            key: key.to_owned(),
+            key,
             attempt,
             claims: self.shared.clone(),
         })
@@ -280,26 +286,26 @@ const MAX_PENDING_DONE: usize = 65_536;
 /// them in one transaction every 100 ms, and at shutdown, off every
 /// event's path.
 #[derive(Default)]
-struct Finished(Mutex<Vec<String>>);
+struct Finished(Mutex<Vec<Key>>);
 
 impl Finished {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Key>> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn push(&self, key: String) {
+    fn push(&self, key: Key) {
         let mut pending = self.lock();
         if pending.len() < MAX_PENDING_DONE {
             pending.push(key);
         }
     }
 
-    fn take(&self) -> Vec<String> {
+    fn take(&self) -> Vec<Key> {
         std::mem::take(&mut *self.lock())
     }
 
     /// Puts back marks whose write failed.
-    fn restore(&self, keys: Vec<String>) {
+    fn restore(&self, keys: Vec<Key>) {
         let mut pending = self.lock();
         let room = MAX_PENDING_DONE.saturating_sub(pending.len());
         pending.extend(keys.into_iter().take(room));
@@ -321,7 +327,7 @@ enum Found {
 pub struct SqlClaims {
     db: Db,
     claims: ClaimWriter,
-    releases: Batcher<String, ()>,
+    releases: Batcher<Key, ()>,
     finished: Arc<Finished>,
     /// False while claims cannot be written: `/readyz` says 503.
     healthy: Arc<AtomicBool>,
@@ -354,7 +360,7 @@ impl SqlClaims {
             Some(thread) => ClaimWriter::Thread(thread),
             None => {
                 let (db, owner, healthy) = (db.clone(), owner.clone(), healthy.clone());
-                ClaimWriter::Pool(Batcher::start(move |keys: Vec<String>| {
+                ClaimWriter::Pool(Batcher::start(move |keys: Vec<Key>| {
                     let (db, owner, healthy) = (db.clone(), owner.clone(), healthy.clone());
                     async move {
                         let result = insert_claims(&db, &owner, &keys).await;
@@ -366,7 +372,7 @@ impl SqlClaims {
         };
         let releases = {
             let (db, owner) = (db.clone(), owner.clone());
-            Batcher::start(move |keys: Vec<String>| {
+            Batcher::start(move |keys: Vec<Key>| {
                 let (db, owner) = (db.clone(), owner.clone());
                 async move {
                     let n = keys.len();
@@ -412,7 +418,7 @@ impl SqlClaims {
     /// Claims `key`; a claim held by a live peer is waited on until that
     /// attempt finishes (`Done`), releases it (claimed again), stops being
     /// live or outlasts the wait (`Abandoned`).
-    async fn claim_or_wait(&self, key: String) -> Result<Claimed, DbError> {
+    async fn claim_or_wait(&self, key: Key) -> Result<Claimed, DbError> {
         let deadline = Instant::now() + self.wait;
         for _ in 0..MAX_ROUNDS {
             let found = self
@@ -455,15 +461,15 @@ impl SqlClaims {
 }
 
 impl ClaimStore for SqlClaims {
-    fn claim(&self, key: String) -> BoxFuture<'_, Result<Claimed, DbError>> {
+    fn claim(&self, key: Key) -> BoxFuture<'_, Result<Claimed, DbError>> {
         Box::pin(self.claim_or_wait(key))
     }
 
-    fn release(&self, key: String) -> BoxFuture<'_, Result<(), DbError>> {
+    fn release(&self, key: Key) -> BoxFuture<'_, Result<(), DbError>> {
         Box::pin(async move { self.releases.submit(key).await.map_err(DbError::Grouped) })
     }
 
-    fn finish(&self, key: String) {
+    fn finish(&self, key: Key) {
         self.finished.push(key);
     }
 }
@@ -474,7 +480,7 @@ macro_rules! push_keys {
     ($q:expr, $keys:expr) => {{
         let mut list = $q.separated(", ");
         for key in $keys {
-            list.push_bind(key.as_str());
+            list.push_bind(&**key);
         }
         $q.push(")");
     }};
@@ -497,8 +503,8 @@ macro_rules! mark_done {
 /// in arrival order can each wait for the other, and PostgreSQL fails one
 /// of them ("deadlock detected"): a backend retrying an event on a second
 /// node did that.
-fn in_lock_order(keys: &[String]) -> Vec<&String> {
-    let mut ordered: Vec<&String> = keys.iter().collect();
+fn in_lock_order(keys: &[Key]) -> Vec<&Key> {
+    let mut ordered: Vec<&Key> = keys.iter().collect();
     ordered.sort_unstable();
     ordered
 }
@@ -510,7 +516,7 @@ fn in_lock_order(keys: &[String]) -> Vec<&String> {
 /// returns no rows: when it added every key (the common case) all are
 /// ours, and only a chunk with a key already present pays a read (a
 /// `RETURNING` row per key cost more than the insert on SQLite).
-async fn insert_claims(db: &Db, owner: &str, keys: &[String]) -> Result<Vec<Found>, sqlx::Error> {
+async fn insert_claims(db: &Db, owner: &str, keys: &[Key]) -> Result<Vec<Found>, sqlx::Error> {
     let now = now_ms();
     let mut found = Vec::with_capacity(keys.len());
     with_conn!(db, c => {
@@ -519,7 +525,7 @@ async fn insert_claims(db: &Db, owner: &str, keys: &[String]) -> Result<Vec<Foun
                 "INSERT INTO event_outcomes (event_id, completed_at, owner, done) ",
             );
             q.push_values(in_lock_order(chunk), |mut row, key| {
-                row.push_bind(key.as_str()).push_bind(now).push_bind(owner).push_bind(0_i64);
+                row.push_bind(&**key).push_bind(now).push_bind(owner).push_bind(0_i64);
             });
             q.push(" ON CONFLICT (event_id) DO NOTHING");
             let added = q.build().execute(&mut *c).await?.rows_affected();
@@ -535,7 +541,7 @@ async fn insert_claims(db: &Db, owner: &str, keys: &[String]) -> Result<Vec<Foun
             let rows: Vec<(String, String, i64, i64)> = q.build_query_as().fetch_all(&mut *c).await?;
             let held: HashMap<String, (String, i64, i64)> =
                 rows.into_iter().map(|(k, o, d, at)| (k, (o, d, at))).collect();
-            found.extend(chunk.iter().map(|key| claim_found(held.get(key), owner, now)));
+            found.extend(chunk.iter().map(|key| claim_found(held.get(&**key), owner, now)));
         }
         Ok(())
     })?;
@@ -546,11 +552,11 @@ async fn insert_claims(db: &Db, owner: &str, keys: &[String]) -> Result<Vec<Foun
 /// by a [`Batcher`]) on PostgreSQL or where that thread can't start.
 enum ClaimWriter {
     Thread(ClaimThread),
-    Pool(Batcher<String, Found>),
+    Pool(Batcher<Key, Found>),
 }
 
 impl ClaimWriter {
-    async fn claim(&self, key: String) -> Result<Found, String> {
+    async fn claim(&self, key: Key) -> Result<Found, String> {
         match self {
             ClaimWriter::Thread(thread) => thread.call(|reply| Job::Claim(key, reply)).await,
             ClaimWriter::Pool(batcher) => batcher.submit(key).await,
@@ -580,8 +586,8 @@ impl ClaimWriter {
 struct ClaimThread(std::sync::mpsc::Sender<Job>);
 
 enum Job {
-    Claim(String, Reply<Found>),
-    MarkDone(Vec<String>, Reply<()>),
+    Claim(Key, Reply<Found>),
+    MarkDone(Vec<Key>, Reply<()>),
     Read(Read),
 }
 
@@ -733,7 +739,7 @@ fn write_claims(
 fn insert_claims_sqlite(
     conn: &mut rusqlite::Connection,
     owner: &str,
-    keys: &[String],
+    keys: &[Key],
     reads: &mut Vec<Read>,
 ) -> Result<Vec<Found>, rusqlite::Error> {
     let now = now_ms();
@@ -772,7 +778,7 @@ fn insert_claims_sqlite(
         found.extend(
             chunk
                 .iter()
-                .map(|key| claim_found(held.get(key), owner, now)),
+                .map(|key| claim_found(held.get(&**key), owner, now)),
         );
     }
     tx.commit()?;
@@ -781,10 +787,7 @@ fn insert_claims_sqlite(
 
 /// Marks finished claims `done` on the thread's connection, in one
 /// transaction.
-fn mark_done_sqlite(
-    conn: &mut rusqlite::Connection,
-    keys: &[String],
-) -> Result<(), rusqlite::Error> {
+fn mark_done_sqlite(conn: &mut rusqlite::Connection, keys: &[Key]) -> Result<(), rusqlite::Error> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     for chunk in keys.chunks(CHUNK) {
         tx.prepare_cached(
@@ -795,8 +798,9 @@ fn mark_done_sqlite(
     tx.commit()
 }
 
-fn json_keys(keys: &[String]) -> Result<String, rusqlite::Error> {
-    serde_json::to_string(keys).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+fn json_keys(keys: &[Key]) -> Result<String, rusqlite::Error> {
+    serde_json::to_string(&keys.iter().map(|k| &**k).collect::<Vec<&str>>())
+        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
 }
 
 /// What a key's row, read right after this process's insert at `now`,
@@ -827,7 +831,7 @@ async fn read_claim(db: &Db, key: &str) -> Result<Option<(String, bool)>, sqlx::
     Ok(row.map(|(owner, done)| (owner, done != 0)))
 }
 
-async fn delete_claims(db: &Db, owner: &str, keys: &[String]) -> Result<(), sqlx::Error> {
+async fn delete_claims(db: &Db, owner: &str, keys: &[Key]) -> Result<(), sqlx::Error> {
     with_conn!(db, c => {
         let mut tx = sqlx::Connection::begin(&mut *c).await?;
         for chunk in in_lock_order(keys).chunks(CHUNK) {
@@ -972,7 +976,7 @@ mod tests {
 
     /// Claims `key` in a task, and checks it is still waiting a moment later.
     async fn waiting(store: &Arc<SqlClaims>, key: &str) -> tokio::task::JoinHandle<Claimed> {
-        let (store, key) = (store.clone(), key.to_owned());
+        let (store, key) = (store.clone(), Key::from(key));
         let claim = tokio::spawn(async move { store.claim(key).await.unwrap() });
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert!(
@@ -1073,7 +1077,7 @@ mod tests {
             let claims: Vec<_> = (0..8)
                 .map(|i| {
                     let store = store.clone();
-                    tokio::spawn(async move { store.claim(format!("r{round}-{i}")).await })
+                    tokio::spawn(async move { store.claim(format!("r{round}-{i}").into()).await })
                 })
                 .collect();
             let read = version(7).await.unwrap();
@@ -1165,8 +1169,8 @@ mod tests {
         let db = Db::open(&url, 4, Access::ReadWrite).await.unwrap();
         db.migrate().await.unwrap();
         for round in 0..50 {
-            let keys: Vec<String> = (0..64).map(|i| format!("r{round}-{i:02}")).collect();
-            let reversed: Vec<String> = keys.iter().rev().cloned().collect();
+            let keys: Vec<Key> = (0..64).map(|i| format!("r{round}-{i:02}").into()).collect();
+            let reversed: Vec<Key> = keys.iter().rev().cloned().collect();
             let (a, b) = tokio::join!(
                 insert_claims(&db, "node-a", &keys),
                 insert_claims(&db, "node-b", &reversed)
@@ -1189,7 +1193,7 @@ mod tests {
 
     /// One group through either SQLite writer: the pool's statements
     /// (PostgreSQL's too) or the claim thread's.
-    async fn insert_with(db: &Db, thread: bool, keys: &[String]) -> Vec<Found> {
+    async fn insert_with(db: &Db, thread: bool, keys: &[Key]) -> Vec<Found> {
         if !thread {
             return insert_claims(db, "me", keys).await.unwrap();
         }
@@ -1220,9 +1224,9 @@ mod tests {
             .await
             .map(|_| ()))
             .unwrap();
-            let keys: Vec<String> = ["a", "peer-held", "b", "peer-done", "mine-queued", "c"]
+            let keys: Vec<Key> = ["a", "peer-held", "b", "peer-done", "mine-queued", "c"]
                 .into_iter()
-                .map(str::to_owned)
+                .map(Key::from)
                 .collect();
             assert_eq!(
                 insert_with(&db, thread, &keys).await,
@@ -1244,7 +1248,7 @@ mod tests {
                 );
             }
             // All new, over two chunks: no read needed, all ours.
-            let fresh: Vec<String> = (0..300).map(|i| format!("k{i}")).collect();
+            let fresh: Vec<Key> = (0..300).map(|i| format!("k{i}").into()).collect();
             let found = insert_with(&db, thread, &fresh).await;
             assert!(found.iter().all(|f| *f == Found::New), "{found:?}");
             assert_eq!(
@@ -1264,7 +1268,8 @@ mod tests {
             .thread()
             .expect("SQLite claims run on their thread");
         let claimed =
-            futures_util::future::join_all((0..50).map(|i| store.claim(format!("e{i}")))).await;
+            futures_util::future::join_all((0..50).map(|i| store.claim(format!("e{i}").into())))
+                .await;
         assert!(
             claimed.iter().all(|c| matches!(c, Ok(Claimed::New))),
             "{claimed:?}"
@@ -1273,7 +1278,7 @@ mod tests {
             read_claim(&db, "e7").await.unwrap(),
             Some(("me".to_owned(), false))
         );
-        let keys = vec!["e7".to_owned()];
+        let keys = vec![Key::from("e7")];
         thread
             .call(|reply| Job::MarkDone(keys, reply))
             .await
