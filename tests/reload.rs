@@ -51,6 +51,11 @@ async fn start_with(
     seed.user(10, "alice").await;
     let client = Client::connect(gateway.client, 10).await;
     let backend = DispatchClient::connect(gateway.dispatch).await;
+    // The watcher starts after the listeners: a save before it is in place
+    // would never be seen (a CI run lost one that way).
+    gateway
+        .wait_log("hot reload: watching", Duration::from_secs(15))
+        .await;
     (file, gateway, client, backend)
 }
 
