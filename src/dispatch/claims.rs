@@ -71,7 +71,8 @@ const MAX_ROUNDS: usize = 16;
 
 /// An event id's key ([`Echo::key`](super::frame::Echo::key)), shared by
 /// everything that tracks the event (the in-flight map, the claim, the
-/// claim thread's group, the recent set) instead of copied into each.
+/// claim thread's group, the `done` marks, the recent set) instead of
+/// copied into each.
 pub type Key = Arc<str>;
 
 /// What the store found when claiming an id.
