@@ -153,11 +153,13 @@ fn bench(c: &mut Criterion) {
         name: "NOOP",
         id: "1",
         data: NOOP_D,
+        arrived: Instant::now(),
     };
     let create = Event {
         name: "EVENT_MESSAGE_CREATE",
         id: "1",
         data: CREATE_D,
+        arrived: Instant::now(),
     };
 
     let mut group = c.benchmark_group("noop");
@@ -195,6 +197,7 @@ fn bench(c: &mut Criterion) {
         name: "WRITE",
         id: "1",
         data: &wd,
+        arrived: Instant::now(),
     };
     group.bench_function("write_plugin_query", |b| {
         b.to_async(&rt)
@@ -218,6 +221,7 @@ fn bench(c: &mut Criterion) {
             name,
             id: "1",
             data: CREATE_D,
+            arrived: Instant::now(),
         };
         group.bench_function(format!("{lang}_reused_instance"), |b| {
             b.to_async(&rt)

@@ -322,6 +322,12 @@ impl Db {
     }
 }
 
+/// What a WAL file is cut back to when a writer restarts it
+/// (`journal_size_limit` on every writing connection): a burst's WAL
+/// doesn't keep its disk, and the plugin readers can tell a WAL that
+/// restarts from one that can't (`db::reader`).
+pub const WAL_KEEP_BYTES: u64 = 4 << 20;
+
 fn sqlite_options(path: &Path, access: Access) -> SqliteConnectOptions {
     let options = SqliteConnectOptions::new()
         .filename(path)
@@ -331,7 +337,7 @@ fn sqlite_options(path: &Path, access: Access) -> SqliteConnectOptions {
         .busy_timeout(Duration::from_secs(5))
         .foreign_keys(true);
     match access {
-        Access::ReadWrite => options,
+        Access::ReadWrite => options.pragma("journal_size_limit", WAL_KEEP_BYTES.to_string()),
         Access::ReadOnly => options.pragma("query_only", "ON"),
     }
 }

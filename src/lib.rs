@@ -33,6 +33,7 @@
 //! tests), [`fuzz`] (the fuzz targets' bodies).
 
 pub(crate) mod admin;
+pub(crate) mod affinity;
 pub mod api;
 pub mod cluster;
 pub mod config;

@@ -53,7 +53,14 @@ struct Host {
 
 impl Host {
     async fn handle(&self, name: &str, id: &str, data: &str) -> Result<Vec<Delivery>, Failure> {
-        self.plugins.handle(&Event { name, id, data }).await
+        self.plugins
+            .handle(&Event {
+                name,
+                id,
+                data,
+                arrived: Instant::now(),
+            })
+            .await
     }
 
     async fn ok(&self, name: &str, data: &str) -> Vec<Delivery> {

@@ -658,13 +658,14 @@ impl ClaimThread {
 }
 
 /// As the sqlx pool's connections: WAL (already the file's mode), no sync
-/// per commit, the same wait for the write lock.
+/// per commit, the same WAL size kept, the same wait for the write lock.
 fn open_writer(path: &std::path::Path) -> Result<rusqlite::Connection, rusqlite::Error> {
     let conn = rusqlite::Connection::open_with_flags(
         path,
         rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "journal_size_limit", crate::db::WAL_KEEP_BYTES as i64)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     Ok(conn)
 }

@@ -5,6 +5,7 @@
 //! than normalised.
 
 use std::borrow::Cow;
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -54,6 +55,10 @@ pub struct DispatchEvent {
     /// had none or it was not a string.
     pub t: String,
     pub body: Result<Body, String>,
+    /// When the frame was parsed, after it was read: whatever the backend
+    /// committed before sending it is in any snapshot taken since, so the
+    /// plugin's lookups may share one (`SqliteReader::read_since`).
+    pub arrived: Instant,
 }
 
 /// The well-formed part of an event.
@@ -186,6 +191,7 @@ pub fn parse(text: &str) -> Result<Inbound, String> {
                 s,
                 t: t.unwrap_or_default(),
                 body,
+                arrived: Instant::now(),
             }))
         }
         other => Err(format!(

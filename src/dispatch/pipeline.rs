@@ -198,6 +198,7 @@ impl Pipeline {
                 name: &ev.t,
                 id: &ev.event_id.text(),
                 data: body.d.get(),
+                arrived: ev.arrived,
             })
             .await?;
         let mut resolved = Vec::with_capacity(deliveries.len());

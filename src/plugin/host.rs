@@ -55,6 +55,9 @@ pub type DevFiles = Arc<Vec<(String, String)>>;
 /// Per-call state, reset by [`HostState::begin_call`].
 pub(crate) struct CallState {
     pub event_id: String,
+    /// When the event arrived: the call's queries read the database as of
+    /// then or later.
+    pub arrived: Instant,
     /// When guest execution must stop; moved later by database time.
     pub deadline: Instant,
     /// Database time this call may still add to its deadline.
@@ -95,6 +98,7 @@ impl HostState {
             limits: Limits::new(memory_bytes),
             call: CallState {
                 event_id: String::new(),
+                arrived: Instant::now(),
                 deadline: Instant::now(),
                 db_allowance: Duration::ZERO,
                 timed_out: false,
@@ -108,9 +112,10 @@ impl HostState {
     }
 
     /// Resets the per-call state before an event runs on this instance.
-    pub(crate) fn begin_call(&mut self, event_id: &str, timeout: Duration) {
+    pub(crate) fn begin_call(&mut self, event_id: &str, arrived: Instant, timeout: Duration) {
         self.call.event_id.clear();
         self.call.event_id.push_str(event_id);
+        self.call.arrived = arrived;
         self.call.deadline = Instant::now() + timeout;
         self.call.db_allowance = self
             .route
@@ -152,7 +157,7 @@ impl host::Host for HostState {
         };
         self.checked.check(&sql).map_err(DbError::ReadOnly)?;
         let started = Instant::now();
-        let result = query::run(&services.db, sql, params, services.query).await;
+        let result = query::run(&services.db, sql, params, services.query, self.call.arrived).await;
         let spent = started.elapsed();
         let credit = spent.min(self.call.db_allowance);
         self.call.db_allowance -= credit;

@@ -41,7 +41,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tracing::Instrument;
@@ -67,6 +67,9 @@ pub struct Event<'a> {
     pub id: &'a str,
     /// The dispatch `d`, as JSON text.
     pub data: &'a str,
+    /// When the event reached the gateway: the plugin's lookups see the
+    /// database as of then or later.
+    pub arrived: Instant,
 }
 
 /// Who receives a delivery. Ids are parsed; whether those users or that
@@ -665,7 +668,7 @@ pub async fn bench_query(db: &Db, sql: &str, ids: &[i64]) -> usize {
         timeout: Duration::from_secs(1),
         max_rows: 10_000,
     };
-    query::run(db, sql.to_owned(), params, limits)
+    query::run(db, sql.to_owned(), params, limits, Instant::now())
         .await
         .map_or(0, |rows| rows.rows.len())
 }

@@ -38,12 +38,14 @@ pub(crate) struct QueryLimits {
     pub max_rows: u32,
 }
 
-/// Runs one plugin query whose text already passed [`check_statement`].
+/// Runs one plugin query whose text already passed [`check_statement`],
+/// on the database as of `since` or later.
 pub(crate) async fn run(
     db: &Db,
     sql: String,
     params: Vec<Value>,
     limits: QueryLimits,
+    since: Instant,
 ) -> Result<Rows, DbError> {
     if params.len() > MAX_PARAMS {
         return Err(DbError::Query(format!(
@@ -52,7 +54,7 @@ pub(crate) async fn run(
         )));
     }
     match db.pool() {
-        Pool::Sqlite(_) => sqlite(db, sql, params, limits).await,
+        Pool::Sqlite(_) => sqlite(db, sql, params, limits, since).await,
         // The server's statement_timeout fires first and the transaction
         // ends cleanly; ours is the backstop for a stalled link.
         Pool::Postgres(pool) => {
@@ -76,6 +78,7 @@ async fn sqlite(
     sql: String,
     params: Vec<Value>,
     limits: QueryLimits,
+    since: Instant,
 ) -> Result<Rows, DbError> {
     let Some(reader) = db.sqlite_reader() else {
         return Err(DbError::Query(
@@ -83,7 +86,7 @@ async fn sqlite(
         ));
     };
     let deadline = Instant::now() + limits.timeout;
-    let read = reader.read(deadline, move |conn| {
+    let read = reader.read_since(since, deadline, move |conn| {
         sqlite_rows(conn, &sql, &params, limits.max_rows)
     });
     match read.await {
@@ -604,6 +607,16 @@ fn skip_quoted(b: &[u8], start: usize, quote: u8, backslash: bool) -> Result<usi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A query as a plugin's event would run it, arriving now.
+    async fn run(
+        db: &Db,
+        sql: String,
+        params: Vec<Value>,
+        limits: QueryLimits,
+    ) -> Result<Rows, DbError> {
+        super::run(db, sql, params, limits, Instant::now()).await
+    }
     use crate::config::DatabaseUrl;
     use crate::db::Access;
 

@@ -3,8 +3,8 @@
 //! whole, so an event finishes on the version it started with.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
@@ -15,6 +15,7 @@ use super::engine::{Compiled, PluginEngine, idle_per_route};
 use super::host::{HostState, RouteCtx, truncate};
 use super::sandbox::Captured;
 use super::{Audience, Delivery, Event};
+use crate::affinity::LocalPool;
 use crate::failure::{ErrorCode, Failure, Trace};
 use crate::ids::{ChannelId, UserId};
 
@@ -54,9 +55,9 @@ pub(crate) struct Route {
     engine: PluginEngine,
     timeout: Duration,
     memory_bytes: usize,
-    /// Ready instances. A std mutex: held only to push or pop, never
-    /// across an await.
-    idle: Mutex<Vec<Instance>>,
+    /// Ready instances, each preferably taken by the worker that ran it
+    /// last (its memory is in that core's cache).
+    idle: LocalPool<Instance>,
     /// Most ready instances kept: set by [`prewarm`](Self::prewarm) from
     /// the memory a fresh instance starts with (`engine::idle_per_route`).
     max_idle: AtomicUsize,
@@ -95,7 +96,7 @@ impl Route {
             engine,
             timeout,
             memory_bytes,
-            idle: Mutex::new(Vec::new()),
+            idle: LocalPool::default(),
             max_idle: AtomicUsize::new(max_live),
             slots: Semaphore::new(max_live),
             max_live,
@@ -130,7 +131,7 @@ impl Route {
             .acquire()
             .await
             .map_err(|_| Failure::new(ErrorCode::Internal, "plugin route is shutting down"))?;
-        let popped = if reuse { self.lock_idle().pop() } else { None };
+        let popped = if reuse { self.idle.take() } else { None };
         let mut instance = match popped {
             Some(instance) => instance,
             None => {
@@ -140,7 +141,10 @@ impl Route {
                 self.instantiate(event.id).await?
             }
         };
-        instance.store.data_mut().begin_call(event.id, self.timeout);
+        instance
+            .store
+            .data_mut()
+            .begin_call(event.id, event.arrived, self.timeout);
         instance.store.set_epoch_deadline(1);
         let input = bindings::Event {
             name: event.name.to_owned(),
@@ -198,7 +202,9 @@ impl Route {
             }
         });
         // Instantiation may run guest initialisers: same limits as a call.
-        store.data_mut().begin_call(event_id, self.timeout);
+        store
+            .data_mut()
+            .begin_call(event_id, Instant::now(), self.timeout);
         store.set_epoch_deadline(1);
         match self.start(&mut store).await {
             Ok(plugin) => Ok(Instance {
@@ -251,19 +257,9 @@ impl Route {
             return;
         }
         let max_idle = self.max_idle.load(Ordering::Relaxed);
-        let mut idle = self.lock_idle();
-        if idle.len() < max_idle {
-            idle.push(instance);
-        } else {
-            drop(idle);
+        if self.idle.give(instance, max_idle).is_err() {
             tracing::debug!(plugin = %self.ctx.plugin, max_idle, "idle pool full; instance dropped");
         }
-    }
-
-    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<Instance>> {
-        // Poisoning can only come from a panic between push and pop, which
-        // leaves a valid Vec.
-        self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Forwards what the plugin printed to tracing, as one quoted field
