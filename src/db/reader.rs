@@ -225,6 +225,10 @@ impl SqliteReader {
         if self.inner.wal_full.load(Ordering::Relaxed) {
             conn.end();
         }
+        if !conn.consistent() {
+            // Closed, not reused.
+            return;
+        }
         // Beyond `keep`, the connection closes.
         let open = conn.snapshot.is_some();
         let _ = self.inner.idle.give(conn, self.inner.keep);
@@ -351,8 +355,6 @@ impl ReadConn {
         deadline: Instant,
         work: impl Fn(&Connection) -> rusqlite::Result<T>,
     ) -> rusqlite::Result<T> {
-        self.deadline
-            .store(since_epoch(deadline), Ordering::Relaxed);
         // A busy database (a WAL reset in progress) waits no longer than
         // the read may take.
         self.conn
@@ -373,7 +375,12 @@ impl ReadConn {
                 }
             }
         }
+        self.deadline
+            .store(since_epoch(deadline), Ordering::Relaxed);
         let out = work(&self.conn);
+        // Unarmed again: BEGIN and COMMIT are never interrupted (a COMMIT
+        // cut short would leave the transaction open).
+        self.deadline.store(u64::MAX, Ordering::Relaxed);
         if out.is_err() {
             // An interrupted read may have ended the transaction itself.
             self.end();
@@ -383,14 +390,22 @@ impl ReadConn {
 
     /// Ends the open read transaction, if any.
     fn end(&mut self) {
-        if self.snapshot.take().is_some() && !self.conn.is_autocommit() {
-            // A read transaction's end can't fail in a way a retry would
-            // fix; the next BEGIN would report a connection left in one.
-            let _ = self
+        self.snapshot = None;
+        if !self.conn.is_autocommit() {
+            let ended = self
                 .conn
                 .prepare_cached("COMMIT")
                 .and_then(|mut c| c.execute([]));
+            if ended.is_err() {
+                let _ = self.conn.execute_batch("ROLLBACK");
+            }
         }
+    }
+
+    /// Whether the connection is in no transaction but its own: one it
+    /// can't account for would serve reads an old snapshot.
+    fn consistent(&self) -> bool {
+        self.snapshot.is_some() || self.conn.is_autocommit()
     }
 
     /// Ends the snapshot if `always` or unused for [`IDLE_END`]; true if
@@ -470,6 +485,25 @@ mod tests {
             assert_eq!(reader.read(far, count).await.unwrap(), before + 1);
         }
         assert!(shared > 0, "no read ran in the earlier snapshot");
+    }
+
+    /// Reads past their deadline are cut (now and then: the progress
+    /// handler runs every thousand VM steps, counted across a cached
+    /// statement's runs), but the transaction around them always ends, so
+    /// the next read on the connection begins a fresh one.
+    #[tokio::test]
+    async fn a_cut_read_leaves_no_transaction_behind() {
+        let (_dir, path) = database();
+        let reader = SqliteReader::open(&path, 1).unwrap();
+        let far = Instant::now() + Duration::from_secs(5);
+        let mut cut = 0;
+        for _ in 0..3000 {
+            if reader.read(Instant::now(), count).await.is_err() {
+                cut += 1;
+            }
+            assert_eq!(reader.read(far, count).await.unwrap(), 2);
+        }
+        assert!(cut > 0, "no read was cut at its deadline");
     }
 
     /// An idle connection's snapshot is ended soon, so a writer can
