@@ -37,6 +37,9 @@ use tokio_postgres::{Client, Row, Statement};
 /// texts, so each is prepared once per connection.
 const STATEMENT_CACHE: usize = 128;
 
+/// Lookups in flight on a connection before the next one is used.
+const DEPTH: usize = 4;
+
 /// Why a URL can't use the pipelined reader (sqlx reads it instead).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -47,8 +50,6 @@ pub struct PgReader {
     config: tokio_postgres::Config,
     tls: RustlsConnect,
     slots: Box<[Slot]>,
-    /// Where the search for an idle connection starts, so load spreads.
-    next: AtomicUsize,
 }
 
 impl std::fmt::Debug for PgReader {
@@ -95,7 +96,6 @@ impl PgReader {
             config,
             tls: RustlsConnect::new().map_err(|e| Unsupported(e.to_string()))?,
             slots: (0..connections.max(1)).map(|_| Slot::default()).collect(),
-            next: AtomicUsize::new(0),
         })
     }
 
@@ -138,52 +138,59 @@ impl PgReader {
         result
     }
 
-    /// An idle open connection, else a new one while a slot is free,
-    /// else the least busy: measured on the ack-rate bench, spreading
-    /// lookups over the connections (PostgreSQL runs one process per
-    /// connection, on every core) beat piling them onto one, and a slow
-    /// statement holds up only the lookups queued behind it on its own
-    /// connection.
+    /// The first open connection with fewer than [`DEPTH`] lookups in
+    /// flight, else a new one while a slot is free, else the least busy.
+    /// Lookups that share a connection share its writes and PostgreSQL's
+    /// wake-ups, so filling one before the next costs less per lookup
+    /// than handing each to an idle connection (measured on the ack-rate
+    /// bench, BENCHMARKS.md "Plugin lookups fill a connection"); the
+    /// depth bounds how many lookups a slow statement holds up, and
+    /// beyond it load spreads (one PostgreSQL process runs on one core).
     async fn connection(
         &self,
         timeout_ms: u64,
     ) -> Result<(&Slot, Arc<Live>), tokio_postgres::Error> {
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut best: Option<(&Slot, Arc<Live>, usize)> = None;
-        let mut empty = None;
-        for i in 0..self.slots.len() {
-            let slot = &self.slots[(start + i) % self.slots.len()];
-            match slot.live.load_full() {
-                Some(live) if !live.client.is_closed() => {
-                    let load = live.in_flight.load(Ordering::Relaxed);
-                    if load == 0 {
-                        return Ok((slot, live));
+        loop {
+            let mut best: Option<(&Slot, Arc<Live>, usize)> = None;
+            let mut empty = None;
+            for slot in &self.slots {
+                match slot.live.load_full() {
+                    Some(live) if !live.client.is_closed() => {
+                        let load = live.in_flight.load(Ordering::Relaxed);
+                        if load < DEPTH {
+                            return Ok((slot, live));
+                        }
+                        if best.as_ref().is_none_or(|b| load < b.2) {
+                            best = Some((slot, live, load));
+                        }
                     }
-                    if best.as_ref().is_none_or(|b| load < b.2) {
-                        best = Some((slot, live, load));
-                    }
+                    _ => empty = empty.or(Some(slot)),
                 }
-                _ => empty = empty.or(Some(slot)),
             }
-        }
-        match (empty, best) {
-            (None, Some((slot, live, _))) => Ok((slot, live)),
-            // `new` makes at least one slot.
-            (empty, _) => {
-                let slot = empty.unwrap_or(&self.slots[0]);
-                Ok((slot, self.connect(slot, timeout_ms).await?))
+            let slot = match (empty, best) {
+                (None, Some((slot, live, _))) => return Ok((slot, live)),
+                // `new` makes at least one slot.
+                (empty, _) => empty.unwrap_or(&self.slots[0]),
+            };
+            match slot.connecting.try_lock() {
+                Ok(connecting) => {
+                    return Ok((slot, self.connect(slot, connecting, timeout_ms).await?));
+                }
+                // Another lookup is opening it: choose again once it is
+                // open, rather than pile every lookup of a burst onto it.
+                Err(_) => drop(slot.connecting.lock().await),
             }
         }
     }
 
     /// Opens a session that is read-only by default, with `timeout_ms`
-    /// as its `statement_timeout`.
+    /// as its `statement_timeout`, holding the slot's `connecting` lock.
     async fn connect(
         &self,
         slot: &Slot,
+        _connecting: tokio::sync::MutexGuard<'_, ()>,
         timeout_ms: u64,
     ) -> Result<Arc<Live>, tokio_postgres::Error> {
-        let _connecting = slot.connecting.lock().await;
         if let Some(live) = slot.live.load_full().filter(|l| !l.client.is_closed()) {
             return Ok(live);
         }

@@ -670,6 +670,70 @@ mod tests {
         db.close().await;
     }
 
+    /// Lookups fill a connection to its depth before the next is opened:
+    /// one at a time they all share the first; sixteen at once open a
+    /// few, not one each.
+    #[tokio::test]
+    async fn pipelined_postgres_lookups_fill_a_connection_before_the_next() {
+        let app = format!("filling_{}", std::process::id());
+        let url = DatabaseUrl::Postgres(format!(
+            "postgres://postgres@127.0.0.1:5432/test?application_name={app}"
+        ));
+        let db = Db::open(&url, 8, Access::ReadOnly).await.unwrap();
+        let admin = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/test")
+            .await
+            .unwrap();
+        let readers = || async {
+            // sqlx's pool shares the name; the reader's last statement is
+            // always a lookup's ROLLBACK.
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND query = 'ROLLBACK'",
+            )
+            .bind(&app)
+            .fetch_one(&admin)
+            .await
+            .unwrap()
+        };
+        for i in 0..30i64 {
+            let rows = run(
+                &db,
+                "SELECT $1::int8 AS v".into(),
+                vec![Value::Integer(i)],
+                LIMITS,
+            )
+            .await
+            .unwrap();
+            assert_eq!(rows.rows, vec![vec![Value::Integer(i)]]);
+        }
+        assert_eq!(
+            readers().await,
+            1,
+            "lookups one at a time share one connection"
+        );
+        let lookups = (0..16i64).map(|i| {
+            let db = db.clone();
+            tokio::spawn(async move {
+                let sql = "SELECT $1::int8 AS v FROM pg_sleep(0.2)".to_owned();
+                run(&db, sql, vec![Value::Integer(i)], LIMITS).await
+            })
+        });
+        for (i, lookup) in futures_util::future::join_all(lookups)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            let rows = lookup.unwrap().unwrap();
+            assert_eq!(rows.rows, vec![vec![Value::Integer(i as i64)]]);
+        }
+        let opened = readers().await;
+        assert!(
+            (3..=5).contains(&opened),
+            "16 lookups at once, 4 to a connection, opened {opened} of 8 connections"
+        );
+        db.close().await;
+        admin.close().await;
+    }
+
     /// Lookups pipelined on one PostgreSQL connection each keep their own
     /// transaction: a neighbour's `set_config` reaches none of them, and
     /// an abandoned lookup (too many rows, its timeout, a killed
