@@ -57,7 +57,7 @@ impl<K: Send + 'static, V: Send + 'static> Batcher<K, V> {
     }
 }
 
-/// Times the task yields before a group leaves, taking what arrived
+/// How often the task yields before a group leaves, taking what arrived
 /// meanwhile: the events that submit next are often already runnable, and
 /// on PostgreSQL a statement with a few more rows costs much less than
 /// another round trip (BENCHMARKS.md, "Grouped writes linger"). When
