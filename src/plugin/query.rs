@@ -670,19 +670,27 @@ mod tests {
         db.close().await;
     }
 
+    /// A read-only handle on the test database with `connections` per
+    /// pool, under an `application_name` of its own (so its connections
+    /// can be found in `pg_stat_activity`), and an admin pool to look.
+    async fn named_postgres_reads(prefix: &str, connections: u32) -> (String, Db, sqlx::PgPool) {
+        let app = format!("{prefix}_{}", std::process::id());
+        let url = DatabaseUrl::Postgres(format!(
+            "postgres://postgres@127.0.0.1:5432/test?application_name={app}"
+        ));
+        let db = Db::open(&url, connections, Access::ReadOnly).await.unwrap();
+        let admin = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/test")
+            .await
+            .unwrap();
+        (app, db, admin)
+    }
+
     /// Lookups fill a connection to its depth before the next is opened:
     /// one at a time they all share the first; sixteen at once open a
     /// few, not one each.
     #[tokio::test]
     async fn pipelined_postgres_lookups_fill_a_connection_before_the_next() {
-        let app = format!("filling_{}", std::process::id());
-        let url = DatabaseUrl::Postgres(format!(
-            "postgres://postgres@127.0.0.1:5432/test?application_name={app}"
-        ));
-        let db = Db::open(&url, 8, Access::ReadOnly).await.unwrap();
-        let admin = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/test")
-            .await
-            .unwrap();
+        let (app, db, admin) = named_postgres_reads("filling", 8).await;
         let readers = || async {
             // sqlx's pool shares the name; the reader's last statement is
             // always a lookup's ROLLBACK.
@@ -740,18 +748,11 @@ mod tests {
     /// connection) leaves the reader serving.
     #[tokio::test]
     async fn pipelined_postgres_lookups_stay_isolated() {
-        let app = format!("pipelined_{}", std::process::id());
-        let url = DatabaseUrl::Postgres(format!(
-            "postgres://postgres@127.0.0.1:5432/test?application_name={app}"
-        ));
-        let db = Db::open(&url, 1, Access::ReadOnly).await.unwrap();
+        let (app, db, admin) = named_postgres_reads("pipelined", 1).await;
         assert!(
             db.pg_reader().is_some(),
             "this URL takes the pipelined path"
         );
-        let admin = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/test")
-            .await
-            .unwrap();
         let lookups = (0..300i64).map(|i| {
             let db = db.clone();
             tokio::spawn(async move {
