@@ -102,6 +102,11 @@ struct Cli {
     /// even on loopback).
     #[arg(long, global = true)]
     pg_params: Option<String>,
+    /// Where the gateway reaches PostgreSQL: `127.0.0.1:5432` over TCP, or
+    /// a Unix socket directory such as `/var/run/postgresql` (no TCP
+    /// loopback and no TLS; the usual transport when both share a host).
+    #[arg(long, global = true, default_value = "127.0.0.1:5432")]
+    pg_host: String,
     #[command(subcommand)]
     workload: Workload,
 }
@@ -255,6 +260,7 @@ async fn main() -> Result<()> {
     RESUME_BUFFER.store(cli.resume_buffer.max(1) as u64, Ordering::Relaxed);
     DB_CONNECTIONS.store(cli.db_connections.max(1), Ordering::Relaxed);
     PG_PARAMS.get_or_init(|| cli.pg_params.clone().unwrap_or_default());
+    PG_HOST.get_or_init(|| cli.pg_host.replace('/', "%2F"));
     if cli.tls {
         if cli.target != Which::Gateway {
             bail!("--tls needs --target gateway: the baseline speaks plain WebSocket only");
@@ -957,7 +963,10 @@ async fn postgres_schema() -> Result<String> {
     pool.close().await;
     let extra = PG_PARAMS.get().filter(|p| !p.is_empty());
     let extra = extra.map(|p| format!("&{p}")).unwrap_or_default();
-    Ok(format!("{PG_ADMIN}{SCHEMA_PARAM}{schema}{extra}"))
+    let host = PG_HOST.get().map_or("127.0.0.1:5432", String::as_str);
+    Ok(format!(
+        "postgres://postgres@{host}/test{SCHEMA_PARAM}{schema}{extra}"
+    ))
 }
 
 fn client_config() -> WebSocketConfig {
@@ -1117,6 +1126,8 @@ static RESUME_BUFFER: AtomicU64 = AtomicU64::new(1024);
 static DB_CONNECTIONS: AtomicU32 = AtomicU32::new(8);
 /// `--pg-params`.
 static PG_PARAMS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+/// `--pg-host`, as a URL's host (a socket directory percent-encoded).
+static PG_HOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 /// This process's open-file limit once raised (every subscriber is a socket).
 static FD_LIMIT: AtomicU64 = AtomicU64::new(u64::MAX);

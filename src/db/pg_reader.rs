@@ -362,17 +362,23 @@ where
     type TlsConnect = RustlsConnector;
     type Error = rustls::pki_types::InvalidDnsNameError;
 
+    /// `domain` is empty for a Unix socket, where PostgreSQL answers the
+    /// TLS request with "no" (as libpq, `prefer` then goes on in the clear).
     fn make_tls_connect(&mut self, domain: &str) -> Result<RustlsConnector, Self::Error> {
+        let name = match domain {
+            "" => None,
+            name => Some(rustls::pki_types::ServerName::try_from(name.to_owned())?),
+        };
         Ok(RustlsConnector {
             config: self.0.clone(),
-            name: rustls::pki_types::ServerName::try_from(domain.to_owned())?,
+            name,
         })
     }
 }
 
 struct RustlsConnector {
     config: Arc<rustls::ClientConfig>,
-    name: rustls::pki_types::ServerName<'static>,
+    name: Option<rustls::pki_types::ServerName<'static>>,
 }
 
 impl<S> TlsConnect<S> for RustlsConnector
@@ -385,8 +391,11 @@ where
 
     fn connect(self, stream: S) -> Self::Future {
         Box::pin(async move {
+            let name = self.name.ok_or_else(|| {
+                io::Error::other("TLS needs a server name: a Unix socket has none")
+            })?;
             let connector = tokio_rustls::TlsConnector::from(self.config);
-            Ok(RustlsStream(connector.connect(self.name, stream).await?))
+            Ok(RustlsStream(connector.connect(name, stream).await?))
         })
     }
 }

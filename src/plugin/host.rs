@@ -12,6 +12,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use super::Presence;
 use super::bindings::otako::gateway::{host, types};
 use super::bindings::{DbError, Level, Rows, Value};
+use super::groups::LookupGroups;
 use super::query::{self, CheckedStatements, QueryLimits};
 use super::sandbox::{Capture, Limits};
 use crate::db::Db;
@@ -29,6 +30,7 @@ const MAX_LOG_BYTES: usize = 2048;
 pub(crate) struct Services {
     pub db: Db,
     pub presence: Arc<dyn Presence>,
+    pub groups: Arc<LookupGroups>,
     pub query: QueryLimits,
 }
 
@@ -157,7 +159,16 @@ impl host::Host for HostState {
         };
         self.checked.check(&sql).map_err(DbError::ReadOnly)?;
         let started = Instant::now();
-        let result = query::run(&services.db, sql, params, services.query, self.call.arrived).await;
+        let group = Some((&*services.groups, self.route.plugin.as_str()));
+        let result = query::run(
+            &services.db,
+            group,
+            sql,
+            params,
+            services.query,
+            self.call.arrived,
+        )
+        .await;
         let spent = started.elapsed();
         let credit = spent.min(self.call.db_allowance);
         self.call.db_allowance -= credit;

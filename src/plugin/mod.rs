@@ -32,6 +32,7 @@
 
 pub mod bindings;
 mod engine;
+mod groups;
 mod host;
 mod query;
 pub(crate) mod routes;
@@ -166,6 +167,9 @@ struct Inner {
     engine: PluginEngine,
     db: Db,
     presence: Arc<dyn Presence>,
+    /// Lookups forming groups on PostgreSQL; kept across reloads, so
+    /// events of the old and new version of a route group alike.
+    groups: Arc<groups::LookupGroups>,
     metrics: Arc<Metrics>,
     /// The routes in force. Swapped whole by `reload`; an event holds the
     /// `Arc<Route>` it started with until it ends.
@@ -244,6 +248,7 @@ impl Plugins {
                 engine,
                 db,
                 presence,
+                groups: Arc::default(),
                 metrics,
                 table: ArcSwap::from_pointee(RouteTable::empty()),
                 reloading: tokio::sync::Mutex::new(()),
@@ -567,6 +572,7 @@ impl Plugins {
         let services = Services {
             db: self.inner.db.clone(),
             presence: self.inner.presence.clone(),
+            groups: self.inner.groups.clone(),
             query: QueryLimits {
                 timeout: Duration::from_millis(config.plugins.query_timeout_ms.get()),
                 max_rows: config.plugins.query_max_rows.get(),
@@ -668,7 +674,7 @@ pub async fn bench_query(db: &Db, sql: &str, ids: &[i64]) -> usize {
         timeout: Duration::from_secs(1),
         max_rows: 10_000,
     };
-    query::run(db, sql.to_owned(), params, limits, Instant::now())
+    query::run(db, None, sql.to_owned(), params, limits, Instant::now())
         .await
         .map_or(0, |rows| rows.rows.len())
 }

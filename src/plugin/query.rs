@@ -16,6 +16,7 @@ use futures_util::TryStreamExt;
 use sqlx::{AssertSqlSafe, Column, Decode, Row, TypeInfo, ValueRef};
 
 use super::bindings::{DbError, Rows, Value};
+use super::groups::LookupGroups;
 use crate::db::{Db, PgReader, Pool, ReadError};
 
 /// Longest SQL text a plugin may send: real lookups are a few hundred bytes.
@@ -42,6 +43,7 @@ pub(crate) struct QueryLimits {
 /// on the database as of `since` or later.
 pub(crate) async fn run(
     db: &Db,
+    group: Option<(&LookupGroups, &str)>,
     sql: String,
     params: Vec<Value>,
     limits: QueryLimits,
@@ -59,9 +61,12 @@ pub(crate) async fn run(
         // ends cleanly; ours is the backstop for a stalled link.
         Pool::Postgres(pool) => {
             let read = async {
-                match db.pg_reader() {
-                    Some(reader) => pipelined(reader, &sql, &params, limits).await,
-                    None => postgres(pool, &sql, params, limits).await,
+                match (db.pg_reader(), group) {
+                    (Some(reader), Some((groups, plugin))) => {
+                        groups.read(reader, plugin, &sql, params, limits).await
+                    }
+                    (Some(reader), None) => pipelined(reader, &sql, &params, limits).await,
+                    (None, _) => postgres(pool, &sql, params, limits).await,
                 }
             };
             tokio::time::timeout(limits.timeout + PG_TIMEOUT_GRACE, read)
@@ -247,22 +252,13 @@ async fn postgres(
 
 /// The same lookup as [`postgres`], through the pipelined reader, which
 /// binds each value with the type sqlx would give it.
-async fn pipelined(
+pub(super) async fn pipelined(
     reader: &PgReader,
     sql: &str,
     params: &[Value],
     limits: QueryLimits,
 ) -> Result<Rows, DbError> {
-    use tokio_postgres::types::Type;
-    let types: Vec<Type> = params
-        .iter()
-        .map(|p| match p {
-            Value::Null | Value::Integer(_) => Type::INT8,
-            Value::Real(_) => Type::FLOAT8,
-            Value::Text(_) => Type::TEXT,
-            Value::Blob(_) => Type::BYTEA,
-        })
-        .collect();
+    let types = pg_types(params);
     let bound: Vec<PgParam<'_>> = params.iter().map(PgParam).collect();
     let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = bound
         .iter()
@@ -295,6 +291,20 @@ async fn pipelined(
     Ok(out)
 }
 
+/// The type each value binds as: what sqlx would give it.
+pub(super) fn pg_types(params: &[Value]) -> Vec<tokio_postgres::types::Type> {
+    use tokio_postgres::types::Type;
+    params
+        .iter()
+        .map(|p| match p {
+            Value::Null | Value::Integer(_) => Type::INT8,
+            Value::Real(_) => Type::FLOAT8,
+            Value::Text(_) => Type::TEXT,
+            Value::Blob(_) => Type::BYTEA,
+        })
+        .collect()
+}
+
 /// A plugin's value as a tokio-postgres parameter of the declared type.
 #[derive(Debug)]
 struct PgParam<'a>(&'a Value);
@@ -321,7 +331,7 @@ impl tokio_postgres::types::ToSql for PgParam<'_> {
     tokio_postgres::types::to_sql_checked!();
 }
 
-fn pg_row_value(row: &tokio_postgres::Row, i: usize) -> Result<Value, DbError> {
+pub(super) fn pg_row_value(row: &tokio_postgres::Row, i: usize) -> Result<Value, DbError> {
     use tokio_postgres::types::Type;
     let column = &row.columns()[i];
     let err = |e| decode_err(column.name(), e);
@@ -495,11 +505,35 @@ impl CheckedStatements {
 }
 
 /// Accepts one `SELECT`/`WITH`/`VALUES` statement with `$n` placeholders.
-///
-/// A small lexer skips strings, quoted identifiers and comments so a `;`
-/// inside them doesn't count. Anything it is unsure of is refused:
-/// nested block comments, `$name` parameters and dollar quoting.
 pub(crate) fn check_statement(sql: &str) -> Result<(), String> {
+    match scan(sql)?.first_word {
+        Some(w)
+            if ["select", "with", "values"]
+                .iter()
+                .any(|k| w.eq_ignore_ascii_case(k)) =>
+        {
+            Ok(())
+        }
+        Some(w) => Err(format!(
+            "'{w}' statements are not allowed: plugins may only read (SELECT, WITH or VALUES)"
+        )),
+        None => Err("empty statement".to_owned()),
+    }
+}
+
+/// What [`scan`] found in one statement.
+pub(crate) struct Scanned<'a> {
+    first_word: Option<&'a str>,
+    /// Each `$n`: its byte range and `n`.
+    pub placeholders: Vec<(std::ops::Range<usize>, usize)>,
+    /// Where the statement ends: its terminating `;`, or the text's end.
+    pub end: usize,
+}
+
+/// A small lexer that skips strings, quoted identifiers and comments, so
+/// a `;` or `$1` inside them doesn't count. Anything it is unsure of is
+/// refused: nested block comments, `$name` parameters and dollar quoting.
+pub(crate) fn scan(sql: &str) -> Result<Scanned<'_>, String> {
     if sql.len() > MAX_SQL_BYTES {
         return Err(format!(
             "statement is {} bytes; at most {MAX_SQL_BYTES} are allowed",
@@ -508,7 +542,11 @@ pub(crate) fn check_statement(sql: &str) -> Result<(), String> {
     }
     let b = sql.as_bytes();
     let mut i = 0;
-    let mut first_word: Option<&str> = None;
+    let mut out = Scanned {
+        first_word: None,
+        placeholders: Vec::new(),
+        end: b.len(),
+    };
     let mut ended = false; // saw the terminating `;`
     while i < b.len() {
         let c = b[i];
@@ -530,6 +568,7 @@ pub(crate) fn check_statement(sql: &str) -> Result<(), String> {
             _ if ended => return Err("only one statement is allowed per query".to_owned()),
             b';' => {
                 ended = true;
+                out.end = i;
                 i += 1;
             }
             b'\'' => {
@@ -547,37 +586,24 @@ pub(crate) fn check_statement(sql: &str) -> Result<(), String> {
             }
             b'$' => {
                 let digits = b[i + 1..].iter().take_while(|d| d.is_ascii_digit()).count();
-                if digits == 0 {
-                    return Err(
-                        "only $1, $2, ... placeholders are supported (no $name or dollar quoting)"
-                            .to_owned(),
-                    );
-                }
+                let number = sql[i + 1..i + 1 + digits].parse::<usize>().map_err(|_| {
+                    "only $1, $2, ... placeholders are supported (no $name or dollar quoting)"
+                        .to_owned()
+                })?;
+                out.placeholders.push((i..i + 1 + digits, number));
                 i += 1 + digits;
             }
             _ if is_word(c) => {
                 let len = b[i..].iter().take_while(|&&d| is_word(d)).count();
-                if first_word.is_none() {
-                    first_word = Some(&sql[i..i + len]);
+                if out.first_word.is_none() {
+                    out.first_word = Some(&sql[i..i + len]);
                 }
                 i += len;
             }
             _ => i += 1,
         }
     }
-    match first_word {
-        Some(w)
-            if ["select", "with", "values"]
-                .iter()
-                .any(|k| w.eq_ignore_ascii_case(k)) =>
-        {
-            Ok(())
-        }
-        Some(w) => Err(format!(
-            "'{w}' statements are not allowed: plugins may only read (SELECT, WITH or VALUES)"
-        )),
-        None => Err("empty statement".to_owned()),
-    }
+    Ok(out)
 }
 
 fn is_word(c: u8) -> bool {
@@ -615,7 +641,7 @@ mod tests {
         params: Vec<Value>,
         limits: QueryLimits,
     ) -> Result<Rows, DbError> {
-        super::run(db, sql, params, limits, Instant::now()).await
+        super::run(db, None, sql, params, limits, Instant::now()).await
     }
     use crate::config::DatabaseUrl;
     use crate::db::Access;
@@ -880,6 +906,34 @@ mod tests {
         );
         db.close().await;
         admin.close().await;
+    }
+
+    /// PostgreSQL on the same host over its Unix socket (no TCP loopback,
+    /// no TLS): the pipelined connections take the server's "no" to TLS
+    /// on a socket as libpq does, and read.
+    #[tokio::test]
+    async fn postgres_lookups_over_a_unix_socket() {
+        let admin = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/test")
+            .await
+            .unwrap();
+        let dirs: String = sqlx::query_scalar("SHOW unix_socket_directories")
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+        admin.close().await;
+        let dir = dirs.split(',').next().unwrap().trim();
+        let url = DatabaseUrl::Postgres(format!(
+            "postgres://postgres@{}/test",
+            dir.replace('/', "%2F")
+        ));
+        let db = Db::open(&url, 2, Access::ReadOnly).await.unwrap();
+        assert!(db.pg_reader().is_some(), "{url:?} is read by sqlx");
+        let sql = "SELECT inet_client_addr() IS NULL AS on_socket, $1::int8 AS v";
+        let rows = run(&db, sql.into(), vec![Value::Integer(7)], LIMITS)
+            .await
+            .unwrap();
+        assert_eq!(rows.rows, vec![vec![Value::Integer(1), Value::Integer(7)]]);
+        db.close().await;
     }
 
     /// A read-only handle on a fresh SQLite file (kept while the dir lives).
