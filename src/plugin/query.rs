@@ -4,11 +4,12 @@
 //!
 //! Read-only is enforced by the database (the plugin pool is opened with
 //! [`Access::ReadOnly`](crate::db::Access), and on PostgreSQL every query
-//! also runs in its own `BEGIN READ ONLY` transaction that is rolled back,
-//! so not even `set_config` can leave the connection writable). On
-//! PostgreSQL the three statements are pipelined ([`PgReader`]). The
-//! statement check here is a cheap first line that gives plugin authors a
-//! clear message; it is not the security boundary.
+//! also runs in a `BEGIN READ ONLY` transaction that is rolled back, so
+//! not even `set_config` can leave the connection writable; a group of
+//! one plugin's lookups shares one, [`LookupGroups`]). On PostgreSQL the
+//! three statements are pipelined ([`PgReader`]). The statement check
+//! here is a cheap first line that gives plugin authors a clear message;
+//! it is not the security boundary.
 
 use std::time::{Duration, Instant};
 
