@@ -20,9 +20,13 @@
 //! parameter row) and its own row limit. Only one plugin's lookups share
 //! a group, so nothing one plugin's statement does in the transaction can
 //! touch another's results. A statement that can't be grouped (PostgreSQL
-//! refuses the rewritten text) is remembered and runs alone from then on;
+//! refuses the rewritten text, or its group ran out of time) is
+//! remembered and runs alone from then on;
 //! a group that fails for any other reason runs each lookup alone, so
-//! every lookup still gets exactly its own answer or error.
+//! every lookup still gets exactly its own answer or error. A part of the
+//! statement that doesn't depend on the parameters (`random()`, `now()`)
+//! may run once for the whole group: each lookup still gets an answer it
+//! could have had alone.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, PoisonError};
@@ -308,8 +312,11 @@ async fn run_group(
         Err(err) => {
             let ungroupable = err.as_db_error().is_some_and(|db| {
                 let code = db.code().code();
-                // Syntax or access rule (42xxx), feature not supported (0A).
-                code.starts_with("42") || code.starts_with("0A")
+                // Syntax or access rule (42xxx), feature not supported
+                // (0A); or out of time (57014): a statement slow enough
+                // for its group to pass the limit gains nothing grouped,
+                // and alone each copy has the whole limit again.
+                code.starts_with("42") || code.starts_with("0A") || code == "57014"
             });
             Err(GroupFailed {
                 error: err.to_string(),
@@ -587,6 +594,45 @@ mod tests {
             !groups.is_ungroupable(sql),
             "a run-time error is the data's"
         );
+        db.close().await;
+    }
+
+    /// A statement whose group passes the time limit (each copy is fast
+    /// enough alone; together they are not) runs alone from then on.
+    #[tokio::test]
+    async fn a_statement_whose_group_runs_out_of_time_runs_alone() {
+        let db = database().await;
+        let groups = LookupGroups::default();
+        let limits = QueryLimits {
+            timeout: Duration::from_millis(400),
+            max_rows: 3,
+        };
+        // The sleep depends on the parameter: each copy sleeps.
+        let sql = "SELECT $1::int8 AS n FROM pg_sleep(0.15 + 0 * $1)";
+        let lookups = (0..8).map(|i| {
+            let params = vec![Value::Integer(i)];
+            query::run(
+                &db,
+                Some((&groups, "p")),
+                sql.to_owned(),
+                params,
+                limits,
+                Instant::now(),
+            )
+        });
+        // Some of these may time out alone after the group's 400 ms.
+        join_all(lookups).await;
+        assert!(groups.is_ungroupable(sql));
+        let alone = query::run(
+            &db,
+            Some((&groups, "p")),
+            sql.to_owned(),
+            vec![Value::Integer(9)],
+            limits,
+            Instant::now(),
+        )
+        .await;
+        assert_eq!(alone.unwrap().rows, [[Value::Integer(9)]]);
         db.close().await;
     }
 
