@@ -52,8 +52,8 @@ pub(crate) struct LookupGroups {
     ungroupable: Mutex<HashSet<Box<str>>>,
 }
 
-/// Lookups share a group only with the same plugin, statement, parameter
-/// types and limits.
+/// Lookups share a group only with the same plugin (its content hash),
+/// statement, parameter types and limits.
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct Key {
     plugin: String,
@@ -80,6 +80,7 @@ struct Member {
 
 impl LookupGroups {
     /// Runs one lookup, with the others of its group if any join.
+    /// `plugin` names the calling plugin's code (its version hash).
     pub(crate) async fn read(
         &self,
         reader: &PgReader,

@@ -159,7 +159,9 @@ impl host::Host for HostState {
         };
         self.checked.check(&sql).map_err(DbError::ReadOnly)?;
         let started = Instant::now();
-        let group = Some((&*services.groups, self.route.plugin.as_str()));
+        // Grouped only with the same code: its version is its content hash
+        // (two plugins may share a file name, not a hash).
+        let group = Some((&*services.groups, self.route.version.as_str()));
         let result = query::run(
             &services.db,
             group,

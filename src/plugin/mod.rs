@@ -167,8 +167,7 @@ struct Inner {
     engine: PluginEngine,
     db: Db,
     presence: Arc<dyn Presence>,
-    /// Lookups forming groups on PostgreSQL; kept across reloads, so
-    /// events of the old and new version of a route group alike.
+    /// Lookups forming groups on PostgreSQL, by plugin version.
     groups: Arc<groups::LookupGroups>,
     metrics: Arc<Metrics>,
     /// The routes in force. Swapped whole by `reload`; an event holds the
