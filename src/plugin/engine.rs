@@ -40,9 +40,11 @@ pub(crate) const POOL_INSTANCES: u32 = 1000;
 
 /// Most live instances (running or idle) one route version may hold. On
 /// two cores a handful of instances already saturate the CPU; the rest
-/// cover events waiting on the database. Further events queue for an
-/// instance rather than fail.
-pub const INSTANCES_PER_ROUTE: usize = 16;
+/// cover events waiting on the database, and on PostgreSQL the calls
+/// waiting at once are the lookups that run as one statement (48 against
+/// 16: ack-rate over a Unix socket ~24,000 -> ~34,000 events/s,
+/// BENCHMARKS.md). Further events queue for an instance rather than fail.
+pub const INSTANCES_PER_ROUTE: usize = 48;
 
 /// Routes one engine can serve. Every route version needs at least one
 /// pool slot, and during a reload the old and the new version of every
@@ -54,8 +56,8 @@ pub(crate) const MAX_ROUTES: usize = POOL_INSTANCES as usize / 2;
 /// Idle-instance memory one route version may keep, by the linear memory
 /// its instances start with. An idle instance keeps its memory slot (and
 /// the pages its guest touched) until reused, so the count that is cheap
-/// for a 1 MiB Rust component (16 idle: 16 MiB) is 16 × 9–12 MiB for a
-/// JS or Python runtime. 64 MiB keeps Rust at 16 and bounds JS/Python to
+/// for a 1 MiB Rust component (48 idle: ~51 MiB) is 48 × 9–12 MiB for a
+/// JS or Python runtime. 64 MiB keeps Rust at 48 and bounds JS/Python to
 /// 5–7, still more than two cores can keep busy; a burst beyond it pays
 /// one instantiation (1–3 ms for JS/Python) per extra event instead of
 /// keeping memory nobody uses between bursts.

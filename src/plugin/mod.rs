@@ -22,7 +22,7 @@
 //! Compiling happens once per plugin version (or never, when the cache has
 //! it). Each route version holds up to [`INSTANCES_PER_ROUTE`] live
 //! instances (fewer when many routes share the pool) and keeps as many of
-//! them ready as fit 64 MiB of starting memory (all 16 for a small Rust
+//! them ready as fit 64 MiB of starting memory (all 48 for a small Rust
 //! component, 5–7 for a JS or Python runtime): a call takes one, and puts
 //! it back only if the call ended normally (a trap, timeout or dropped
 //! call discards it). Reuse is what
